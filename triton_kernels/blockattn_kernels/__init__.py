@@ -1,0 +1,1 @@
+"""Triton kernels for paged block attention (installed as ``blockattn_kernels``)."""

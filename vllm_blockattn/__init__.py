@@ -1,0 +1,37 @@
+"""vllm-blockattn: block attention served by vLLM.
+
+The ``vllm.general_plugins`` entry point calls :func:`register` in every vLLM process.
+"""
+
+from .layout import (
+    CONFIG_KEY,
+    DEFAULT_NUM_SINKS,
+    SINK_TOKEN,
+    Block,
+    BlockLayout,
+    BlockLayoutError,
+    BlockSettings,
+    build_block_prompt,
+    build_block_text,
+    parse_block_prompt,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONFIG_KEY", "DEFAULT_NUM_SINKS", "SINK_TOKEN", "Block", "BlockLayout", "BlockLayoutError", "BlockSettings",
+    "build_block_prompt", "build_block_text", "parse_block_prompt", "register",
+]
+
+_registered = False
+
+
+def register() -> None:
+    """vLLM plugin hook: safe to call twice; heavy imports stay inside."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from ._compat import hide_source_triton_kernels
+
+    hide_source_triton_kernels()
