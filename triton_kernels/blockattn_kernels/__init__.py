@@ -1,1 +1,26 @@
-"""Triton kernels for paged block attention (installed as ``blockattn_kernels``)."""
+"""Triton kernels for paged block attention (installed as ``blockattn_kernels``).
+
+The source folder is ``triton_kernels/`` but the import name is ``blockattn_kernels``: vLLM imports an
+unrelated top-level ``triton_kernels`` package (MoE) that this one must never shadow.
+
+Public API (all three take the vLLM CUDA cache layout, ``[pages, page_size, kv_heads, head_dim]``):
+
+- :func:`block_attention_prefill`: Triton, any number of query tokens per sequence;
+- :func:`block_attention_decode`: Triton, one final-block query per sequence, split-K;
+- :func:`block_attention_torch`: pure torch, same arguments and results as the prefill kernel.
+
+Semantics in ``docs/kernels.md``; the GPU check is ``python -m blockattn_kernels.bench``.
+"""
+
+from ._common import enable_triton_interpreter, triton_interpreted
+from .decode import block_attention_decode
+from .prefill import block_attention_prefill
+from .torch_ref import block_attention_torch
+
+__all__ = [
+    "block_attention_prefill",
+    "block_attention_decode",
+    "block_attention_torch",
+    "enable_triton_interpreter",
+    "triton_interpreted",
+]

@@ -1,0 +1,159 @@
+"""Triton paged block-attention decode: one final-block query per sequence, split-K.
+
+Stage 1, one program per (sequence, KV head, split): the ``GROUP = Hq // Hkv`` query heads of one KV
+head share every K/V tile it loads (GQA), and the sequence's KV tiles are cut into ``NUM_SPLITS``
+contiguous ranges, so a long context keeps many programs busy. Each program writes its unnormalised
+partial output with its running max and sum. Stage 2, one program per (sequence, query head), merges
+the splits with their log-sum-exp.
+
+The query sits at slot ``seq_len - 1``, is final, and sees every real slot ``0 .. seq_len - 1``; keys of
+context pages are read rotated by their page's delta (by rotating the query by ``-delta``, once per
+tile: :func:`_common._attend_tile`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (LOG2E, NEG_BIG, _attend_tile, check_common, check_launch_device, check_out, dot_flags,
+                      half_pad, triton_interpreted)
+
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,              # *DT [S, Hq, D]
+    k_ptr, v_ptr,       # *DT [P, PAGE_SIZE, Hkv, D]
+    part_acc_ptr,       # *fp32 [S, Hq, NUM_SPLITS, D_P]: unnormalised partial outputs
+    part_ml_ptr,        # *fp32 [S, Hq, NUM_SPLITS, 2]: running max (log2 domain) and sum
+    bt_ptr,             # *int32 [S, max_pages]
+    seq_lens_ptr,       # *int32 [S]
+    pd_ptr, pv_ptr,     # *int32 [S, >= max_pages]
+    inv_freq_ptr,       # *fp32 [D / 2]
+    qk_scale,
+    stride_qs, stride_qh,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_bt, stride_pd, stride_pv,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    n_tiles = tl.cdiv(seq_len, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    t0 = split * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+
+    rows = tl.arange(0, GROUP_P)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
+    row_lo = tl.zeros([GROUP_P], dtype=tl.int32)
+    row_hi = tl.where(row_ok, seq_len - 1, -1)
+    offs_h = tl.arange(0, HALF_P)
+    h_ok = row_ok[:, None] & (offs_h < HALF)[None, :]
+    q_off = seq * stride_qs + heads[:, None] * stride_qh + offs_h[None, :]
+    q_lo = tl.load(q_ptr + q_off, mask=h_ok, other=0.0).to(tl.float32)            # [GROUP_P, HALF_P]
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=h_ok, other=0.0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + offs_h, mask=offs_h < HALF, other=0.0)
+
+    acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    m_i = tl.full([GROUP_P], NEG_BIG, dtype=tl.float32)
+    bt_row = bt_ptr + seq * stride_bt
+    pd_row = pd_ptr + seq * stride_pd
+    pv_row = pv_ptr + seq * stride_pv
+    for t in range(t0, t1):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q_lo, q_hi, row_ok, row_lo, row_hi, inv_freq, t * BLOCK_N, seq_len,
+            bt_row, pd_row, pv_row, k_ptr, v_ptr, kv_head,
+            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale,
+            BLOCK_N, PAGE_SIZE, HALF, HALF_P, D, D_P, UPCAST_DOT, DOT_PRECISION)
+
+    part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split        # [GROUP_P]
+    offs_d = tl.arange(0, D_P)
+    tl.store(part_acc_ptr + part[:, None] * D_P + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_acc_ptr,       # *fp32 [S, Hq, NUM_SPLITS, D_P]
+    part_ml_ptr,        # *fp32 [S, Hq, NUM_SPLITS, 2]
+    out_ptr,            # *DT [S, Hq, D]
+    stride_os, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    offs_s = tl.arange(0, SPLITS_P)
+    s_ok = offs_s < NUM_SPLITS
+    m = tl.load(part_ml_ptr + (part + offs_s) * 2, mask=s_ok, other=NEG_BIG)
+    l = tl.load(part_ml_ptr + (part + offs_s) * 2 + 1, mask=s_ok, other=0.0)
+    offs_d = tl.arange(0, D_P)
+    acc = tl.load(part_acc_ptr + (part + offs_s)[:, None] * D_P + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    w = tl.exp2(m - tl.max(m, axis=0))                                              # [SPLITS_P]
+    total = tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def _decode_config(device: torch.device, num_seqs: int, kv_heads: int, max_slots: int) -> dict:
+    """Tile width and split count: enough programs to fill the GPU (or, on CPU, to exercise the merge)."""
+    block_n = 64 if device.type == "cuda" else 32
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    max_tiles = max(1, triton.cdiv(max_slots, block_n))
+    splits = max(1, min(MAX_SPLITS, max_tiles, triton.cdiv(target, max(1, num_seqs * kv_heads))))
+    cfg = dict(BLOCK_N=block_n, NUM_SPLITS=splits)
+    if device.type == "cuda":
+        cfg.update(num_warps=4, num_stages=2)
+    return cfg
+
+
+def block_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_table: torch.Tensor, seq_lens: torch.Tensor, page_delta: torch.Tensor,
+                           page_valid: torch.Tensor, inv_freq: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Paged block attention for one final-block query per sequence (Triton, split-K).
+
+    Shapes: q/out ``[S, Hq, D]`` (query of sequence ``s`` at slot ``seq_lens[s] - 1``); key_cache/
+    value_cache ``[P, page_size, Hkv, D]``; block_table, page_delta, page_valid ``[S, max_pages]``
+    int32; seq_lens ``[S]`` int32 (>= 1); inv_freq ``[D/2]`` float32. Returns ``out``. No host sync.
+    """
+    hq, hkv, d, page_size, s = check_common(q, key_cache, value_cache, block_table, seq_lens, page_delta,
+                                            page_valid, inv_freq, scale)
+    if q.shape[0] != s:
+        raise ValueError(f"q must be [seqs, q_heads, head_dim] with one query per sequence: q has "
+                         f"{q.shape[0]} rows, block_table {s}")
+    check_launch_device(q)
+    out = check_out(out, q)
+    if s == 0:
+        return out
+    group = hq // hkv
+    cfg = _decode_config(q.device, s, hkv, block_table.shape[1] * page_size)
+    splits = cfg["NUM_SPLITS"]
+    d_p = 2 * half_pad(d)
+    part_acc = torch.empty(s, hq, splits, d_p, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(s, hq, splits, 2, dtype=torch.float32, device=q.device)
+    upcast, precision = dot_flags(q.dtype, triton_interpreted())
+    _decode_partial_kernel[(s, hkv, splits)](
+        q, key_cache, value_cache, part_acc, part_ml, block_table, seq_lens, page_delta, page_valid, inv_freq,
+        float(scale) * LOG2E, q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0), page_delta.stride(0), page_valid.stride(0),
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), PAGE_SIZE=page_size,
+        HALF=d // 2, HALF_P=half_pad(d), D=d, D_P=d_p, UPCAST_DOT=upcast, DOT_PRECISION=precision, **cfg)
+    _decode_merge_kernel[(s, hq)](
+        part_acc, part_ml, out, out.stride(0), out.stride(1),
+        NUM_SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=d, D_P=d_p)
+    return out
