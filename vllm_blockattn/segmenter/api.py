@@ -1,0 +1,143 @@
+"""Public API: text in, blocks out, at a chosen granularity; and blocks to a block prompt.
+
+Granularity is a threshold per level and a recursion depth. Level 1 scores the candidates of the whole
+text and cuts where the cut probability reaches ``thresholds[0]``; level 2 scores every level-1 block
+on its own (as a new text) and cuts it where the probability reaches ``thresholds[1]``; and so on.
+A deeper segmentation therefore always refines a shallower one, and the model runs in eval mode
+without sampling, so the same text always gives the same blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..layout import DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings, build_block_prompt, build_block_text
+from .candidates import SegmenterInputError, as_text, split_at
+from .model import Segmenter, check_threshold
+
+# A head trained by train/segmenter_demo.py on the offline MiniLM backbone, shipped with the package.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
+
+def thresholds_for(threshold: float | Sequence[float], depth: int | None) -> list[float]:
+    """One threshold per level: a number applies to every level; a list must have ``depth`` entries
+    (``depth=None`` takes its length)."""
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise SegmenterInputError(f"depth must be a positive int, got {depth!r}")
+    if isinstance(threshold, int | float) and not isinstance(threshold, bool):
+        values = [threshold] * (depth or 1)
+    else:
+        values = list(threshold)
+        if not values:
+            raise SegmenterInputError("threshold list is empty; give one threshold per level")
+        if depth is not None and depth != len(values):
+            raise SegmenterInputError(f"depth {depth} needs {depth} thresholds, got {len(values)}: {values}")
+    return [check_threshold(v, f"threshold of level {i + 1}") for i, v in enumerate(values)]
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str) -> Segmenter:
+    return Segmenter.from_pretrained(path)
+
+
+def load_segmenter(model: str | os.PathLike | Segmenter | None = None) -> Segmenter:
+    """A segmenter object from a checkpoint path (cached), an object, or None for the default."""
+    if isinstance(model, Segmenter):
+        return model
+    if model is None:
+        if not (DEFAULT_MODEL / "segmenter_config.json").is_file():
+            raise FileNotFoundError(
+                f"no default segmenter at {DEFAULT_MODEL}; pass model=PATH of a checkpoint "
+                f"(train one with train/segmenter.py or train/segmenter_demo.py)"
+            )
+        model = DEFAULT_MODEL
+    return _load(os.path.abspath(model))
+
+
+def _merge_blank(text: str, cuts: list[int]) -> list[int]:
+    """Drop cuts that would leave a whitespace-only block (it would tokenize to nothing in some
+    tokenizers and carries no content); such a block joins its neighbour."""
+    out = list(cuts)
+    changed = True
+    while changed and out:
+        changed = False
+        bounds = [0, *out, len(text)]
+        for i in range(len(bounds) - 1):
+            if not text[bounds[i] : bounds[i + 1]].strip():
+                # the blank block joins the block before it (or the one after it, for the first block)
+                out.pop(i - 1 if i > 0 else 0)
+                changed = True
+                break
+    return out
+
+
+def segment_cuts(text: str, segmenter: Segmenter, thresholds: Sequence[float]) -> list[int]:
+    """Cut offsets of ``text`` after ``len(thresholds)`` levels of recursive segmentation."""
+    cuts: set[int] = set()
+    spans = [(0, text)]
+    for th in thresholds:
+        nxt = []
+        for off, piece in spans:
+            cands, probs = segmenter.candidate_probs(piece)
+            local = [c for c, p in zip(cands, probs) if p >= th]
+            cuts.update(off + c for c in local)
+            bounds = [0, *local, len(piece)]
+            nxt.extend((off + a, piece[a:b]) for a, b in zip(bounds, bounds[1:]))
+        spans = nxt
+    return _merge_blank(text, sorted(cuts))
+
+
+def segment_text(
+    text: str | bytes,
+    model: str | os.PathLike | Segmenter | None = None,
+    threshold: float | Sequence[float] = 0.3,
+    depth: int | None = None,
+) -> list[str]:
+    """Cut ``text`` into blocks whose concatenation is exactly ``text``.
+
+    Args:
+        text: str, or UTF-8 bytes. Binary data (NUL bytes, invalid UTF-8) raises
+            :class:`SegmenterInputError`.
+        model: a segmenter checkpoint path, a :class:`Segmenter`, or None for the packaged default.
+        threshold: cut probability threshold, one number for every level or one per level.
+        depth: recursion depth (levels); None means 1 for a number, ``len(threshold)`` for a list.
+
+    Returns:
+        ``[]`` for empty text; ``[text]`` when the text has no candidate cut point (or no candidate
+        reaches the threshold); otherwise the blocks in order.
+    """
+    text = as_text(text, "text")
+    thresholds = thresholds_for(threshold, depth)
+    if not text:
+        return []
+    return split_at(text, segment_cuts(text, load_segmenter(model), thresholds))
+
+
+def to_block_prompt(
+    blocks: Sequence[str],
+    question: str,
+    tokenizer=None,
+    *,
+    settings: BlockSettings | None = None,
+    prefix: str | Sequence[int] | None = None,
+    as_text: bool = False,
+    sink_token: str = SINK_TOKEN,
+    num_sinks: int = DEFAULT_NUM_SINKS,
+):
+    """A block prompt whose context blocks are ``blocks`` and whose final block is ``question``.
+
+    Returns token ids (:func:`vllm_blockattn.layout.build_block_prompt`, needs ``tokenizer`` or
+    ``settings``), or with ``as_text`` the text form for text-only paths
+    (:func:`vllm_blockattn.layout.build_block_text`).
+    """
+    if isinstance(blocks, str):
+        raise SegmenterInputError("blocks must be a list of strings, got one string")
+    if not question:
+        raise SegmenterInputError("question (the final block) must be non-empty text")
+    every = [*blocks, question]
+    if as_text:
+        return build_block_text(every, sink_token=sink_token, num_sinks=num_sinks)
+    return build_block_prompt(every, settings, tokenizer=tokenizer, prefix=prefix)

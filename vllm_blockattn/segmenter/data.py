@@ -1,0 +1,332 @@
+"""SemanticSeg-format data: the record format, and two builders.
+
+A record (one JSON object per line)::
+
+    {"text": "...", "candidates": [12, 40, ...], "labels": [0, 1, ...], "category": "code",
+     "id": "optional", "source": "optional"}
+
+``candidates`` are char offsets of candidate cuts (sorted, unique, strictly inside the text; a new block
+would start at ``text[c]``), ``labels`` holds 1 for a true cut and 0 otherwise, one per candidate.
+
+Builders:
+
+- :class:`LLMLabeler` asks any OpenAI-compatible endpoint (a vLLM server included) which numbered
+  candidate markers to keep, validates the answer and retries a bounded number of times.
+- :func:`build_concat_records` concatenates documents from different sources and labels the seams
+  (self-supervised: a seam between two unrelated documents is a true cut).
+
+Files are written through :class:`AtomicJsonlWriter`: a line is written only once its record is
+validated, into a temporary file that replaces the output when the writer closes, so the output never
+holds half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .candidates import DEFAULT_PATTERN, find_candidates
+
+
+class RecordError(ValueError):
+    """A SemanticSeg record does not follow the format."""
+
+
+class LabelingError(RuntimeError):
+    """The endpoint gave no valid answer within the retry budget."""
+
+
+def validate_record(rec: dict, where: str = "record") -> dict:
+    """Check one record; returns it. Raises :class:`RecordError` naming ``where`` and the field."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("text", "candidates", "labels", "category"):
+        if key not in rec:
+            raise RecordError(f"{where}: missing field {key!r}")
+    text, cands, labels = rec["text"], rec["candidates"], rec["labels"]
+    if not isinstance(text, str) or not text:
+        raise RecordError(f"{where}: 'text' must be a non-empty string")
+    if not isinstance(rec["category"], str) or not rec["category"]:
+        raise RecordError(f"{where}: 'category' must be a non-empty string")
+    if not isinstance(cands, list) or not isinstance(labels, list):
+        raise RecordError(f"{where}: 'candidates' and 'labels' must be lists")
+    if len(cands) != len(labels):
+        raise RecordError(f"{where}: {len(cands)} candidates but {len(labels)} labels")
+    prev = 0
+    for c in cands:
+        if isinstance(c, bool) or not isinstance(c, int) or not prev < c < len(text):
+            raise RecordError(f"{where}: candidates must be increasing ints inside (0, {len(text)}), got {c!r}")
+        prev = c
+    if any(lab not in (0, 1) or isinstance(lab, bool) for lab in labels):
+        raise RecordError(f"{where}: labels must be 0 or 1")
+    return rec
+
+
+def make_record(text: str, candidates: Sequence[int], cuts: Iterable[int], category: str, **extra) -> dict:
+    """A validated record whose labels are 1 exactly at ``cuts`` (each must be a candidate)."""
+    cuts = set(cuts)
+    missing = cuts - set(candidates)
+    if missing:
+        raise RecordError(f"cuts {sorted(missing)} are not candidates")
+    rec = {"text": text, "candidates": list(candidates), "labels": [int(c in cuts) for c in candidates],
+           "category": category, **extra}
+    return validate_record(rec)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """All records of a jsonl file, each validated (errors name the file and line)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{n}: not JSON ({e})") from None
+            out.append(validate_record(rec, f"{path}:{n}"))
+    return out
+
+
+class AtomicJsonlWriter:
+    """Write validated records to ``path`` through a temporary file in the same directory.
+
+    Each record is validated and serialized before one ``write`` of its whole line; the temporary file
+    replaces ``path`` on :meth:`close` (also when the ``with`` block raised: complete records are kept).
+    A process killed mid-way leaves ``path`` untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._f = os.fdopen(fd, "w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, rec: dict) -> None:
+        line = json.dumps(validate_record(rec), ensure_ascii=False) + "\n"
+        self._f.write(line)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    with AtomicJsonlWriter(path) as w:
+        for rec in records:
+            w.write(rec)
+    return w.count
+
+
+# ----- (b) self-supervised builder --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # documents of one source never meet at a seam
+    category: str
+
+
+def chunk_file_text(text: str, source: str, category: str, *, min_chars: int = 200, max_chars: int = 1200,
+                    rng: random.Random | None = None) -> list[Document]:
+    """Split one file into consecutive documents of whole lines, with random lengths in
+    [min_chars, max_chars] so that equal-length guesses do not find the seams."""
+    rng = rng or random.Random(0)
+    lines = [ln for ln in text.splitlines(keepends=True)]
+    docs, cur, target = [], [], rng.randint(min_chars, max_chars)
+    for ln in lines:
+        cur.append(ln)
+        if sum(map(len, cur)) >= target:
+            body = "".join(cur).strip("\n")
+            if len(body) >= min_chars // 2:
+                docs.append(Document(body + "\n", source, category))
+            cur, target = [], rng.randint(min_chars, max_chars)
+    return docs
+
+
+def documents_from_files(paths: Iterable[str | os.PathLike], category: str, *, min_chars: int = 200,
+                         max_chars: int = 1200, seed: int = 0) -> list[Document]:
+    """Documents from text files on disk, one source per file; unreadable or non-UTF-8 files are skipped."""
+    rng = random.Random(seed)
+    out = []
+    for p in paths:
+        try:
+            text = Path(p).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        out.extend(chunk_file_text(text, str(p), category, min_chars=min_chars, max_chars=max_chars, rng=rng))
+    return out
+
+
+def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2, max_docs: int = 5, seed: int = 0,
+                         pattern: str = DEFAULT_PATTERN) -> list[dict]:
+    """``n`` records, each the concatenation of ``min_docs..max_docs`` documents of one category from
+    distinct sources; the candidate at every seam is labelled 1, every other candidate 0."""
+    if not 2 <= min_docs <= max_docs:
+        raise ValueError(f"need 2 <= min_docs <= max_docs, got {min_docs}, {max_docs}")
+    by_cat: dict[str, dict[str, list[Document]]] = {}
+    for d in docs:
+        by_cat.setdefault(d.category, {}).setdefault(d.source, []).append(d)
+    usable = sorted(c for c, srcs in by_cat.items() if len(srcs) >= 2)
+    if not usable:
+        raise ValueError("need documents from at least two sources of one category")
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        cat = usable[i % len(usable)]
+        sources = sorted(by_cat[cat])
+        m = min(rng.randint(min_docs, max_docs), len(sources))
+        picked = [rng.choice(by_cat[cat][s]) for s in rng.sample(sources, m)]
+        parts = [d.text.lstrip("\n") if d.text.endswith("\n") else d.text.lstrip("\n") + "\n" for d in picked]
+        text = "".join(parts)
+        seams, pos = [], 0
+        for part in parts[:-1]:
+            pos += len(part)
+            seams.append(pos)
+        cands = find_candidates(text, pattern)
+        if not set(seams) <= set(cands):
+            raise ValueError(f"pattern {pattern!r} does not put a candidate at every document seam")
+        records.append(make_record(text, cands, seams, cat, id=f"{cat}-{i}", source="+".join(d.source for d in picked)))
+    return records
+
+
+# ----- (a) labelling through an OpenAI-compatible endpoint --------------------------------------
+
+MARK = "[[{}]]"
+SYSTEM_PROMPT = (
+    "You split long text into self-contained blocks for retrieval. The user's text contains numbered "
+    "markers like [[3]] at every place where a block could start. Keep a marker only where a new topic, "
+    "document, section, function or conversation turn group begins. Answer with JSON only: "
+    '{"cuts": [marker numbers to keep]}.'
+)
+
+
+def mark_candidates(text: str, candidates: Sequence[int]) -> str:
+    """``text`` with ``[[i]]`` inserted at candidate ``i``."""
+    out, prev = [], 0
+    for i, c in enumerate(candidates):
+        out += [text[prev:c], MARK.format(i)]
+        prev = c
+    out.append(text[prev:])
+    return "".join(out)
+
+
+def parse_cut_answer(reply: str | None, num_candidates: int) -> list[int]:
+    """Marker indices from a model reply: a JSON object ``{"cuts": [...]}`` or a bare list, optionally
+    in a code fence. Raises ValueError for anything else, out-of-range or duplicate indices."""
+    if not reply or not reply.strip():
+        raise ValueError("empty answer")
+    body = reply.strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", body, re.S)
+    if fence:
+        body = fence.group(1).strip()
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        m = re.search(r"\{.*\}|\[.*\]", body, re.S)
+        if not m:
+            raise ValueError(f"no JSON in answer {reply[:80]!r}") from None
+        try:
+            value = json.loads(m.group(0))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"malformed JSON in answer: {e}") from None
+    if isinstance(value, dict):
+        if "cuts" not in value:
+            raise ValueError(f"JSON answer has no 'cuts' key: {sorted(value)}")
+        value = value["cuts"]
+    if not isinstance(value, list):
+        raise ValueError(f"'cuts' must be a list, got {type(value).__name__}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"cut {v!r} is not an integer marker number")
+        if not 0 <= v < num_candidates:
+            raise ValueError(f"cut {v} is out of range: markers are 0..{num_candidates - 1}")
+    if len(set(value)) != len(value):
+        raise ValueError("duplicate marker numbers")
+    return sorted(value)
+
+
+class LLMLabeler:
+    """Label candidate cuts with a chat model behind an OpenAI-compatible endpoint.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000/v1``.
+        model: the served model name.
+        max_retries: extra attempts after a malformed or invalid answer (or a failed request); each
+            retry shows the model its previous answer and what was wrong with it.
+        pattern: candidate rule.
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key: str = "EMPTY", max_retries: int = 2,
+                 pattern: str = DEFAULT_PATTERN, timeout: float = 120.0, temperature: float = 0.0):
+        import openai
+
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        # The client's own retries cover transport errors only; content retries are ours, and bounded.
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+        self.model, self.max_retries, self.pattern, self.temperature = model, max_retries, pattern, temperature
+        self.attempts = 0  # requests sent, for reporting
+
+    def label(self, text: str, category: str, **extra) -> dict:
+        """A validated record for ``text``; raises :class:`LabelingError` when every attempt fails."""
+        import openai
+
+        cands = find_candidates(text, self.pattern)
+        if not cands:
+            raise LabelingError("text has no candidate cut point; nothing to label")
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": mark_candidates(text, cands)}]
+        errors = []
+        for _ in range(self.max_retries + 1):
+            self.attempts += 1
+            try:
+                resp = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                           temperature=self.temperature)
+                reply = resp.choices[0].message.content
+            except openai.OpenAIError as e:
+                errors.append(f"request failed: {e}")
+                continue
+            try:
+                cuts = parse_cut_answer(reply, len(cands))
+            except ValueError as e:
+                errors.append(str(e))
+                messages = [*messages, {"role": "assistant", "content": reply or ""},
+                            {"role": "user", "content": f"That answer is invalid ({e}). Reply with JSON only: "
+                                                        f'{{"cuts": [numbers between 0 and {len(cands) - 1}]}}.'}]
+                continue
+            return make_record(text, cands, [cands[i] for i in cuts], category, **extra)
+        raise LabelingError(f"no valid answer after {self.max_retries + 1} attempts: {errors}")
+
+    def label_all(self, items: Iterable[tuple[str, str]], out_path: str | os.PathLike, *, progress: bool = True) -> dict:
+        """Label ``(text, category)`` pairs into ``out_path``; failures are counted, never written."""
+        from tqdm.auto import tqdm
+
+        stats = {"written": 0, "failed": 0}
+        with AtomicJsonlWriter(out_path) as w:
+            for i, (text, cat) in enumerate(tqdm(list(items), desc="labelling", disable=not progress)):
+                try:
+                    w.write(self.label(text, cat, id=str(i)))
+                    stats["written"] += 1
+                except LabelingError:
+                    stats["failed"] += 1
+        return stats
