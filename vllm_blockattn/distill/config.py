@@ -1,0 +1,86 @@
+"""Training configuration of block distillation, in TRL's dataclass style (``GKDConfig(SFTConfig)``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from ..layout import DEFAULT_NUM_SINKS, SINK_TOKEN
+
+MODES = ("distill", "block_finetune")
+SINK_INITS = ("mean", "eos", "keep")
+
+
+@dataclass
+class BlockDistillationConfig(SFTConfig):
+    r"""Configuration of [`BlockDistillationTrainer`]: only what block distillation adds to `SFTConfig`.
+
+    Args:
+        mode (`str`, *optional*, defaults to `"distill"`):
+            `"distill"`: block distillation (token-weighted CE on the student's block-attention forward plus
+            `kl_weight` x KL(teacher full || student block-dropout), paper eq. (3)). `"block_finetune"`: the
+            Ma et al. (ICLR 2025) baseline, plain CE on every sample under both the block and the full pattern.
+        sink_token (`str`, *optional*, defaults to `"<|block_sink|>"`):
+            The block sink token, added to the tokenizer as a special token when missing.
+        num_sinks (`int`, *optional*, defaults to `4`):
+            Sinks before every block (k). Written to `config.json` under `block_attention`.
+        sink_init (`str`, *optional*, defaults to `"mean"`):
+            How a newly added sink row is initialised: `"mean"` of the existing input (and output) embedding
+            rows, `"eos"` a copy of the EOS row, `"keep"` leave what `resize_token_embeddings` gave. An existing
+            sink token is never re-initialised.
+        block_dropout_rate (`float`, *optional*, defaults to `0.6`):
+            Probability that a context block is encoded alone in the student's dropout forward; the other
+            blocks and the final block keep full causal attention.
+        kl_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the KL term in the total loss.
+        kl_temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of both distributions in the KL term.
+        ce_tau (`float`, *optional*, defaults to `0.1`):
+            Threshold tau (nats): a response token gets CE weight 1 when the teacher's loss on it under block
+            attention exceeds its loss under full attention by more than tau, else `ce_beta`.
+        ce_beta (`float`, *optional*, defaults to `0.1`):
+            CE weight of the response tokens the teacher already handles under block attention.
+        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            A separate teacher checkpoint. `None`: the student's initial weights, frozen (a copy; under PEFT the
+            adapter-disabled base model, at no memory cost).
+    """
+
+    mode: str = field(default="distill", metadata={"help": f"Training mode, one of {MODES}."})
+    sink_token: str = field(default=SINK_TOKEN, metadata={"help": "The block sink token (added when missing)."})
+    num_sinks: int = field(default=DEFAULT_NUM_SINKS, metadata={"help": "Sink tokens before every block."})
+    sink_init: str = field(default="mean", metadata={"help": f"Init of a new sink row, one of {SINK_INITS}."})
+    block_dropout_rate: float = field(
+        default=0.6, metadata={"help": "Probability that a context block is encoded alone in the dropout forward."}
+    )
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher full || student dropout)."})
+    kl_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term."})
+    ce_tau: float = field(
+        default=0.1, metadata={"help": "Teacher block-minus-full loss (nats) above which a response token gets weight 1."}
+    )
+    ce_beta: float = field(default=0.1, metadata={"help": "CE weight of the other response tokens."})
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher checkpoint; None = the student's initial weights, frozen."}
+    )
+
+    def __post_init__(self):
+        # Block samples carry their own tokenisation and layout: SFTTrainer must not re-tokenise or drop columns.
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.remove_unused_columns = False
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.sink_init not in SINK_INITS:
+            raise ValueError(f"sink_init must be one of {SINK_INITS}, got {self.sink_init!r}")
+        if self.num_sinks < 1:
+            raise ValueError(f"num_sinks must be >= 1, got {self.num_sinks}")
+        if not 0.0 <= self.block_dropout_rate <= 1.0:
+            raise ValueError(f"block_dropout_rate must be in [0, 1], got {self.block_dropout_rate}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+        if not 0.0 <= self.ce_beta <= 1.0:
+            raise ValueError(f"ce_beta must be in [0, 1], got {self.ce_beta}")
+        if self.padding_free or self.packing:
+            raise ValueError("padding_free and packing are not supported: every sample carries its own 4D block mask")

@@ -1,0 +1,303 @@
+"""Block-distillation data: jsonl loaders, segmentation hook, chat formatting, synthetic retrieval set, collator.
+
+Every loader yields *records* ``{"context": [block text, ...], "question": str, "answer": str}``.
+:class:`ChatBlockFormatter` turns a record into token ids with the model's chat template: the template's
+head (e.g. ``<|im_start|>user\\n``) is a prefix block, every context block gets its sink group, and the
+final block holds the question, the template's turn switch and the assistant response (the only tokens
+with labels). :class:`BlockDataCollator` pads a batch and adds the sink-free (full-attention) copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ..layout import BlockSettings, build_block_prompt, parse_block_prompt
+from .masks import content_index
+
+Segmenter = Callable[[str], list[str]]
+
+
+# --- segmentation -------------------------------------------------------------------------------------
+
+def split_paragraphs(text: str) -> list[str]:
+    """Cut text at blank lines; every paragraph keeps a trailing blank line so blocks read as in the source."""
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text)]
+    return [p + "\n\n" for p in paras if p]
+
+
+def load_segmenter(spec: str | None) -> Segmenter:
+    """``None``/``"paragraphs"``: :func:`split_paragraphs`; ``"package.module:function"``: any callable
+    ``text -> list[str]`` (the hook for the learned segmenter, :mod:`vllm_blockattn.segmenter`)."""
+    if spec in (None, "", "paragraphs"):
+        return split_paragraphs
+    if ":" not in spec:
+        raise ValueError(f"segmenter must be 'paragraphs' or 'package.module:function', got {spec!r}")
+    module, name = spec.split(":", 1)
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"segmenter {spec!r}: {module} has no callable {name!r}")
+    return fn
+
+
+# --- jsonl loaders ------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for every non-empty line; errors name the file and the line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _need_str(obj: dict, key: str, where: str) -> str:
+    val = obj.get(key)
+    if not isinstance(val, str) or not val.strip():
+        raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {val!r}")
+    return val
+
+
+def _hotpot_context(ctx, segment: Segmenter, where: str) -> list[str]:
+    if isinstance(ctx, str):
+        return segment(ctx)
+    if isinstance(ctx, dict) and "title" in ctx and "sentences" in ctx:  # HF datasets' hotpot_qa layout
+        ctx = list(zip(ctx["title"], ctx["sentences"]))
+    if not isinstance(ctx, list) or not ctx:
+        raise ValueError(f"{where}: 'context' must be text, a list of paragraphs or a list of [title, sentences]")
+    blocks = []
+    for i, item in enumerate(ctx):
+        if isinstance(item, str):
+            blocks.append(item.strip() + "\n\n")
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], list):
+            blocks.append(f"{item[0]}: {''.join(item[1]).strip()}\n\n")
+        else:
+            raise ValueError(f"{where}: context item {i} must be a paragraph string or [title, [sentences]]")
+    return blocks
+
+
+def load_hotpotqa(path: str | os.PathLike, segment: Segmenter = split_paragraphs) -> list[dict]:
+    """HotpotQA-style jsonl: ``question``, ``answer`` and ``context`` (the official ``[[title, [sentences]],
+    ...]``, the HF ``{"title": [...], "sentences": [...]}``, a list of paragraphs, or one text that
+    ``segment`` cuts). ``supporting_paragraphs`` is accepted in place of ``context``."""
+    out = []
+    for lineno, obj in read_jsonl(path):
+        where = f"{os.fspath(path)}:{lineno}"
+        ctx = obj.get("context", obj.get("supporting_paragraphs"))
+        if ctx is None:
+            raise ValueError(f"{where}: missing 'context' (or 'supporting_paragraphs')")
+        out.append({"context": _hotpot_context(ctx, segment, where), "question": _need_str(obj, "question", where),
+                    "answer": _need_str(obj, "answer", where)})
+    return out
+
+
+def load_chatqa2(path: str | os.PathLike, segment: Segmenter = split_paragraphs) -> list[dict]:
+    """ChatQA2-style jsonl: ``messages`` (user/assistant turns, the last assistant turn is the response, or
+    ``answers[0]`` when the turns end with the user) and a long ``document`` (or ``context``) that
+    ``segment`` cuts into blocks. Earlier turns go into the final block before the last question."""
+    out = []
+    for lineno, obj in read_jsonl(path):
+        where = f"{os.fspath(path)}:{lineno}"
+        doc = obj.get("document", obj.get("context"))
+        if not isinstance(doc, str) or not doc.strip():
+            raise ValueError(f"{where}: 'document' (or 'context') must be a non-empty string")
+        msgs = obj.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")
+                for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role: user|assistant, content}}")
+        if msgs[-1]["role"] == "assistant":
+            answer, msgs = msgs[-1]["content"], msgs[:-1]
+        elif isinstance(obj.get("answers"), list) and obj["answers"] and isinstance(obj["answers"][0], str):
+            answer = obj["answers"][0]
+        else:
+            raise ValueError(f"{where}: no response: end 'messages' with an assistant turn or give 'answers'")
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ValueError(f"{where}: the turn before the response must be a user turn")
+        history = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs[:-1])
+        blocks = segment(doc)
+        if not blocks:
+            raise ValueError(f"{where}: the segmenter returned no blocks for the document")
+        out.append({"context": blocks, "question": history + msgs[-1]["content"], "answer": answer})
+    return out
+
+
+def load_records(path: str | os.PathLike, fmt: str = "auto", segment: Segmenter = split_paragraphs) -> list[dict]:
+    """Load ``fmt`` (``"hotpotqa"``, ``"chatqa2"`` or ``"auto"``: chatqa2 when the first record has
+    ``messages``) records from a jsonl file."""
+    if fmt == "auto":
+        first = next(read_jsonl(path), (0, {}))[1]
+        fmt = "chatqa2" if "messages" in first else "hotpotqa"
+    if fmt == "hotpotqa":
+        return load_hotpotqa(path, segment)
+    if fmt == "chatqa2":
+        return load_chatqa2(path, segment)
+    raise ValueError(f"dataset format must be 'hotpotqa', 'chatqa2' or 'auto', got {fmt!r}")
+
+
+# --- synthetic multi-document retrieval ---------------------------------------------------------------
+
+NAMES = ("alice bob carol dave erin frank grace heidi ivan judy kate liam mia noah olga paul quinn rosa sam tina "
+         "uma victor wendy xavier yara zack").split()
+ATTRIBUTES = {
+    "city": "paris london rome tokyo cairo lima oslo delhi".split(),
+    "pet": "cat dog fish bird horse snake rabbit turtle".split(),
+    "color": "red blue green yellow black white purple orange".split(),
+    "food": "rice bread pasta soup salad cake apple cheese".split(),
+}
+
+
+def retrieval_vocabulary() -> list[str]:
+    """Every word the synthetic set uses (for a word-level tokenizer)."""
+    words = list(NAMES) + list(ATTRIBUTES) + [v for vs in ATTRIBUTES.values() for v in vs]
+    return words + ["doc", "lives", "has", ".", "?", "what", "is", "the", "of"]
+
+
+def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0) -> list[dict]:
+    """A synthetic multi-document retrieval set: facts ``"<name> <attribute> <value> ."`` scattered over
+    ``num_docs`` documents (one context block each); the question asks for one of them, answer one word.
+
+    Names and attributes repeat across facts, so the answer needs the (name, attribute) pair, not one word.
+    """
+    if n < 1 or num_docs < 1 or facts_per_doc < 1:
+        raise ValueError(f"n, num_docs and facts_per_doc must be >= 1, got {n}, {num_docs}, {facts_per_doc}")
+    rng = random.Random(seed)
+    attrs = list(ATTRIBUTES)
+    out = []
+    for _ in range(n):
+        names = rng.sample(NAMES, k=min(len(NAMES), max(2, num_docs * facts_per_doc // 2)))
+        seen, facts = set(), []
+        while len(facts) < num_docs * facts_per_doc:
+            name, attr = rng.choice(names), rng.choice(attrs)
+            if (name, attr) not in seen:
+                seen.add((name, attr))
+                facts.append((name, attr, rng.choice(ATTRIBUTES[attr])))
+        docs = [" ".join(f"{a} {b} {c} ." for a, b, c in facts[d * facts_per_doc:(d + 1) * facts_per_doc]) + " "
+                for d in range(num_docs)]
+        name, attr, value = rng.choice(facts)
+        out.append({"context": docs, "question": f"what is the {attr} of {name} ?", "answer": value})
+    return out
+
+
+# --- formatting ---------------------------------------------------------------------------------------
+
+_SENTINEL = "\u2063BLOCKATTN_SENTINEL\u2063"
+
+
+class ChatBlockFormatter:
+    """Record -> ``{"input_ids", "labels"}`` under the model's chat template and the block layout.
+
+    The user turn holds the context blocks then the question; the final block is the question, the
+    template's end-of-user/start-of-assistant text and the response (the only labelled tokens).
+    Records longer than ``max_length`` lose trailing context blocks; one whose final block alone is too
+    long is skipped (``__call__`` returns None).
+    """
+
+    def __init__(self, tokenizer, settings: BlockSettings, *, system: str | None = None, max_length: int | None = None):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template; set one (block data is formatted as a chat)")
+        self.tokenizer, self.settings, self.max_length = tokenizer, settings, max_length
+        head_msgs = [{"role": "system", "content": system}] if system else []
+        prompt = tokenizer.apply_chat_template(head_msgs + [{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                               add_generation_prompt=True)
+        if prompt.count(_SENTINEL) != 1:
+            raise ValueError("the chat template must render the user content exactly once")
+        self.head, self.turn_switch = prompt.split(_SENTINEL)
+        self.head_msgs = head_msgs
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def response_text(self, question: str, answer: str) -> str:
+        msgs = self.head_msgs + [{"role": "user", "content": question}]
+        prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the assistant turn in a way that changes the prompt text")
+        return full[len(prompt):]
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """The block prompt alone (for generation): prefix, context blocks, question + turn switch."""
+        ids, _ = self._build(record, with_response=False)
+        return ids
+
+    def _build(self, record: dict, with_response: bool):
+        ctx = list(record["context"])
+        final = self._encode(record["question"] + self.turn_switch)
+        resp = self._encode(self.response_text(record["question"], record["answer"])) if with_response else []
+        head = self._encode(self.head)
+        blocks = [self._encode(c) for c in ctx]
+        k = self.settings.num_sinks
+        while True:
+            n = len(head) + sum(len(b) + k for b in blocks) + k + len(final) + len(resp)
+            if self.max_length is None or n <= self.max_length or not blocks:
+                break
+            blocks.pop()
+        if self.max_length is not None and n > self.max_length:
+            return None, 0
+        ids = build_block_prompt([*blocks, final + resp], self.settings, prefix=head or None)
+        return ids, len(resp)
+
+    def __call__(self, record: dict) -> dict | None:
+        ids, n_resp = self._build(record, with_response=True)
+        if ids is None:
+            return None
+        labels = [-100] * (len(ids) - n_resp) + ids[len(ids) - n_resp:]
+        return {"input_ids": ids, "labels": labels}
+
+
+# --- collation ----------------------------------------------------------------------------------------
+
+class BlockDataCollator:
+    """Pad block samples and add their sink-free (full-attention) copies.
+
+    Returns ``input_ids``/``labels``/``attention_mask`` ``[B, L]`` (right-padded; labels -100 on pads),
+    ``full_input_ids``/``full_labels`` ``[B, Lf]`` (the same samples without sink tokens, for the
+    full-attention teacher and the block-finetune baseline), ``content_index`` ``[B, L]`` (student position
+    -> full position, -1 for sinks and pads) and ``lengths`` ``[B]``. Attention masks are built by the
+    trainer, where block dropout draws fresh blocks at every step.
+    """
+
+    def __init__(self, pad_token_id: int, settings: BlockSettings):
+        self.pad_token_id, self.settings = pad_token_id, settings
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        rows = []
+        for i, f in enumerate(features):
+            ids, labels = list(f["input_ids"]), list(f["labels"])
+            if len(ids) != len(labels):
+                raise ValueError(f"sample {i}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
+            idx = content_index(parse_block_prompt(ids, self.settings))
+            keep = (idx >= 0).tolist()
+            rows.append((ids, labels, idx, [t for t, k in zip(ids, keep) if k], [t for t, k in zip(labels, keep) if k]))
+        L, Lf = max(len(r[0]) for r in rows), max(len(r[3]) for r in rows)
+
+        def pad(seqs, n, value):
+            return torch.tensor([list(s) + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
+
+        return {
+            "input_ids": pad([r[0] for r in rows], L, self.pad_token_id),
+            "labels": pad([r[1] for r in rows], L, -100),
+            "attention_mask": pad([[1] * len(r[0]) for r in rows], L, 0),
+            "content_index": pad([r[2].tolist() for r in rows], L, -1),
+            "full_input_ids": pad([r[3] for r in rows], Lf, self.pad_token_id),
+            "full_labels": pad([r[4] for r in rows], Lf, -100),
+            "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.long),
+        }

@@ -1,0 +1,96 @@
+"""The block sink token: add it to the tokenizer and the model, initialise it, keep it trainable, record it.
+
+A distilled checkpoint is a plain Hugging Face directory whose ``config.json`` carries
+``"block_attention": {"sink_token_id": ..., "num_sinks": ...}``; the vLLM plugin and the reference read
+their settings from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
+
+
+def add_sink_token(tokenizer, model, *, sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS,
+                   init: str = "mean") -> BlockSettings:
+    """Make ``sink_token`` a special token of ``tokenizer`` with a usable embedding row in ``model``.
+
+    A missing token is added as a special token; the embeddings grow only when its id does not fit (many
+    checkpoints pad the embedding matrix beyond the tokenizer). A new row is initialised from the rows of
+    the tokens that existed before (``"mean"``), from the EOS row (``"eos"``) or left as is (``"keep"``);
+    input and (untied) output rows alike. A token that already exists is left untouched.
+    ``model.config.block_attention`` is set to the returned settings.
+
+    Returns:
+        The :class:`BlockSettings` (sink id, ``num_sinks``).
+    """
+    if init not in ("mean", "eos", "keep"):
+        raise ValueError(f"init must be 'mean', 'eos' or 'keep', got {init!r}")
+    old_len = len(tokenizer)
+    added = sink_token not in tokenizer.get_vocab()
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": [sink_token]}, replace_extra_special_tokens=False)
+    settings = BlockSettings.from_tokenizer(tokenizer, sink_token=sink_token, num_sinks=num_sinks)
+    sink_id = settings.sink_token_id
+    if sink_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(sink_id + 1, mean_resizing=False)
+    if added and init != "keep":
+        with torch.no_grad():
+            for emb in _embedding_matrices(model):
+                src = emb[:old_len].mean(0) if init == "mean" else emb[_eos_id(tokenizer)]
+                emb[sink_id] = src.to(emb.dtype)
+    set_block_config(model.config, settings)
+    return settings
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("sink init 'eos' needs a tokenizer with an eos token")
+    return tokenizer.eos_token_id
+
+
+def _embedding_matrices(model) -> list[torch.Tensor]:
+    mats = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != mats[0].data_ptr():
+        mats.append(out.weight)
+    return mats
+
+
+def set_block_config(config, settings: BlockSettings) -> None:
+    """Record the settings on a model config (saved with it when the config class keeps extra keys)."""
+    setattr(config, CONFIG_KEY, settings.to_dict())
+
+
+def write_block_config(path: str | os.PathLike, settings: BlockSettings) -> None:
+    """Make sure ``path/config.json`` holds the ``block_attention`` entry (some config classes drop extras)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} does not exist; save the model before writing its block settings")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get(CONFIG_KEY) != settings.to_dict():
+        cfg[CONFIG_KEY] = settings.to_dict()
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def apply_sink_peft(peft_config, settings: BlockSettings, embedding_module: str = "embed_tokens"):
+    """Keep the sink row trainable under LoRA: add it to ``peft_config.trainable_token_indices`` (PEFT's
+    trainable-token adapter trains and saves that row only, not the whole embedding matrix). In place;
+    returns ``peft_config``."""
+    idx = peft_config.trainable_token_indices
+    if idx is None:
+        idx = {}
+    elif isinstance(idx, list):
+        idx = {embedding_module: list(idx)}
+    rows = list(idx.get(embedding_module, []))
+    if settings.sink_token_id not in rows:
+        rows.append(settings.sink_token_id)
+    idx[embedding_module] = rows
+    peft_config.trainable_token_indices = idx
+    return peft_config

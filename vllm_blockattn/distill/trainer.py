@@ -1,0 +1,186 @@
+"""`BlockDistillationTrainer`: TRL's `SFTTrainer` with block distillation's loss (and the Ma et al. baseline).
+
+One training step in ``mode="distill"`` (paper eq. (3); see docs/distillation.md):
+
+1. teacher, no grad: full attention on the sink-free sequence, and the block pattern on the block sequence;
+   their per-token losses on the response give the CE token weights (1 where block attention hurts the
+   teacher by more than ``ce_tau``, ``ce_beta`` elsewhere);
+2. student, block pattern (every context block alone): token-weighted CE on the response;
+3. student, block-dropout pattern (a random subset of context blocks alone, everything else full causal):
+   KL(teacher full || student) on the content tokens of the blocks that were not dropped and of the final
+   block;
+4. loss = CE + ``kl_weight`` * KL.
+
+``mode="block_finetune"``: plain CE on the response under both the block and the full pattern.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from trl import SFTTrainer
+
+from ..layout import parse_block_prompt
+from ..reference import block_attention_mask
+from .config import BlockDistillationConfig
+from .data import BlockDataCollator
+from .losses import block_finetune_loss, block_kl_loss, token_nll, token_weights, weighted_ce_loss
+from .masks import dropout_attention_mask, kl_query_mask, pad_attention_masks, sample_dropped_blocks
+from .sinks import add_sink_token, apply_sink_peft, write_block_config
+
+
+def _load(model_or_path, init_kwargs: dict | None):
+    if not isinstance(model_or_path, str):
+        return model_or_path
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_or_path, **(init_kwargs or {}))
+
+
+class BlockDistillationTrainer(SFTTrainer):
+    """Trains a student under block attention against a frozen full-attention teacher.
+
+    Args:
+        model: the student (a model or a checkpoint path). Its tokenizer gets the sink token if missing.
+        args: a :class:`BlockDistillationConfig`.
+        train_dataset: a ``datasets.Dataset`` of ``{"input_ids", "labels"}`` block samples
+            (:class:`~vllm_blockattn.distill.data.ChatBlockFormatter`).
+        processing_class: the tokenizer (required: it gets the sink token and is saved with the model).
+        teacher_model: a model or path; default the student's initial weights (a frozen copy, or under
+            PEFT the adapter-disabled base model). Unused in ``block_finetune`` mode.
+        peft_config: a PEFT config; the sink row is made trainable through ``trainable_token_indices``.
+        data_collator: defaults to :class:`~vllm_blockattn.distill.data.BlockDataCollator`.
+        **kwargs: passed to ``SFTTrainer``.
+    """
+
+    _tag_names = ["trl", "sft", "block-attention", "block-distillation"]
+    _name = "BlockDistillation"
+
+    def __init__(self, model, args: BlockDistillationConfig, train_dataset=None, processing_class=None,
+                 teacher_model=None, peft_config=None, data_collator=None, **kwargs):
+        if not isinstance(args, BlockDistillationConfig):
+            raise TypeError(f"args must be a BlockDistillationConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("processing_class (the tokenizer) is required: it receives the sink token")
+        model = _load(model, args.model_init_kwargs)
+        settings = add_sink_token(processing_class, model, sink_token=args.sink_token, num_sinks=args.num_sinks,
+                                  init=args.sink_init)
+        if peft_config is not None:
+            apply_sink_peft(peft_config, settings)
+        teacher = None
+        if args.mode == "distill":
+            teacher = _load(teacher_model or args.teacher_model_name_or_path, args.model_init_kwargs)
+            if teacher is None and peft_config is None:
+                teacher = copy.deepcopy(model)  # before SFTTrainer patches the student's forward
+            if teacher is not None and teacher.get_input_embeddings().weight.shape[0] <= settings.sink_token_id:
+                teacher.resize_token_embeddings(settings.sink_token_id + 1, mean_resizing=False)
+        if data_collator is None:
+            pad = processing_class.pad_token_id
+            data_collator = BlockDataCollator(processing_class.eos_token_id if pad is None else pad, settings)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         processing_class=processing_class, peft_config=peft_config, **kwargs)
+        self.block_settings = settings
+        # The loss is a per-micro-batch mean: let Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.teacher_model = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False).to(self.accelerator.device)
+        if args.mode == "distill" and teacher is None and not hasattr(self.accelerator.unwrap_model(self.model),
+                                                                       "disable_adapter"):
+            raise ValueError("no teacher: pass teacher_model, or use PEFT so the base model can serve as teacher")
+        self._dropout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _teacher_logits(self, model, **kw) -> torch.Tensor:
+        with torch.no_grad():
+            if self.teacher_model is not None:
+                return self.teacher_model(**kw, use_cache=False).logits
+            base = self.accelerator.unwrap_model(model)
+            with base.disable_adapter():
+                return base(**kw, use_cache=False).logits
+
+    def _batch_layouts(self, inputs):
+        ids, lengths = inputs["input_ids"], inputs["lengths"].tolist()
+        layouts = [parse_block_prompt(ids[i, :n].tolist(), self.block_settings) for i, n in enumerate(lengths)]
+        L, device = ids.shape[1], ids.device
+        pos = torch.zeros_like(ids)
+        for i, lay in enumerate(layouts):
+            pos[i, : lay.num_tokens] = torch.tensor(lay.positions(), device=device)
+        return layouts, pos
+
+    @staticmethod
+    def _padding_mask(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """2D padding mask ``[B, L]`` (1 = real token) for the causal full-attention forwards."""
+        return (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+
+    # --- loss -----------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
+        full_ids, full_labels = inputs["full_input_ids"], inputs["full_labels"]
+        device, L = ids.device, ids.shape[1]
+        dtype = self.accelerator.unwrap_model(model).dtype
+        layouts, pos = self._batch_layouts(inputs)
+        full_len = (cidx.max(dim=1).values + 1).clamp(min=1)
+        full_attn = self._padding_mask(full_ids, full_len)
+        block_mask = pad_attention_masks([block_attention_mask(lay, dtype, device) for lay in layouts], L)
+        response, full_response = labels != -100, full_labels != -100
+        metrics = self._metrics[mode]
+
+        s_block = model(input_ids=ids, attention_mask=block_mask, position_ids=pos, use_cache=False).logits
+        s_block_nll = token_nll(s_block, ids)
+        if self.args.mode == "block_finetune":
+            s_full = model(input_ids=full_ids, attention_mask=full_attn, use_cache=False).logits
+            loss = block_finetune_loss(s_block_nll, token_nll(s_full, full_ids), response, full_response)
+            metrics["ce"].append(loss.item())
+            return (loss, {"logits": s_block}) if return_outputs else loss
+
+        t_full = self._teacher_logits(model, input_ids=full_ids, attention_mask=full_attn)
+        t_block = self._teacher_logits(model, input_ids=ids, attention_mask=block_mask, position_ids=pos)
+        t_full_nll = token_nll(t_full, full_ids).gather(1, cidx.clamp(min=0))  # on student positions
+        weights = token_weights(token_nll(t_block, ids), t_full_nll, response, self.args.ce_tau, self.args.ce_beta)
+        ce = weighted_ce_loss(s_block_nll, weights, response)
+        loss = ce
+        if self.args.kl_weight > 0:
+            dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
+                       for lay in layouts]
+            drop_mask = pad_attention_masks([dropout_attention_mask(lay, d, dtype, device)
+                                             for lay, d in zip(layouts, dropped)], L)
+            kl_q = torch.zeros_like(ids, dtype=torch.bool)
+            for i, (lay, d) in enumerate(zip(layouts, dropped)):
+                kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(device)
+            s_drop = model(input_ids=ids, attention_mask=drop_mask, position_ids=pos, use_cache=False).logits
+            b, t = kl_q.nonzero(as_tuple=True)
+            kl = block_kl_loss(s_drop[b, t], t_full[b, cidx[b, t]], self.args.kl_temperature)
+            loss = ce + self.args.kl_weight * kl
+            metrics["kl"].append(kl.item())
+            metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, sum(len(x.context_blocks) for x in layouts)))
+        metrics["ce"].append(ce.item())
+        n_resp = response.sum().clamp(min=1)
+        metrics["hard_token_fraction"].append(((weights == 1) & response).sum().item() / n_resp.item())
+        return (loss, {"logits": s_block}) if return_outputs else loss
+
+    # --- saving ---------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        out = output_dir or self.args.output_dir
+        if os.path.exists(os.path.join(out, "config.json")):
+            write_block_config(out, self.block_settings)
+
+
+class BlockFinetuneTrainer(BlockDistillationTrainer):
+    """The block fine-tuning baseline of Ma et al. (ICLR 2025): ``BlockDistillationTrainer`` in
+    ``mode="block_finetune"`` (plain CE under both the block and the full pattern, no teacher)."""
+
+    _name = "BlockFinetune"
+
+    def __init__(self, model, args: BlockDistillationConfig, **kwargs):
+        if args.mode != "block_finetune":
+            raise ValueError(f"BlockFinetuneTrainer needs args.mode='block_finetune', got {args.mode!r}")
+        super().__init__(model, args, **kwargs)
