@@ -33,5 +33,7 @@ def register() -> None:
         return
     _registered = True
     from ._compat import hide_source_triton_kernels
+    from .plugin import apply_patches
 
     hide_source_triton_kernels()
+    apply_patches()

@@ -69,9 +69,12 @@ def full_forward(model, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor
     return model(input_ids=ids).logits[0]
 
 
-def rope_inv_freq(model) -> torch.Tensor:
-    """The model's rotary inverse frequencies ``[head_dim // 2]``; refuses non-rotation RoPE types."""
-    config = model.config
+def inv_freq_from_config(config, head_dim: int | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim // 2]`` (float32) of a Hugging Face config.
+
+    Refuses rotary types whose keys are not a pure rotation by position (anything but default and
+    llama3), and partial rotary embeddings.
+    """
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -79,6 +82,22 @@ def rope_inv_freq(model) -> torch.Tensor:
             f"rope_type {rope_type!r} is not supported by block attention's position re-encoding "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)}): its keys are not a pure rotation by position"
         )
+    if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise NotImplementedError("partial rotary embeddings are not supported by block attention")
+    if rope_type == "llama3":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        assert scaling == 1.0
+        return inv_freq.float()
+    dim = head_dim or getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def rope_inv_freq(model) -> torch.Tensor:
+    """The rotary inverse frequencies ``[head_dim // 2]`` of an HF model; refuses non-rotation RoPE types."""
+    inv_freq_from_config(model.config)  # validates the rope type
     rotary = model.model.rotary_emb
     if getattr(rotary, "attention_scaling", 1.0) != 1.0:
         raise NotImplementedError("RoPE with attention_scaling != 1 cannot be re-encoded by rotation")

@@ -148,18 +148,29 @@ class Document:
 
 def chunk_file_text(text: str, source: str, category: str, *, min_chars: int = 200, max_chars: int = 1200,
                     rng: random.Random | None = None) -> list[Document]:
-    """Split one file into consecutive documents of whole lines, with random lengths in
-    [min_chars, max_chars] so that equal-length guesses do not find the seams."""
+    """Split one file into consecutive documents of whole lines. Each document aims at a random length
+    in [min_chars, max_chars] (so equal-length guesses do not find the seams) and, once there, ends at
+    the next blank line when one comes before twice that length (any line, in a file without blank
+    lines)."""
     rng = rng or random.Random(0)
-    lines = [ln for ln in text.splitlines(keepends=True)]
-    docs, cur, target = [], [], rng.randint(min_chars, max_chars)
-    for ln in lines:
+    has_blank = any(not ln.strip() for ln in text.splitlines())
+    docs, cur, size, target = [], [], 0, rng.randint(min_chars, max_chars)
+
+    def flush():
+        body = "".join(cur).strip("\n")
+        if len(body) >= min_chars // 2:
+            docs.append(Document(body + "\n", source, category))
+
+    for ln in text.splitlines(keepends=True):
+        if size >= target and (not ln.strip() or not has_blank or size >= 2 * max_chars):
+            flush()
+            cur, size, target = [], 0, rng.randint(min_chars, max_chars)
+            if not ln.strip():
+                continue
         cur.append(ln)
-        if sum(map(len, cur)) >= target:
-            body = "".join(cur).strip("\n")
-            if len(body) >= min_chars // 2:
-                docs.append(Document(body + "\n", source, category))
-            cur, target = [], rng.randint(min_chars, max_chars)
+        size += len(ln)
+    if size >= target:
+        flush()
     return docs
 
 
@@ -180,7 +191,8 @@ def documents_from_files(paths: Iterable[str | os.PathLike], category: str, *, m
 def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2, max_docs: int = 5, seed: int = 0,
                          pattern: str = DEFAULT_PATTERN) -> list[dict]:
     """``n`` records, each the concatenation of ``min_docs..max_docs`` documents of one category from
-    distinct sources; the candidate at every seam is labelled 1, every other candidate 0."""
+    distinct sources, joined by a blank line; the candidate at every seam is labelled 1, every other
+    candidate 0."""
     if not 2 <= min_docs <= max_docs:
         raise ValueError(f"need 2 <= min_docs <= max_docs, got {min_docs}, {max_docs}")
     by_cat: dict[str, dict[str, list[Document]]] = {}
@@ -196,7 +208,9 @@ def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2,
         sources = sorted(by_cat[cat])
         m = min(rng.randint(min_docs, max_docs), len(sources))
         picked = [rng.choice(by_cat[cat][s]) for s in rng.sample(sources, m)]
-        parts = [d.text.lstrip("\n") if d.text.endswith("\n") else d.text.lstrip("\n") + "\n" for d in picked]
+        # documents meet after a blank line, like paragraphs inside them: the layout gives no seam away
+        parts = [d.text.strip("\n") + "\n\n" for d in picked]
+        parts[-1] = parts[-1][:-1]
         text = "".join(parts)
         seams, pos = [], 0
         for part in parts[:-1]:

@@ -1,0 +1,92 @@
+"""The plugin's per-engine settings: sink token and count, page size, pad id, cache namespace.
+
+Read from the model's ``config.json`` ``block_attention`` entry, overridden by
+``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
+``pad_token_id``). An untrained model has no sink token: name an existing token as the marker (the
+"training-free" baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
+from .paged import padded_length
+
+_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id"}
+
+
+@dataclass(frozen=True)
+class BlockEngineConfig:
+    settings: BlockSettings
+    page_size: int
+    pad_id: int
+    max_model_len: int
+    namespace: tuple  # goes into every block-mode page hash
+
+    def parse(self, token_ids) -> BlockLayout:
+        return parse_block_prompt(token_ids, self.settings)
+
+    def check_prompt(self, token_ids) -> BlockLayout:
+        """Parse and check that the padded prompt fits the model; raises BlockLayoutError (a ValueError)."""
+        layout = self.parse(token_ids)
+        if layout.is_block_prompt:
+            n = padded_length(layout, self.page_size)
+            if n >= self.max_model_len:
+                raise BlockLayoutError(
+                    f"the block prompt takes {n} tokens once its {len(layout.context_blocks)} context blocks "
+                    f"are padded to KV pages of {self.page_size}, which leaves no room to generate within "
+                    f"max_model_len={self.max_model_len}"
+                )
+        return layout
+
+
+def _settings_from(vllm_config) -> tuple[BlockSettings, dict]:
+    model_config = vllm_config.model_config
+    entry = getattr(model_config.hf_config, CONFIG_KEY, None) or {}
+    if not isinstance(entry, dict):
+        entry = dict(entry)
+    override = dict((vllm_config.additional_config or {}).get("blockattn", {}) or {})
+    unknown = set(override) - _OVERRIDE_KEYS
+    if unknown:
+        raise ValueError(f"unknown additional_config['blockattn'] keys {sorted(unknown)}; "
+                         f"expected some of {sorted(_OVERRIDE_KEYS)}")
+    merged = {k: v for k, v in entry.items() if k in ("sink_token_id", "num_sinks")}
+    if "sink_token" in override:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
+        merged["sink_token_id"] = BlockSettings.from_tokenizer(tok, override["sink_token"]).sink_token_id
+    merged.update({k: override[k] for k in ("sink_token_id", "num_sinks") if k in override})
+    if "sink_token_id" not in merged:
+        raise ValueError(
+            f"the blockattn backend needs a sink token: the model's config.json has no '{CONFIG_KEY}' entry; "
+            "pass additional_config={'blockattn': {'sink_token': '<an existing token>'}} for an untrained model"
+        )
+    return BlockSettings.from_dict(merged), override
+
+
+_CACHE: dict[int, tuple[object, BlockEngineConfig]] = {}
+
+
+def _build(vllm_config) -> BlockEngineConfig:
+    settings, override = _settings_from(vllm_config)
+    hf = vllm_config.model_config.hf_config
+    pad = override.get("pad_token_id", getattr(hf, "pad_token_id", None))
+    if pad is None:
+        eos = getattr(hf, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    if pad == settings.sink_token_id:
+        pad = 0 if settings.sink_token_id != 0 else 1
+    model_config = vllm_config.model_config
+    namespace = ("blockattn", str(model_config.model), settings.sink_token_id, settings.num_sinks)
+    return BlockEngineConfig(settings, vllm_config.cache_config.block_size, int(pad), model_config.max_model_len,
+                             namespace)
+
+
+def get_block_config(vllm_config) -> BlockEngineConfig:
+    """Settings of the engine ``vllm_config`` describes (cached per config object)."""
+    hit = _CACHE.get(id(vllm_config))
+    if hit is None or hit[0] is not vllm_config:
+        hit = _CACHE[id(vllm_config)] = (vllm_config, _build(vllm_config))
+    return hit[1]

@@ -1,0 +1,232 @@
+"""Turning a long context into blocks for the block form of a task, and the options every task loader
+shares (sink token, block size, length budget, tokenizer).
+
+Options come from lm-eval's task metadata, which holds the ``--model_args`` (``pretrained``,
+``tokenizer``) merged with ``--metadata`` JSON; environment variables are the fallback:
+
+========================  ==========================  =============================================
+option (``--metadata``)    environment variable        meaning
+========================  ==========================  =============================================
+``sink_token``             ``BLOCKATTN_SINK_TOKEN``    sink token text (default: the model's
+                                                       ``block_attention.sink_token_id`` decoded, else
+                                                       ``<|block_sink|>``)
+``num_sinks``              ``BLOCKATTN_NUM_SINKS``     sinks per group (default: model config, else 4)
+``block_tokens``           ``BLOCKATTN_BLOCK_TOKENS``  target block size of the rule-based segmenter
+``max_length``             ``BLOCKATTN_MAX_LENGTH``    prompt token budget (middle truncation)
+``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule`` or ``module:function``
+========================  ==========================  =============================================
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN
+
+DEFAULT_BLOCK_TOKENS = 512
+ENV = {
+    "sink_token": "BLOCKATTN_SINK_TOKEN",
+    "num_sinks": "BLOCKATTN_NUM_SINKS",
+    "block_tokens": "BLOCKATTN_BLOCK_TOKENS",
+    "max_length": "BLOCKATTN_MAX_LENGTH",
+    "segmenter": "BLOCKATTN_SEGMENTER",
+}
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+
+
+def _model_config(name: str | None) -> dict:
+    if name and os.path.isfile(os.path.join(name, "config.json")):
+        with open(os.path.join(name, "config.json")) as f:
+            return json.load(f)
+    return {}
+
+
+def _int_option(value, what: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"{what} must be positive, got {out}")
+    return out
+
+
+@dataclass(frozen=True)
+class FormOptions:
+    """What a task loader needs to build prompts: see the module docstring for the sources."""
+
+    tokenizer_name: str | None
+    sink_token: str
+    num_sinks: int
+    block_tokens: int
+    max_length: int | None
+    segmenter: str
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_name) if self.tokenizer_name else None
+
+    def count_tokens(self, text: str) -> int:
+        """Token count with the model's tokenizer, or a word count when no tokenizer was named."""
+        tok = self.tokenizer
+        return len(tok.encode(text, add_special_tokens=False)) if tok is not None else len(text.split())
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, max_gen_toks: int = 0) -> FormOptions:
+        def get(key):
+            value = kwargs.get(key)
+            return os.environ.get(ENV[key]) if value in (None, "") and key in ENV else value
+
+        tok_name = kwargs.get("tokenizer") or kwargs.get("pretrained")
+        tok_name = tok_name if isinstance(tok_name, str) and tok_name else None
+        config = _model_config(tok_name)
+        block_cfg = config.get(CONFIG_KEY) or {}
+        sink_token = get("sink_token")
+        if not sink_token and "sink_token_id" in block_cfg and tok_name:
+            sink_token = load_tokenizer(tok_name).convert_ids_to_tokens(int(block_cfg["sink_token_id"]))
+        sink_token = sink_token or SINK_TOKEN
+        num_sinks = _int_option(get("num_sinks"), "num_sinks") or int(block_cfg.get("num_sinks", DEFAULT_NUM_SINKS))
+        max_length = _int_option(get("max_length"), "max_length")
+        if max_length is None and config.get("max_position_embeddings"):
+            # LongBench truncates to the model's window less the answer (e.g. 31500 for 32k models).
+            max_length = int(config["max_position_embeddings"]) - max_gen_toks
+        opts = cls(
+            tokenizer_name=tok_name,
+            sink_token=sink_token,
+            num_sinks=num_sinks,
+            block_tokens=_int_option(get("block_tokens"), "block_tokens") or DEFAULT_BLOCK_TOKENS,
+            max_length=max_length,
+            segmenter=get("segmenter") or "rule",
+        )
+        opts.check_sink()
+        return opts
+
+    def check_sink(self) -> None:
+        """The sink text must encode to exactly one token per sink, or the layout cannot be parsed."""
+        tok = self.tokenizer
+        if tok is None:
+            return
+        ids = tok.encode(self.sink_token * self.num_sinks, add_special_tokens=False)
+        if len(ids) != self.num_sinks or len(set(ids)) != 1:
+            raise ValueError(
+                f"sink_token {self.sink_token!r} is not a single token of tokenizer {self.tokenizer_name!r} "
+                f"({self.num_sinks} copies encode to {ids[:12]}); name a special token of the model "
+                f"(e.g. --metadata '{{\"sink_token\": \"<|endoftext|>\"}}' for the training-free baseline)"
+            )
+
+
+def block_text(blocks: Sequence[str], opts: FormOptions) -> str:
+    """The block prompt's text: ``[S x k] block`` for every block (the last is the final block)."""
+    from ..layout import build_block_text
+
+    return build_block_text(blocks, sink_token=opts.sink_token, num_sinks=opts.num_sinks)
+
+
+def split_before(text: str, pattern: str, min_units: int = 2) -> list[str] | None:
+    """Cut ``text`` before every match of ``pattern`` (a natural unit such as ``Passage 3:``).
+
+    Text before the first match joins the first unit. Returns None when fewer than ``min_units``
+    units are found, so the caller can fall back to the segmenter. The pieces concatenate to ``text``.
+    """
+    starts = [m.start() for m in re.finditer(pattern, text)]
+    if len(starts) < min_units:
+        return None
+    cuts = [0] + [s for s in starts if s > 0] + [len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:]) if a < b]
+
+
+def _split_keep(text: str, pattern: str) -> list[str]:
+    """Split after each match of ``pattern``, keeping the separator with the piece before it."""
+    out, last = [], 0
+    for m in re.finditer(pattern, text):
+        if m.end() > last:
+            out.append(text[last : m.end()])
+            last = m.end()
+    if last < len(text):
+        out.append(text[last:])
+    return out
+
+
+_LEVELS = (r"\n\s*\n", r"\n", r"(?<=[.!?。！？；;])\s*", r"\s+")
+
+
+def rule_based_segments(text: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
+    """Pack paragraphs (then lines, sentences, words, characters for what is still too long) greedily
+    into blocks of at most ``max_tokens`` (by ``count``). The blocks concatenate to ``text``."""
+
+    def units(piece: str, level: int) -> list[str]:
+        if count(piece) <= max_tokens:
+            return [piece]
+        if level == len(_LEVELS):
+            step = max(1, len(piece) * max_tokens // max(count(piece), 1))
+            return [piece[i : i + step] for i in range(0, len(piece), step)]
+        parts = _split_keep(piece, _LEVELS[level])
+        if len(parts) == 1:
+            return units(piece, level + 1)
+        return [u for p in parts for u in units(p, level + 1)]
+
+    blocks: list[str] = []
+    current, current_len = "", 0
+    for unit in units(text, 0):
+        n = count(unit)
+        if current and current_len + n > max_tokens and current.strip():
+            blocks.append(current)
+            current, current_len = "", 0
+        current += unit
+        current_len += n
+    if current:
+        if blocks and not current.strip():
+            blocks[-1] += current
+        else:
+            blocks.append(current)
+    return blocks
+
+
+def segment(text: str, opts: FormOptions) -> list[str]:
+    """Cut a context without natural units into blocks: THE hook where a learned segmenter plugs in.
+
+    ``opts.segmenter`` is ``"rule"`` (the rule-based fallback) or ``"module:function"``, called as
+    ``function(text, max_tokens=..., tokenizer_name=...)`` and returning the blocks as strings
+    (e.g. ``vllm_blockattn.segmenter`` once it provides such a function).
+    """
+    if opts.segmenter == "rule":
+        blocks = rule_based_segments(text, opts.block_tokens, opts.count_tokens)
+    else:
+        module, _, name = opts.segmenter.partition(":")
+        if not name:
+            raise ValueError(f"segmenter must be 'rule' or 'module:function', got {opts.segmenter!r}")
+        fn = getattr(importlib.import_module(module), name)
+        blocks = list(fn(text, max_tokens=opts.block_tokens, tokenizer_name=opts.tokenizer_name))
+    blocks = [b for b in blocks if b.strip()]
+    if not blocks:
+        raise ValueError("the segmenter returned no non-empty block for a non-empty context")
+    return blocks
+
+
+def truncate_middle(text: str, keep_head: int, keep_tail: int, opts: FormOptions) -> str:
+    """Keep the first ``keep_head`` and last ``keep_tail`` tokens of ``text`` (LongBench's middle
+    truncation, decoded with special tokens skipped)."""
+    tok = opts.tokenizer
+    if tok is None:
+        words = text.split(" ")
+        return " ".join(words[:keep_head] + (words[-keep_tail:] if keep_tail else []))
+    ids = tok.encode(text, add_special_tokens=False)
+    if keep_head + keep_tail >= len(ids):
+        return text
+    head = tok.decode(ids[:keep_head], skip_special_tokens=True)
+    tail = tok.decode(ids[len(ids) - keep_tail :], skip_special_tokens=True) if keep_tail else ""
+    return head + tail

