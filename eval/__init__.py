@@ -1,0 +1,1 @@
+"""Evaluation entry points of the repository (task pack under eval/tasks, runners, results table)."""
