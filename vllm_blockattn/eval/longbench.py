@@ -188,16 +188,18 @@ def block_blocks(spec: LongBenchTask, context: str, question: str, opts: FormOpt
     n_ctx = opts.count_tokens(context)
     half = opts.max_length // 2
     keep_head, keep_tail = max(half - n_head, 0), max(half - n_tail, 0)  # the full form's cut
-    for _ in range(4):  # then shave while the sink groups make it overflow
+    for _ in range(32):  # then shave while the sink groups (or re-tokenisation) make it overflow
         if keep_head + keep_tail < n_ctx:
             blocks = cut(truncate_middle(context, keep_head, keep_tail, opts))
         total = sum(opts.count_tokens(b) for b in blocks) + opts.num_sinks * len(blocks)
-        if total <= opts.max_length:
+        if total <= opts.max_length or len(blocks) == 1:
             return blocks
         if keep_head + keep_tail >= n_ctx:
             keep_head, keep_tail = (n_ctx + 1) // 2, n_ctx // 2
-        shave = (total - opts.max_length) // 2 + 1
-        keep_head, keep_tail = max(keep_head - shave, 0), max(keep_tail - shave, 0)
+        over = total - opts.max_length
+        cut_tail = min(keep_tail, over // 2 + 1)
+        cut_head = min(keep_head, over + 1 - cut_tail)
+        keep_head, keep_tail = keep_head - cut_head, keep_tail - cut_tail
     return blocks
 
 
