@@ -166,6 +166,46 @@ def half_pad(d: int) -> int:
 # Device code
 # ----------------------------------------------------------------------------------------------
 
+# Reductions go through tl.reduce rather than tl.max/tl.sum: those are @jit functions of
+# triton.language itself, decorated once when triton is imported, so kernels using them could not
+# switch to the interpreter later (enable_triton_interpreter). The combine functions are Triton's own
+# where they exist, because the interpreter recognises them and reduces with numpy (6x faster tests);
+# our copies are the fallback for a Triton that renames them.
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min2(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _add2(a, b):
+    return a + b
+
+
+_max2 = getattr(tl.standard, "_elementwise_max", _max2)
+_min2 = getattr(tl.standard, "_elementwise_min", _min2)
+_add2 = getattr(tl.standard, "_sum_combine", _add2)
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _max2)
+
+
+@triton.jit
+def _rmin(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _min2)
+
+
+@triton.jit
+def _rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add2)
+
+
 @triton.jit
 def _dot(a, b, DT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``a @ b`` in float32 with operands rounded to the storage dtype ``DT``."""
@@ -180,7 +220,7 @@ def _dot(a, b, DT: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.con
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i,                 # running state: [M, D_P] fp32, [M] fp32, [M] fp32 (log2 domain)
-    q_lo, q_hi,                    # [M, HALF_P] fp32: the two RoPE halves of the query rows
+    q_lo, q_hi,                    # [M, HALF_P] storage dtype: the two RoPE halves of the query rows
     row_final,                     # [M] int1: row reads other blocks' keys rotated by their delta
     row_lo, row_hi,                # [M] int32: first / last slot the row may see (row_hi < row_lo: none)
     inv_freq,                      # [HALF_P] fp32 (0 in padding)
@@ -215,8 +255,8 @@ def _attend_tile(
                 mask=key_ok[:, None] & (offs_d < D)[None, :], other=0.0)                      # [BLOCK_N, D_P]
     DT = k_lo.dtype
 
-    n_final = tl.max(row_final.to(tl.int32), axis=0)
-    uniform = tl.min(delta, axis=0) == tl.max(delta, axis=0)
+    n_final = _rmax(row_final.to(tl.int32), axis=0)
+    uniform = _rmin(delta, axis=0) == _rmax(delta, axis=0)
     if ((d_first == 0) | (n_final == 0)) & uniform:
         scores = (_dot(q_lo, tl.trans(k_lo), DT, UPCAST_DOT, DOT_PRECISION)
                   + _dot(q_hi, tl.trans(k_hi), DT, UPCAST_DOT, DOT_PRECISION))
@@ -226,8 +266,10 @@ def _attend_tile(
         c = tl.cos(ang)[None, :]
         s = tl.sin(ang)[None, :]
         fin = row_final[:, None]
-        qe_lo = tl.where(fin, q_lo * c + q_hi * s, q_lo)
-        qe_hi = tl.where(fin, q_hi * c - q_lo * s, q_hi)
+        qf_lo = q_lo.to(tl.float32)
+        qf_hi = q_hi.to(tl.float32)
+        qe_lo = tl.where(fin, qf_lo * c + qf_hi * s, qf_lo)
+        qe_hi = tl.where(fin, qf_hi * c - qf_lo * s, qf_hi)
         scores = (_dot(qe_lo, tl.trans(k_lo), DT, UPCAST_DOT, DOT_PRECISION)
                   + _dot(qe_hi, tl.trans(k_hi), DT, UPCAST_DOT, DOT_PRECISION))
     else:
@@ -247,9 +289,9 @@ def _attend_tile(
 
     allowed = (key_ok[None, :] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] <= row_hi[:, None]))
     scores = tl.where(allowed, scores * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_new = tl.maximum(m_i, _rmax(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + _rsum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p, v, DT, UPCAST_DOT, DOT_PRECISION)
     return acc, l_i, m_new

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, NEG_BIG, _attend_tile, check_common, check_launch_device, check_out, dot_flags,
-                      half_pad, triton_interpreted)
+from ._common import (LOG2E, NEG_BIG, _attend_tile, _rmax, _rsum, check_common, check_launch_device, check_out,
+                      dot_flags, half_pad, triton_interpreted)
 
 MAX_SPLITS = 64
 
@@ -46,25 +46,25 @@ def _decode_partial_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    n_tiles = tl.cdiv(seq_len, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    n_tiles = (seq_len + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
     t0 = split * per_split
     t1 = tl.minimum(t0 + per_split, n_tiles)
 
     rows = tl.arange(0, GROUP_P)
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
-    row_lo = tl.zeros([GROUP_P], dtype=tl.int32)
+    row_lo = tl.full([GROUP_P], 0, dtype=tl.int32)
     row_hi = tl.where(row_ok, seq_len - 1, -1)
     offs_h = tl.arange(0, HALF_P)
     h_ok = row_ok[:, None] & (offs_h < HALF)[None, :]
     q_off = seq * stride_qs + heads[:, None] * stride_qh + offs_h[None, :]
-    q_lo = tl.load(q_ptr + q_off, mask=h_ok, other=0.0).to(tl.float32)            # [GROUP_P, HALF_P]
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=h_ok, other=0.0).to(tl.float32)
+    q_lo = tl.load(q_ptr + q_off, mask=h_ok, other=0.0)            # [GROUP_P, HALF_P]
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=h_ok, other=0.0)
     inv_freq = tl.load(inv_freq_ptr + offs_h, mask=offs_h < HALF, other=0.0)
 
-    acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
-    l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc = tl.full([GROUP_P, D_P], 0, dtype=tl.float32)
+    l_i = tl.full([GROUP_P], 0, dtype=tl.float32)
     m_i = tl.full([GROUP_P], NEG_BIG, dtype=tl.float32)
     bt_row = bt_ptr + seq * stride_bt
     pd_row = pd_ptr + seq * stride_pd
@@ -100,9 +100,9 @@ def _decode_merge_kernel(
     l = tl.load(part_ml_ptr + (part + offs_s) * 2 + 1, mask=s_ok, other=0.0)
     offs_d = tl.arange(0, D_P)
     acc = tl.load(part_acc_ptr + (part + offs_s)[:, None] * D_P + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, axis=0))                                              # [SPLITS_P]
-    total = tl.sum(l * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    w = tl.exp2(m - _rmax(m, axis=0))                                              # [SPLITS_P]
+    total = _rsum(l * w, axis=0)
+    out = _rsum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < D)
 

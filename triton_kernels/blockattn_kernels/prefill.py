@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, NEG_BIG, _attend_tile, check_common, check_launch_device, check_out,
+from ._common import (LOG2E, NEG_BIG, _attend_tile, _rmax, _rmin, check_common, check_launch_device, check_out,
                       check_prefill_extra, dot_flags, half_pad, triton_interpreted)
 
 
@@ -79,15 +79,15 @@ def _prefill_kernel(
     offs_h = tl.arange(0, HALF_P)
     h_ok = row_ok[:, None] & (offs_h < HALF)[None, :]
     q_off = tok[:, None] * stride_qt + head * stride_qh + offs_h[None, :]
-    q_lo = tl.load(q_ptr + q_off, mask=h_ok, other=0.0).to(tl.float32)            # [BLOCK_M, HALF_P]
-    q_hi = tl.load(q_ptr + q_off + HALF, mask=h_ok, other=0.0).to(tl.float32)     # [BLOCK_M, HALF_P]
+    q_lo = tl.load(q_ptr + q_off, mask=h_ok, other=0.0)            # [BLOCK_M, HALF_P]
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=h_ok, other=0.0)     # [BLOCK_M, HALF_P]
     inv_freq = tl.load(inv_freq_ptr + offs_h, mask=offs_h < HALF, other=0.0)
 
-    acc = tl.zeros([BLOCK_M, D_P], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, D_P], 0, dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
-    kv_lo = tl.min(tl.where(row_ok, row_lo, seq_len), axis=0)
-    kv_hi = tl.max(row_hi, axis=0) + 1
+    kv_lo = _rmin(tl.where(row_ok, row_lo, seq_len), axis=0)
+    kv_hi = _rmax(row_hi, axis=0) + 1
     seq64 = seq.to(tl.int64)
     bt_row = bt_ptr + seq64 * stride_bt
     pd_row = pd_ptr + seq64 * stride_pd
