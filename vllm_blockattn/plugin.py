@@ -24,6 +24,7 @@ logger = logging.getLogger("vllm_blockattn")
 
 BACKEND_NAME = "BLOCKATTN"
 SCHEDULER_CLS = "vllm_blockattn.scheduler.BlockAttnScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_blockattn.scheduler.BlockAttnAsyncScheduler"
 CPU_WORKER_CLS = "vllm_blockattn.worker.BlockAttnCPUWorker"
 GPU_WORKER_CLS = "vllm_blockattn.worker.BlockAttnGPUWorker"
 CPU_BACKEND_CLS = "vllm_blockattn.backend.BlockAttnCPUBackend"
@@ -87,8 +88,9 @@ def _patch_config_hook() -> None:
         if not selected:
             return
         sched = vllm_config.scheduler_config
-        if sched.scheduler_cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
-            sched.scheduler_cls = SCHEDULER_CLS
+        if sched.scheduler_cls in (None, "vllm.v1.core.sched.scheduler.Scheduler",
+                                   "vllm.v1.core.sched.async_scheduler.AsyncScheduler"):
+            sched.scheduler_cls = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
         par = vllm_config.parallel_config
         if par.worker_cls in default_workers:
             par.worker_cls = CPU_WORKER_CLS if is_cpu else GPU_WORKER_CLS
@@ -112,17 +114,31 @@ def _patch_input_validation() -> None:
             return
         if not is_blockattn_selected(self.vllm_config):
             return
-        from vllm.exceptions import VLLMValidationError
-
         from .config import get_block_config
 
         try:
             get_block_config(self.vllm_config).check_prompt(prompt_input["prompt_token_ids"])
         except ValueError as e:
-            raise VLLMValidationError(f"invalid block prompt: {e}", parameter="prompt") from None
+            raise _error_cls()(f"invalid block prompt: {e}", parameter="prompt") from None
 
     setattr(_validate_model_input, _PATCHED, True)
     InputProcessor._validate_model_input = _validate_model_input
+
+
+def _error_cls():
+    """A ``VLLMValidationError`` (the server answers 400) that is also a ``ValueError`` (offline callers)."""
+    global _BlockPromptError
+    if _BlockPromptError is None:
+        from vllm.exceptions import VLLMValidationError
+
+        class BlockPromptError(VLLMValidationError, ValueError):
+            """A malformed block prompt; only its own request fails."""
+
+        _BlockPromptError = BlockPromptError
+    return _BlockPromptError
+
+
+_BlockPromptError = None
 
 
 def apply_patches() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 
 from vllm.v1.core.kv_cache_utils import hash_block_tokens
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.utils.hashing import get_hash_fn_by_name
 
@@ -31,8 +32,8 @@ from .layout import BlockLayoutError
 from .paged import EXTRA_ARGS_KEY, pad_and_order
 
 
-class BlockAttnScheduler(Scheduler):
-    """vLLM's scheduler plus block-prompt preparation; ordinary prompts pass through untouched."""
+class BlockAttnSchedulerMixin:
+    """Block-prompt preparation on top of a vLLM scheduler; ordinary prompts pass through untouched."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -98,6 +99,14 @@ class BlockAttnScheduler(Scheduler):
             request.update_block_hashes()
         else:
             request._block_hasher = None
+
+
+class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
+    """vLLM's synchronous scheduler with block-prompt preparation."""
+
+
+class BlockAttnAsyncScheduler(BlockAttnSchedulerMixin, AsyncScheduler):
+    """vLLM's async scheduler with block-prompt preparation."""
 
 
 def _make_hasher(hash_fn, page, keys, layout, block_hashes, paged):

