@@ -93,7 +93,7 @@ def segment_cuts(text: str, segmenter: Segmenter, thresholds: Sequence[float]) -
 def segment_text(
     text: str | bytes,
     model: str | os.PathLike | Segmenter | None = None,
-    threshold: float | Sequence[float] = 0.3,
+    threshold: float | Sequence[float] | None = None,
     depth: int | None = None,
 ) -> list[str]:
     """Cut ``text`` into blocks whose concatenation is exactly ``text``.
@@ -102,7 +102,9 @@ def segment_text(
         text: str, or UTF-8 bytes. Binary data (NUL bytes, invalid UTF-8) raises
             :class:`SegmenterInputError`.
         model: a segmenter checkpoint path, a :class:`Segmenter`, or None for the packaged default.
-        threshold: cut probability threshold, one number for every level or one per level.
+        threshold: cut probability threshold, one number for every level or one per level; None takes
+            the checkpoint's own threshold (``SegmenterConfig.threshold``) for every level. 0.2-0.5 suits
+            level one of a model trained with balanced class weights.
         depth: recursion depth (levels); None means 1 for a number, ``len(threshold)`` for a list.
 
     Returns:
@@ -110,10 +112,15 @@ def segment_text(
         reaches the threshold); otherwise the blocks in order.
     """
     text = as_text(text, "text")
-    thresholds = thresholds_for(threshold, depth)
+    if threshold is not None:
+        thresholds = thresholds_for(threshold, depth)
     if not text:
+        thresholds_for(0.5, depth)  # still reject a bad depth
         return []
-    return split_at(text, segment_cuts(text, load_segmenter(model), thresholds))
+    seg = load_segmenter(model)
+    if threshold is None:
+        thresholds = thresholds_for(seg.config.threshold, depth)
+    return split_at(text, segment_cuts(text, seg, thresholds))
 
 
 def to_block_prompt(

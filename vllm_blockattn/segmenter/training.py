@@ -53,6 +53,8 @@ class SegmenterTrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     class_weighting: bool = field(default=True, metadata={"help": "inverse-frequency class weights in the CE"})
     threshold: float = field(default=0.5, metadata={"help": "cut threshold used for evaluation"})
+    tune_threshold: bool = field(default=False, metadata={
+        "help": "pick the threshold with the best F1 on the eval file and save it as the model's default"})
     tolerance: int = field(default=3, metadata={"help": "boundary match tolerance in chars"})
     window: int = field(default=512, metadata={"help": "tokens per backbone window"})
     overlap: int = field(default=128, metadata={"help": "tokens shared by consecutive windows"})
@@ -111,18 +113,29 @@ def record_probs(seg: Segmenter, rec: dict) -> list[float]:
     return torch.softmax(logits.float(), -1)[:, 1].cpu().tolist()
 
 
+def scores_at(records: list[dict], probs: list[list[float]], threshold: float, tol: int = 3) -> dict:
+    """Metrics of ``records`` when every candidate whose probability reaches ``threshold`` is cut."""
+    items = []
+    for rec, ps in zip(records, probs):
+        pred = [c for c, p in zip(rec["candidates"], ps) if p >= threshold]
+        gold = [c for c, y in zip(rec["candidates"], rec["labels"]) if y]
+        items.append((rec["category"], pred, gold, len(rec["text"])))
+    return evaluate(items, tol=tol)
+
+
+def best_threshold(records: list[dict], probs: list[list[float]], tol: int = 3) -> float:
+    """The threshold in 0.05..0.95 (step 0.05) with the best overall boundary F1 (ties: the lowest)."""
+    grid = [round(0.05 * i, 2) for i in range(1, 20)]
+    return max(grid, key=lambda th: (scores_at(records, probs, th, tol)["all"]["f1"], -th))
+
+
 def evaluate_segmenter(seg: Segmenter, records: list[dict], threshold: float = 0.5, tol: int = 3,
                        progress: bool = True) -> dict:
     """Boundary P/R/F1 and Pk/WindowDiff per category of thresholded predictions on ``records``."""
     from tqdm.auto import tqdm
 
-    items = []
-    for rec in tqdm(records, desc="evaluating", disable=not progress):
-        probs = record_probs(seg, rec)
-        pred = [c for c, p in zip(rec["candidates"], probs) if p >= threshold]
-        gold = [c for c, y in zip(rec["candidates"], rec["labels"]) if y]
-        items.append((rec["category"], pred, gold, len(rec["text"])))
-    return evaluate(items, tol=tol)
+    probs = [record_probs(seg, rec) for rec in tqdm(records, desc="evaluating", disable=not progress)]
+    return scores_at(records, probs, threshold, tol)
 
 
 def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tuple[Segmenter, dict]:
@@ -221,11 +234,18 @@ def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tupl
     seg.eval()
     metrics = {}
     if acc.is_main_process:
-        seg.save_pretrained(cfg.output_dir, copy_backbone=not cfg.freeze_backbone)
         if cfg.eval_file:
-            metrics = evaluate_segmenter(seg, read_records(cfg.eval_file), cfg.threshold, cfg.tolerance, progress=show)
-        summary = {"config": asdict(cfg), "train_loss_first": history[:1], "train_loss_last": history[-1:],
-                   "steps": len(history), "seconds": round(time.monotonic() - start, 1), "eval": metrics}
+            from tqdm.auto import tqdm
+
+            records = read_records(cfg.eval_file)
+            probs = [record_probs(seg, r) for r in tqdm(records, desc="evaluating", disable=not show)]
+            if cfg.tune_threshold:
+                seg.config.threshold = best_threshold(records, probs, cfg.tolerance)
+            metrics = scores_at(records, probs, seg.config.threshold, cfg.tolerance)
+        seg.save_pretrained(cfg.output_dir, copy_backbone=not cfg.freeze_backbone)
+        summary = {"config": asdict(cfg), "threshold": seg.config.threshold, "train_loss_first": history[:1],
+                   "train_loss_last": history[-1:], "steps": len(history),
+                   "seconds": round(time.monotonic() - start, 1), "eval": metrics}
         with open(os.path.join(cfg.output_dir, "eval_results.json"), "w") as f:
             json.dump(summary, f, indent=2)
     acc.wait_for_everyone()
