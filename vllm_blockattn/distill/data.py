@@ -168,14 +168,19 @@ def retrieval_vocabulary() -> list[str]:
     return words + ["doc", "lives", "has", ".", "?", "what", "is", "the", "of"]
 
 
-def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0) -> list[dict]:
+def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0,
+                           question_style: str = "words") -> list[dict]:
     """A synthetic multi-document retrieval set: facts ``"<name> <attribute> <value> ."`` scattered over
     ``num_docs`` documents (one context block each); the question asks for one of them, answer one word.
 
     Names and attributes repeat across facts, so the answer needs the (name, attribute) pair, not one word.
+    ``question_style``: ``"words"`` (``what is the pet of alice ?``) or ``"prefix"`` (``alice pet``, the
+    fact's own prefix: the easiest form for a tiny model to learn).
     """
     if n < 1 or num_docs < 1 or facts_per_doc < 1:
         raise ValueError(f"n, num_docs and facts_per_doc must be >= 1, got {n}, {num_docs}, {facts_per_doc}")
+    if question_style not in ("words", "prefix"):
+        raise ValueError(f"question_style must be 'words' or 'prefix', got {question_style!r}")
     rng = random.Random(seed)
     attrs = list(ATTRIBUTES)
     out = []
@@ -190,7 +195,8 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
         docs = [" ".join(f"{a} {b} {c} ." for a, b, c in facts[d * facts_per_doc:(d + 1) * facts_per_doc]) + " "
                 for d in range(num_docs)]
         name, attr, value = rng.choice(facts)
-        out.append({"context": docs, "question": f"what is the {attr} of {name} ?", "answer": value})
+        question = f"what is the {attr} of {name} ?" if question_style == "words" else f"{name} {attr}"
+        out.append({"context": docs, "question": question, "answer": value})
     return out
 
 
