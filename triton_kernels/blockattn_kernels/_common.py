@@ -4,12 +4,14 @@ The tile step (:func:`_attend_tile`) is the whole of block attention's arithmeti
 ``BLOCK_N`` KV slots against ``M`` query rows: gather the tile through the block table, apply the
 per-page RoPE delta for final-block rows, mask, and fold the tile into an online softmax.
 
-RoPE delta, two equivalent ways (``q . R(d) k == R(-d) q . k``):
-- a tile whose real slots share one delta (always the case inside one page, and inside one block,
-  since blocks are page-aligned) rotates the final rows of the *query* by ``-d``: ``D/2`` sin/cos and
-  ``M*D`` multiply-adds, whatever the tile width;
-- a tile that straddles two blocks rotates each *key* by its own page's delta (``BLOCK_N*D/2``
-  sin/cos) and, if it also has non-final rows, computes the plain scores too.
+RoPE delta: a final row reading a key of delta ``d`` uses ``R(-d) q . k`` (equal to ``q . R(d) k``), so
+the keys are used as stored and only the query rows are rotated: ``D/2`` sin/cos and ``M*D``
+multiply-adds per tile, whatever the tile width, instead of ``BLOCK_N*D/2`` sin/cos for the keys.
+All slots of a page share one delta, and blocks are page-aligned, so a tile inside one block has one
+delta and takes one pass. A tile straddling blocks takes one pass per distinct delta, each pass
+masked to that delta's slots (a first version rotated the keys there instead and computed plain
+and rotated scores side by side: ptxas reported 255 registers and 2 KiB of spills at 64x64x128).
+Tiles with no final row, or whose delta is 0, skip the rotation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ _KERNEL_MODULES = ("blockattn_kernels._common", "blockattn_kernels.prefill", "bl
 
 # Finite "minus infinity" for the running max: a row that has seen no key yet keeps it, so
 # exp2(m_old - m_new) stays 1 and exp2(-inf - m) stays 0 (never inf - inf = nan).
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
+BIG_INT = tl.constexpr(1 << 30)  # above any RoPE delta
 LOG2E = 1.4426950408889634
 
 
@@ -243,8 +246,7 @@ def _attend_tile(
     slot = offs_n % PAGE_SIZE
     phys = tl.load(bt_row + page, mask=in_seq, other=0).to(tl.int64)
     key_ok = in_seq & (slot < tl.load(pv_row + page, mask=in_seq, other=0))
-    d_first = tl.load(pd_row + start // PAGE_SIZE)
-    delta = tl.load(pd_row + page, mask=in_seq, other=d_first)
+    delta = tl.load(pd_row + page, mask=in_seq, other=0)
 
     k_off = phys * stride_kp + slot * stride_ks + kv_head * stride_kh      # [BLOCK_N]
     v_off = phys * stride_vp + slot * stride_vs + kv_head * stride_vh
@@ -255,43 +257,34 @@ def _attend_tile(
                 mask=key_ok[:, None] & (offs_d < D)[None, :], other=0.0)                      # [BLOCK_N, D_P]
     DT = k_lo.dtype
 
-    n_final = _rmax(row_final.to(tl.int32), axis=0)
-    uniform = _rmin(delta, axis=0) == _rmax(delta, axis=0)
-    if ((d_first == 0) | (n_final == 0)) & uniform:
-        scores = (_dot(q_lo, tl.trans(k_lo), DT, UPCAST_DOT, DOT_PRECISION)
-                  + _dot(q_hi, tl.trans(k_hi), DT, UPCAST_DOT, DOT_PRECISION))
-    elif uniform:
-        # one delta for the whole tile: rotate the final rows of q by -d instead of every key by +d
-        ang = d_first.to(tl.float32) * inv_freq
-        c = tl.cos(ang)[None, :]
-        s = tl.sin(ang)[None, :]
-        fin = row_final[:, None]
-        qf_lo = q_lo.to(tl.float32)
-        qf_hi = q_hi.to(tl.float32)
-        qe_lo = tl.where(fin, qf_lo * c + qf_hi * s, qf_lo)
-        qe_hi = tl.where(fin, qf_hi * c - qf_lo * s, qf_hi)
+    n_final = _rmax(row_final.to(tl.int32), 0)
+    fin = row_final[:, None]
+    d_cur = _rmin(tl.where(in_seq, delta, BIG_INT), 0)
+    d_last = _rmax(tl.where(in_seq, delta, -BIG_INT), 0)
+    if n_final == 0:          # no row rotates: one pass over the whole tile
+        d_last = d_cur
+    while d_cur <= d_last:
+        if (d_cur == 0) | (n_final == 0):
+            qe_lo = q_lo
+            qe_hi = q_hi
+        else:
+            ang = d_cur.to(tl.float32) * inv_freq
+            c = tl.cos(ang)[None, :]
+            s = tl.sin(ang)[None, :]
+            qf_lo = q_lo.to(tl.float32)
+            qf_hi = q_hi.to(tl.float32)
+            qe_lo = tl.where(fin, qf_lo * c + qf_hi * s, qf_lo).to(q_lo.dtype)
+            qe_hi = tl.where(fin, qf_hi * c - qf_lo * s, qf_hi).to(q_hi.dtype)
         scores = (_dot(qe_lo, tl.trans(k_lo), DT, UPCAST_DOT, DOT_PRECISION)
                   + _dot(qe_hi, tl.trans(k_hi), DT, UPCAST_DOT, DOT_PRECISION))
-    else:
-        # the tile straddles two blocks: rotate each key by its own page's delta
-        ang = delta.to(tl.float32)[:, None] * inv_freq[None, :]
-        c = tl.cos(ang)
-        s = tl.sin(ang)
-        kf_lo = k_lo.to(tl.float32)
-        kf_hi = k_hi.to(tl.float32)
-        kr_lo = kf_lo * c - kf_hi * s
-        kr_hi = kf_hi * c + kf_lo * s
-        s_rot = (_dot(q_lo, tl.trans(kr_lo), DT, UPCAST_DOT, DOT_PRECISION)
-                 + _dot(q_hi, tl.trans(kr_hi), DT, UPCAST_DOT, DOT_PRECISION))
-        s_plain = (_dot(q_lo, tl.trans(k_lo), DT, UPCAST_DOT, DOT_PRECISION)
-                   + _dot(q_hi, tl.trans(k_hi), DT, UPCAST_DOT, DOT_PRECISION))
-        scores = tl.where(row_final[:, None], s_rot, s_plain)
-
-    allowed = (key_ok[None, :] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] <= row_hi[:, None]))
-    scores = tl.where(allowed, scores * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, _rmax(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + _rsum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p, v, DT, UPCAST_DOT, DOT_PRECISION)
-    return acc, l_i, m_new
+        sel = key_ok & ((delta == d_cur) | (n_final == 0))
+        allowed = sel[None, :] & (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] <= row_hi[:, None])
+        scores = tl.where(allowed, scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, _rmax(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + _rsum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v, DT, UPCAST_DOT, DOT_PRECISION)
+        m_i = m_new
+        d_cur = _rmin(tl.where(in_seq & (delta > d_cur), delta, BIG_INT), 0)
+    return acc, l_i, m_i

@@ -107,16 +107,30 @@ def _decode_merge_kernel(
              mask=offs_d < D)
 
 
-def _decode_config(device: torch.device, num_seqs: int, kv_heads: int, max_slots: int) -> dict:
-    """Tile width and split count: enough programs to fill the GPU (or, on CPU, to exercise the merge)."""
-    block_n = 64 if device.type == "cuda" else 32
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    max_tiles = max(1, triton.cdiv(max_slots, block_n))
-    splits = max(1, min(MAX_SPLITS, max_tiles, triton.cdiv(target, max(1, num_seqs * kv_heads))))
-    cfg = dict(BLOCK_N=block_n, NUM_SPLITS=splits)
-    if device.type == "cuda":
-        cfg.update(num_warps=4, num_stages=2)
-    return cfg
+def num_splits(device: torch.device, num_seqs: int, kv_heads: int, max_slots: int) -> int:
+    """Splits per sequence: enough programs to fill the GPU twice over (on CPU, enough to exercise
+    the merge), never more than the longest sequence has tiles (counted at the smallest tile, 32)."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    max_tiles = max(1, triton.cdiv(max_slots, 32))
+    return max(1, min(MAX_SPLITS, max_tiles, triton.cdiv(target, max(1, num_seqs * kv_heads))))
+
+
+def _block_n(on_gpu: bool, head_dim: int) -> int:
+    # D=256 with 64-slot tiles reaches 251 registers (compile_check); the CPU interpreter takes 32
+    return 64 if on_gpu and head_dim <= 128 else 32
+
+
+def decode_meta(dtype: torch.dtype, head_dim: int, group: int, page_size: int, splits: int, on_gpu: bool,
+                interpreted: bool) -> tuple[dict, dict, dict]:
+    """``(partial-kernel constexprs, launch options, merge-kernel constexprs)``."""
+    upcast, precision = dot_flags(dtype, interpreted)
+    half_p = half_pad(head_dim)
+    consts = dict(GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits,
+                  BLOCK_N=_block_n(on_gpu, head_dim), PAGE_SIZE=page_size, HALF=head_dim // 2, HALF_P=half_p,
+                  D=head_dim, D_P=2 * half_p, UPCAST_DOT=upcast, DOT_PRECISION=precision)
+    options = dict(num_warps=4, num_stages=2) if on_gpu else {}
+    merge = dict(NUM_SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=head_dim, D_P=2 * half_p)
+    return consts, options, merge
 
 
 def block_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -138,22 +152,16 @@ def block_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     out = check_out(out, q)
     if s == 0:
         return out
-    group = hq // hkv
-    cfg = _decode_config(q.device, s, hkv, block_table.shape[1] * page_size)
-    splits = cfg["NUM_SPLITS"]
-    d_p = 2 * half_pad(d)
-    part_acc = torch.empty(s, hq, splits, d_p, dtype=torch.float32, device=q.device)
+    splits = num_splits(q.device, s, hkv, block_table.shape[1] * page_size)
+    consts, options, merge = decode_meta(q.dtype, d, hq // hkv, page_size, splits, q.device.type == "cuda",
+                                         triton_interpreted())
+    part_acc = torch.empty(s, hq, splits, consts["D_P"], dtype=torch.float32, device=q.device)
     part_ml = torch.empty(s, hq, splits, 2, dtype=torch.float32, device=q.device)
-    upcast, precision = dot_flags(q.dtype, triton_interpreted())
     _decode_partial_kernel[(s, hkv, splits)](
         q, key_cache, value_cache, part_acc, part_ml, block_table, seq_lens, page_delta, page_valid, inv_freq,
         float(scale) * LOG2E, q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_table.stride(0), page_delta.stride(0), page_valid.stride(0),
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), PAGE_SIZE=page_size,
-        HALF=d // 2, HALF_P=half_pad(d), D=d, D_P=d_p, UPCAST_DOT=upcast, DOT_PRECISION=precision, **cfg)
-    _decode_merge_kernel[(s, hq)](
-        part_acc, part_ml, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=d, D_P=d_p)
+        block_table.stride(0), page_delta.stride(0), page_valid.stride(0), **consts, **options)
+    _decode_merge_kernel[(s, hq)](part_acc, part_ml, out, out.stride(0), out.stride(1), **merge)
     return out

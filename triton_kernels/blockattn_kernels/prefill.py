@@ -105,13 +105,24 @@ def _prefill_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
 
 
-def _prefill_config(device: torch.device, head_dim: int) -> dict:
-    """Tile sizes: small under the interpreter (fast tests, several tiles), FA-like on a GPU."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=32)
-    if head_dim <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+def prefill_meta(dtype: torch.dtype, head_dim: int, group: int, page_size: int, on_gpu: bool,
+                 interpreted: bool) -> tuple[dict, dict]:
+    """``(constexprs, launch options)`` of the prefill kernel; tiles small under the interpreter
+    (fast tests that still cross tile and page boundaries), FA-like on a GPU."""
+    # GPU choices were checked with compile_check (sm_90, ptxas registers/spills), not tuned on a GPU:
+    # 64x64 tiles at D=128 need 8 warps (4 warps: 255 registers and spills); larger heads and fp32
+    # take 32x32 tiles.
+    if not on_gpu:
+        tiles, options = dict(BLOCK_M=16, BLOCK_N=32), {}
+    elif head_dim <= 128 and dtype != torch.float32:
+        tiles, options = dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=8, num_stages=2)
+    else:
+        tiles, options = dict(BLOCK_M=32, BLOCK_N=32), dict(num_warps=8, num_stages=2)
+    upcast, precision = dot_flags(dtype, interpreted)
+    half_p = half_pad(head_dim)
+    consts = dict(GROUP=group, PAGE_SIZE=page_size, HALF=head_dim // 2, HALF_P=half_p, D=head_dim, D_P=2 * half_p,
+                  UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles)
+    return consts, options
 
 
 def block_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -136,16 +147,13 @@ def block_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cach
         return out
     if q_is_final.dtype == torch.bool:
         q_is_final = q_is_final.view(torch.int8)
-    cfg = _prefill_config(q.device, d)
-    upcast, precision = dot_flags(q.dtype, triton_interpreted())
-    grid = (t // cfg["BLOCK_M"] + s, hq)
+    consts, options = prefill_meta(q.dtype, d, hq // hkv, page_size, q.device.type == "cuda", triton_interpreted())
+    grid = (t // consts["BLOCK_M"] + s, hq)
     _prefill_kernel[grid](
         q, key_cache, value_cache, out, block_table, query_start_loc, seq_lens, q_kv_start, q_is_final,
         page_delta, page_valid, inv_freq, s, float(scale) * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_table.stride(0), page_delta.stride(0), page_valid.stride(0),
-        GROUP=hq // hkv, PAGE_SIZE=page_size, HALF=d // 2, HALF_P=half_pad(d), D=d,
-        D_P=2 * half_pad(d), UPCAST_DOT=upcast, DOT_PRECISION=precision, **cfg)
+        block_table.stride(0), page_delta.stride(0), page_valid.stride(0), **consts, **options)
     return out
