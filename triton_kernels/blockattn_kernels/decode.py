@@ -1,7 +1,7 @@
 """Triton paged block-attention decode: one final-block query per sequence, split-K.
 
 Stage 1, one program per (sequence, KV head, split): the ``GROUP = Hq // Hkv`` query heads of one KV
-head share every K/V tile it loads (GQA), and the sequence's KV tiles are cut into ``NUM_SPLITS``
+head share every K/V tile it loads (GQA), and the sequence's KV tiles are cut into ``num_splits``
 contiguous ranges, so a long context keeps many programs busy. Each program writes its unnormalised
 partial output with its running max and sum. Stage 2, one program per (sequence, query head), merges
 the splits with their log-sum-exp.
@@ -27,8 +27,8 @@ MAX_SPLITS = 64
 def _decode_partial_kernel(
     q_ptr,              # *DT [S, Hq, D]
     k_ptr, v_ptr,       # *DT [P, PAGE_SIZE, Hkv, D]
-    part_acc_ptr,       # *fp32 [S, Hq, NUM_SPLITS, D_P]: unnormalised partial outputs
-    part_ml_ptr,        # *fp32 [S, Hq, NUM_SPLITS, 2]: running max (log2 domain) and sum
+    part_acc_ptr,       # *fp32 [S, Hq, num_splits, D_P]: unnormalised partial outputs
+    part_ml_ptr,        # *fp32 [S, Hq, num_splits, 2]: running max (log2 domain) and sum
     bt_ptr,             # *int32 [S, max_pages]
     seq_lens_ptr,       # *int32 [S]
     pd_ptr, pv_ptr,     # *int32 [S, >= max_pages]
@@ -37,7 +37,7 @@ def _decode_partial_kernel(
     stride_qs, stride_qh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt, stride_pd, stride_pv,
-    GROUP: tl.constexpr, GROUP_P: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -45,9 +45,10 @@ def _decode_partial_kernel(
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)   # a runtime value: no recompile per batch size
     seq_len = tl.load(seq_lens_ptr + seq)
     n_tiles = (seq_len + BLOCK_N - 1) // BLOCK_N
-    per_split = (n_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+    per_split = (n_tiles + num_splits - 1) // num_splits
     t0 = split * per_split
     t1 = tl.minimum(t0 + per_split, n_tiles)
 
@@ -76,7 +77,7 @@ def _decode_partial_kernel(
             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale,
             BLOCK_N, PAGE_SIZE, HALF, HALF_P, D, D_P, UPCAST_DOT, DOT_PRECISION)
 
-    part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split        # [GROUP_P]
+    part = (seq * (GROUP * tl.num_programs(1)) + heads) * num_splits + split        # [GROUP_P]
     offs_d = tl.arange(0, D_P)
     tl.store(part_acc_ptr + part[:, None] * D_P + offs_d[None, :], acc, mask=row_ok[:, None])
     tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
@@ -85,17 +86,18 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_acc_ptr,       # *fp32 [S, Hq, NUM_SPLITS, D_P]
-    part_ml_ptr,        # *fp32 [S, Hq, NUM_SPLITS, 2]
+    part_acc_ptr,       # *fp32 [S, Hq, num_splits, D_P]
+    part_ml_ptr,        # *fp32 [S, Hq, num_splits, 2]
     out_ptr,            # *DT [S, Hq, D]
     stride_os, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    num_splits,
+    SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,   # SPLITS_P: num_splits rounded up to 2^k
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    part = (seq * tl.num_programs(1) + head) * num_splits
     offs_s = tl.arange(0, SPLITS_P)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     m = tl.load(part_ml_ptr + (part + offs_s) * 2, mask=s_ok, other=NEG_BIG)
     l = tl.load(part_ml_ptr + (part + offs_s) * 2 + 1, mask=s_ok, other=0.0)
     offs_d = tl.arange(0, D_P)
@@ -125,11 +127,11 @@ def decode_meta(dtype: torch.dtype, head_dim: int, group: int, page_size: int, s
     """``(partial-kernel constexprs, launch options, merge-kernel constexprs)``."""
     upcast, precision = dot_flags(dtype, interpreted)
     half_p = half_pad(head_dim)
-    consts = dict(GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), NUM_SPLITS=splits,
+    consts = dict(GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
                   BLOCK_N=_block_n(on_gpu, head_dim), PAGE_SIZE=page_size, HALF=head_dim // 2, HALF_P=half_p,
                   D=head_dim, D_P=2 * half_p, UPCAST_DOT=upcast, DOT_PRECISION=precision)
     options = dict(num_warps=4, num_stages=2) if on_gpu else {}
-    merge = dict(NUM_SPLITS=splits, SPLITS_P=triton.next_power_of_2(splits), D=head_dim, D_P=2 * half_p)
+    merge = dict(SPLITS_P=triton.next_power_of_2(splits), D=head_dim, D_P=2 * half_p)
     return consts, options, merge
 
 
@@ -163,5 +165,5 @@ def block_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), page_delta.stride(0), page_valid.stride(0), **consts, **options)
-    _decode_merge_kernel[(s, hq)](part_acc, part_ml, out, out.stride(0), out.stride(1), **merge)
+    _decode_merge_kernel[(s, hq)](part_acc, part_ml, out, out.stride(0), out.stride(1), splits, **merge)
     return out
