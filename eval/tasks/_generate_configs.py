@@ -44,7 +44,7 @@ def main() -> None:
             for spec in TASKS.values():
                 if spec.group == group:
                     name = f"longbench_{spec.name}{suffix}"
-                    _task("longbench", name, f"longbench_tasks{suffix}",
+                    _task("longbench", name, f"blockattn_longbench_tasks{suffix}",
                           {"longbench_task": spec.name, "block": block}, spec.max_gen)
                     names.append(name)
             _group("longbench", f"longbench_{group}{suffix}", f"\"{alias} ({label})\"", names, False)
@@ -54,7 +54,7 @@ def main() -> None:
         names = []
         for cat, cname in locomo_metrics.CATEGORIES.items():
             name = f"locomo_{cname}{suffix}"
-            _task("locomo", name, f"locomo_tasks{suffix}", {"locomo_category": cat, "block": block},
+            _task("locomo", name, f"blockattn_locomo_tasks{suffix}", {"locomo_category": cat, "block": block},
                   locomo.MAX_GEN_TOKS)
             names.append(name)
         # LoCoMo's overall score is the mean over all questions, as in the official evaluation.

@@ -16,8 +16,10 @@ mask-form oracle (:func:`vllm_blockattn.reference.block_forward` / ``block_gener
 
 from __future__ import annotations
 
+import logging
 import os
 
+import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models first)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -25,6 +27,8 @@ from tqdm import tqdm
 
 from ..layout import BlockLayout, BlockSettings, parse_block_prompt
 from .blocks import ENV
+
+eval_logger = logging.getLogger("lm_eval")
 
 
 def resolve_settings(tokenizer, pretrained: str, sink_token: str | None = None,
@@ -67,8 +71,8 @@ class HFBlockLM(TemplateLM):
 
     def __init__(self, pretrained: str, dtype: str = "float32", device: str = "cpu", sink_token: str | None = None,
                  num_sinks: int | None = None, add_bos_token: bool = False, max_length: int | None = None,
-                 batch_size: int | str = 1, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                 **kwargs):
+                 batch_size: int | str = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
+                 attn_implementation: str = "sdpa", **kwargs):
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +80,10 @@ class HFBlockLM(TemplateLM):
             raise ValueError(f"hf-block runs one request at a time; batch_size must be 1, got {batch_size!r}")
         if kwargs:
             raise ValueError(f"hf-block got unknown model_args {sorted(kwargs)}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes --device (default "cuda") to every model
+            eval_logger.warning("hf-block: CUDA is not available, running on the CPU")
+            device = "cpu"
         self.pretrained = pretrained
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
