@@ -178,6 +178,34 @@ def test_strided_q_int8_flags_and_out_buffer():
         torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
 
 
+def test_padded_batches_like_cuda_graphs():
+    """vLLM pads batches for CUDA graphs: prefill rows past query_start_loc[-1] are left untouched,
+    decode rows with seq_len 0 come out as zeros, and the real rows are unchanged."""
+    case = _case(PREFILL_LAYOUTS["batch_mixed"], torch.float32)
+    want = dense_oracle(case)
+    t, hq, d = case.q.shape
+    pad = 5
+    case.q = torch.cat([case.q, torch.randn(pad, hq, d)])
+    case.q_kv_start = torch.cat([case.q_kv_start, torch.zeros(pad, dtype=torch.int32)])
+    case.q_is_final = torch.cat([case.q_is_final, torch.ones(pad, dtype=torch.bool)])
+    out = torch.full((t + pad, hq, d), 7.0)
+    block_attention_prefill(*case.prefill_args(), out=out)
+    torch.testing.assert_close(out[:t].double(), want, **TOL[torch.float32])
+    assert (out[t:] == 7.0).all()
+
+    dec = _case(DECODE_LAYOUTS["batch"], torch.float32)
+    want = dense_oracle(dec)
+    dec.q = torch.cat([dec.q, torch.randn(2, hq, d)])
+    zeros = torch.zeros(2, dec.block_table.shape[1], dtype=torch.int32)
+    dec.block_table = torch.cat([dec.block_table, zeros])
+    dec.page_delta = torch.cat([dec.page_delta, zeros])
+    dec.page_valid = torch.cat([dec.page_valid, zeros])
+    dec.seq_lens = torch.cat([dec.seq_lens, torch.zeros(2, dtype=torch.int32)])
+    got = block_attention_decode(*dec.decode_args())
+    torch.testing.assert_close(got[:-2].double(), want, **TOL[torch.float32])
+    assert (got[-2:] == 0).all()
+
+
 def test_page_delta_is_applied():
     """Dropping the deltas changes the final block's output (so the rotation is really exercised)."""
     case = _case(PREFILL_LAYOUTS["blocks_with_pads"], torch.float32)
