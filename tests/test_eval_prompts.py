@@ -78,6 +78,9 @@ def test_sink_defaults_and_training_free_marker(tiny_qwen3):
     assert n == 4 and prompt.startswith("<|endoftext|>" * 2 + "Passage 1:") and "<|block_sink|>" not in prompt
     with pytest.raises(ValueError, match="not a single token"):
         opts(tiny_qwen3, sink_token="abc")
+    # vLLM model_args carry the plugin's override; the prompts follow it
+    o = opts(tiny_qwen3, additional_config={"blockattn": {"sink_token_id": 0, "num_sinks": 3}})
+    assert (o.sink_token, o.num_sinks) == ("<|endoftext|>", 3)
 
 
 def test_longbench_block_prompt_layout(tiny_qwen3):

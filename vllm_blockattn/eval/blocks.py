@@ -2,7 +2,8 @@
 shares (sink token, block size, length budget, tokenizer).
 
 Options come from lm-eval's task metadata, which holds the ``--model_args`` (``pretrained``,
-``tokenizer``) merged with ``--metadata`` JSON; environment variables are the fallback:
+``tokenizer``, and for vLLM ``additional_config={"blockattn": {"sink_token": ..., "num_sinks": ...}}``,
+the plugin's own override) merged with ``--metadata`` JSON; environment variables are the fallback:
 
 ========================  ==========================  =============================================
 option (``--metadata``)    environment variable        meaning
@@ -87,8 +88,17 @@ class FormOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict, max_gen_toks: int = 0) -> FormOptions:
+        # vLLM's model_args (merged into the metadata by lm-eval) may carry the plugin's override
+        plugin = (kwargs.get("additional_config") or {}).get("blockattn") or {}
+        if isinstance(plugin, dict) and "sink_token_id" in plugin and "sink_token" not in plugin:
+            name = kwargs.get("tokenizer") or kwargs.get("pretrained")
+            if isinstance(name, str) and name:
+                plugin = {**plugin, "sink_token": load_tokenizer(name).convert_ids_to_tokens(int(plugin["sink_token_id"]))}
+
         def get(key):
             value = kwargs.get(key)
+            if value in (None, "") and isinstance(plugin, dict):
+                value = plugin.get(key)
             return os.environ.get(ENV[key]) if value in (None, "") and key in ENV else value
 
         tok_name = kwargs.get("tokenizer") or kwargs.get("pretrained")
