@@ -1,22 +1,24 @@
 """Pure-torch paged block attention: the CPU path and the reference the Triton kernels are tested against.
 
 Same arguments and results as :func:`blockattn_kernels.block_attention_prefill`. A readable loop per
-sequence (and per chunk of its queries, so memory stays ``O(chunk * seq_len)``), all in float32:
+sequence, then per *run* of its queries that share one ``(q_kv_start, q_is_final)`` (the queries of
+one non-final block, or of the final block), all in float32:
 
-1. gather the sequence's K/V slots through its block table;
-2. rotate every key by its page's delta (for final-block queries) with the rotate_half formula;
-3. score, mask (``q_kv_start <= j <= own slot``, real slots only), softmax, weight the values.
+1. gather the sequence's K/V slots through its block table, zero the pad slots;
+2. for a final run, rotate every key by its page's delta (rotate_half formula);
+3. one SDPA call over the run's key window ``[q_kv_start, last own slot]`` with a boolean mask
+   (``j <= own slot`` and ``j`` real). SDPA keeps memory at ``O(run * window)`` for the mask only.
 A query row that may see no slot at all gets zeros (the Triton kernels do the same).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._common import check_common, check_out, check_prefill_extra
 
-QUERY_CHUNK = 256
-SCORE_BUDGET = 1 << 24  # float32 scores per chunk (64 MiB)
+RUN_CHUNK = 1024   # queries per SDPA call: bounds the boolean mask at RUN_CHUNK * seq_len
 
 
 def rotate_half_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -26,6 +28,14 @@ def rotate_half_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
     half = x.shape[-1] // 2
     x = x.to(torch.float32)
     return x * emb.cos() + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * emb.sin()
+
+
+def _runs(kv_start: torch.Tensor, is_final: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of equal ``(kv_start, is_final)``, cut at ``RUN_CHUNK`` rows."""
+    n = kv_start.shape[0]
+    change = (kv_start[1:] != kv_start[:-1]) | (is_final[1:] != is_final[:-1])
+    cuts = [0, *(change.nonzero().flatten() + 1).tolist(), n]
+    return [(a, min(a + RUN_CHUNK, b)) for lo, b in zip(cuts[:-1], cuts[1:]) for a in range(lo, b, RUN_CHUNK)]
 
 
 def block_attention_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -38,7 +48,6 @@ def block_attention_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
                                             page_valid, inv_freq, scale)
     check_prefill_extra(q, query_start_loc, q_kv_start, q_is_final, s)
     out = check_out(out, q)
-    group = hq // hkv
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for seq in range(s):
@@ -53,36 +62,26 @@ def block_attention_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
             raise ValueError(f"sequence {seq}: seq_lens[{seq}] = {seq_len} needs {n_pages} pages, "
                              f"block_table has {block_table.shape[1]}")
         pages = block_table[seq, :n_pages].long()
+        slot = torch.arange(seq_len, device=q.device)
+        real = (slot % page_size) < page_valid[seq, slot // page_size]
         keys = key_cache[pages].reshape(n_pages * page_size, hkv, d)[:seq_len].float()
         values = value_cache[pages].reshape(n_pages * page_size, hkv, d)[:seq_len].float()
-        slot = torch.arange(seq_len, device=q.device)
-        delta = page_delta[seq, slot // page_size]
-        real = (slot % page_size) < page_valid[seq, slot // page_size]
         keys = keys.masked_fill(~real[:, None, None], 0.0)        # pads may hold anything, even NaN
         values = values.masked_fill(~real[:, None, None], 0.0)
-        any_final = bool(q_is_final[q_first:q_end].any())
-        rotated = rotate_half_by(keys, delta, inv_freq) if any_final else None           # [L, Hkv, D]
+        kv_start = q_kv_start[q_first:q_end]
+        final = q_is_final[q_first:q_end].bool()
+        rotated = rotate_half_by(keys, page_delta[seq, slot // page_size], inv_freq) if final.any() else None
 
-        chunk = max(16, min(QUERY_CHUNK, SCORE_BUDGET // (hq * seq_len)))
-        for c0 in range(0, q_len, chunk):
-            c1 = min(c0 + chunk, q_len)
-            tok = slice(q_first + c0, q_first + c1)
-            own = torch.arange(seq_len - q_len + c0, seq_len - q_len + c1, device=q.device)
-            lo = q_kv_start[tok].long()
-            final = q_is_final[tok].bool()
-            # only the key window some row of the chunk may see
-            k1 = int(own.max()) + 1
-            k0 = min(max(int(lo.min()), 0), k1)
-            win = slice(k0, k1)
-            qc = q[tok].float().reshape(c1 - c0, hkv, group, d)                            # [n, Hkv, G, D]
-            scores = torch.einsum("nkgd,lkd->kgnl", qc, keys[win])                       # [Hkv, G, n, l]
-            if final.any():
-                scores_rot = torch.einsum("nkgd,lkd->kgnl", qc, rotated[win])
-                scores = torch.where(final[:, None], scores_rot, scores)
-            j = slot[win]
-            allowed = (j[None, :] >= lo[:, None]) & (j[None, :] <= own[:, None]) & real[win][None, :]
-            scores = (scores * scale).masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                         # empty rows -> 0
-            ctx = torch.einsum("kgnl,lkd->nkgd", probs, values[win])
-            out[tok] = ctx.reshape(c1 - c0, hq, d).to(out.dtype)
+        for a, b in _runs(kv_start, final):
+            own = torch.arange(seq_len - q_len + a, seq_len - q_len + b, device=q.device)
+            k0 = min(max(int(kv_start[a]), 0), int(own[-1]) + 1)
+            win = slice(k0, int(own[-1]) + 1)
+            k = (rotated if final[a] else keys)[win]
+            allowed = (slot[win][None, :] <= own[:, None]) & real[win][None, :]                  # [n, w]
+            ctx = F.scaled_dot_product_attention(
+                q[q_first + a:q_first + b].float().transpose(0, 1),                               # [Hq, n, D]
+                k.transpose(0, 1), values[win].transpose(0, 1), attn_mask=allowed, scale=scale,
+                enable_gqa=hkv != hq)
+            ctx = torch.where(allowed.any(dim=1)[None, :, None], ctx, 0.0)                       # empty rows -> 0
+            out[q_first + a:q_first + b] = ctx.transpose(0, 1).to(out.dtype)
     return out
