@@ -169,13 +169,14 @@ def retrieval_vocabulary() -> list[str]:
 
 
 def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0,
-                           question_style: str = "words") -> list[dict]:
+                           question_style: str = "words", distinct_names: bool = False) -> list[dict]:
     """A synthetic multi-document retrieval set: facts ``"<name> <attribute> <value> ."`` scattered over
     ``num_docs`` documents (one context block each); the question asks for one of them, answer one word.
 
     Names and attributes repeat across facts, so the answer needs the (name, attribute) pair, not one word.
     ``question_style``: ``"words"`` (``what is the pet of alice ?``) or ``"prefix"`` (``alice pet``, the
-    fact's own prefix: the easiest form for a tiny model to learn).
+    fact's own prefix: the easiest form for a tiny model to learn). ``distinct_names``: every fact of a
+    sample is about a different person (the name alone then identifies the fact).
     """
     if n < 1 or num_docs < 1 or facts_per_doc < 1:
         raise ValueError(f"n, num_docs and facts_per_doc must be >= 1, got {n}, {num_docs}, {facts_per_doc}")
@@ -185,10 +186,14 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
     attrs = list(ATTRIBUTES)
     out = []
     for _ in range(n):
-        names = rng.sample(NAMES, k=min(len(NAMES), max(2, num_docs * facts_per_doc // 2)))
+        n_facts = num_docs * facts_per_doc
+        if distinct_names and n_facts > len(NAMES):
+            raise ValueError(f"distinct_names allows at most {len(NAMES)} facts per sample, got {n_facts}")
+        names = rng.sample(NAMES, k=n_facts if distinct_names else min(len(NAMES), max(2, n_facts // 2)))
         seen, facts = set(), []
-        while len(facts) < num_docs * facts_per_doc:
-            name, attr = rng.choice(names), rng.choice(attrs)
+        while len(facts) < n_facts:
+            name = names[len(facts)] if distinct_names else rng.choice(names)
+            attr = rng.choice(attrs)
             if (name, attr) not in seen:
                 seen.add((name, attr))
                 facts.append((name, attr, rng.choice(ATTRIBUTES[attr])))

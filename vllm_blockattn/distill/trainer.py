@@ -23,7 +23,7 @@ import torch
 from trl import SFTTrainer
 
 from ..layout import parse_block_prompt
-from ..reference import block_attention_mask
+from ..reference import block_attention_mask, full_attention_mask
 from .config import BlockDistillationConfig
 from .data import BlockDataCollator
 from .losses import block_finetune_loss, block_kl_loss, token_nll, token_weights, weighted_ce_loss
@@ -95,74 +95,86 @@ class BlockDistillationTrainer(SFTTrainer):
 
     # --- helpers --------------------------------------------------------------------------------------
 
-    def _teacher_logits(self, model, **kw) -> torch.Tensor:
+    @staticmethod
+    def _logits(model, patterns) -> list[torch.Tensor]:
+        """One forward over several attention patterns stacked on the batch axis (one call keeps DDP's
+        reducer happy: a second forward of the wrapped model before backward is not allowed).
+
+        ``patterns``: ``(input_ids [B, L], mask [B, 1, L, L], position_ids [B, L])`` triples of one length.
+        Returns the logits ``[B, L, V]`` of each pattern.
+        """
+        ids, mask, pos = (torch.cat(x) for x in zip(*patterns))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        return list(logits.split([p[0].shape[0] for p in patterns]))
+
+    def _teacher_logits(self, model, patterns) -> list[torch.Tensor]:
         with torch.no_grad():
             if self.teacher_model is not None:
-                return self.teacher_model(**kw, use_cache=False).logits
+                return self._logits(self.teacher_model, patterns)
             base = self.accelerator.unwrap_model(model)
             with base.disable_adapter():
-                return base(**kw, use_cache=False).logits
+                return self._logits(base, patterns)
 
-    def _batch_layouts(self, inputs):
-        ids, lengths = inputs["input_ids"], inputs["lengths"].tolist()
-        layouts = [parse_block_prompt(ids[i, :n].tolist(), self.block_settings) for i, n in enumerate(lengths)]
+    def _patterns(self, inputs, dtype):
+        """Layouts plus the block and full patterns of a batch, all at the block sequence's length L
+        (the sink-free sequences are shorter and padded up to L)."""
+        ids, lengths, cidx = inputs["input_ids"], inputs["lengths"].tolist(), inputs["content_index"]
         L, device = ids.shape[1], ids.device
+        layouts = [parse_block_prompt(ids[i, :n].tolist(), self.block_settings) for i, n in enumerate(lengths)]
         pos = torch.zeros_like(ids)
         for i, lay in enumerate(layouts):
             pos[i, : lay.num_tokens] = torch.tensor(lay.positions(), device=device)
-        return layouts, pos
-
-    @staticmethod
-    def _padding_mask(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """2D padding mask ``[B, L]`` (1 = real token) for the causal full-attention forwards."""
-        return (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+        block = (ids, pad_attention_masks([block_attention_mask(lay, dtype, device) for lay in layouts], L), pos)
+        full_ids, full_labels = inputs["full_input_ids"], inputs["full_labels"]
+        pad = L - full_ids.shape[1]
+        full_ids = torch.nn.functional.pad(full_ids, (0, pad), value=self.data_collator.pad_token_id)
+        full_labels = torch.nn.functional.pad(full_labels, (0, pad), value=-100)
+        full_len = (cidx.max(dim=1).values + 1).tolist()
+        full_mask = pad_attention_masks([full_attention_mask(n, dtype, device) for n in full_len], L)
+        full_pos = torch.arange(L, device=device).expand_as(ids)
+        return layouts, block, (full_ids, full_mask, full_pos), full_labels
 
     # --- loss -----------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
-        full_ids, full_labels = inputs["full_input_ids"], inputs["full_labels"]
-        device, L = ids.device, ids.shape[1]
         dtype = self.accelerator.unwrap_model(model).dtype
-        layouts, pos = self._batch_layouts(inputs)
-        full_len = (cidx.max(dim=1).values + 1).clamp(min=1)
-        full_attn = self._padding_mask(full_ids, full_len)
-        block_mask = pad_attention_masks([block_attention_mask(lay, dtype, device) for lay in layouts], L)
-        response, full_response = labels != -100, full_labels != -100
+        layouts, block, full, full_labels = self._patterns(inputs, dtype)
+        response = labels != -100
         metrics = self._metrics[mode]
 
-        s_block = model(input_ids=ids, attention_mask=block_mask, position_ids=pos, use_cache=False).logits
-        s_block_nll = token_nll(s_block, ids)
         if self.args.mode == "block_finetune":
-            s_full = model(input_ids=full_ids, attention_mask=full_attn, use_cache=False).logits
-            loss = block_finetune_loss(s_block_nll, token_nll(s_full, full_ids), response, full_response)
+            s_block, s_full = self._logits(model, [block, full])
+            loss = block_finetune_loss(token_nll(s_block, ids), token_nll(s_full, full[0]), response,
+                                       full_labels != -100)
             metrics["ce"].append(loss.item())
             return (loss, {"logits": s_block}) if return_outputs else loss
 
-        t_full = self._teacher_logits(model, input_ids=full_ids, attention_mask=full_attn)
-        t_block = self._teacher_logits(model, input_ids=ids, attention_mask=block_mask, position_ids=pos)
-        t_full_nll = token_nll(t_full, full_ids).gather(1, cidx.clamp(min=0))  # on student positions
+        t_full, t_block = self._teacher_logits(model, [full, block])
+        t_full_nll = token_nll(t_full, full[0]).gather(1, cidx.clamp(min=0))  # on student positions
         weights = token_weights(token_nll(t_block, ids), t_full_nll, response, self.args.ce_tau, self.args.ce_beta)
-        ce = weighted_ce_loss(s_block_nll, weights, response)
-        loss = ce
         if self.args.kl_weight > 0:
             dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
                        for lay in layouts]
-            drop_mask = pad_attention_masks([dropout_attention_mask(lay, d, dtype, device)
-                                             for lay, d in zip(layouts, dropped)], L)
+            drop_mask = pad_attention_masks([dropout_attention_mask(lay, d, dtype, ids.device)
+                                             for lay, d in zip(layouts, dropped)], ids.shape[1])
+            s_block, s_drop = self._logits(model, [block, (ids, drop_mask, block[2])])
             kl_q = torch.zeros_like(ids, dtype=torch.bool)
             for i, (lay, d) in enumerate(zip(layouts, dropped)):
-                kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(device)
-            s_drop = model(input_ids=ids, attention_mask=drop_mask, position_ids=pos, use_cache=False).logits
+                kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(ids.device)
             b, t = kl_q.nonzero(as_tuple=True)
             kl = block_kl_loss(s_drop[b, t], t_full[b, cidx[b, t]], self.args.kl_temperature)
-            loss = ce + self.args.kl_weight * kl
             metrics["kl"].append(kl.item())
-            metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, sum(len(x.context_blocks) for x in layouts)))
+            n_ctx = sum(len(lay.context_blocks) for lay in layouts)
+            metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, n_ctx))
+        else:
+            (s_block,) = self._logits(model, [block])
+            kl = torch.zeros((), device=ids.device)
+        ce = weighted_ce_loss(token_nll(s_block, ids), weights, response)
+        loss = ce + self.args.kl_weight * kl
         metrics["ce"].append(ce.item())
-        n_resp = response.sum().clamp(min=1)
-        metrics["hard_token_fraction"].append(((weights == 1) & response).sum().item() / n_resp.item())
+        metrics["hard_token_fraction"].append(((weights == 1) & response).sum().item() / max(1, response.sum().item()))
         return (loss, {"logits": s_block}) if return_outputs else loss
 
     # --- saving ---------------------------------------------------------------------------------------
