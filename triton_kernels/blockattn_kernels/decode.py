@@ -23,7 +23,7 @@ from ._common import (LOG2E, NEG_BIG, _attend_tile, _rmax, _rsum, check_common, 
 MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_pd", "stride_pv"])
 def _decode_partial_kernel(
     q_ptr,              # *DT [S, Hq, D]
     k_ptr, v_ptr,       # *DT [P, PAGE_SIZE, Hkv, D]
@@ -84,7 +84,7 @@ def _decode_partial_kernel(
     tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_acc_ptr,       # *fp32 [S, Hq, num_splits, D_P]
     part_ml_ptr,        # *fp32 [S, Hq, num_splits, 2]

@@ -36,7 +36,9 @@ def _find_seq(qsl_ptr, tile_id, num_seqs, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# batch-dependent integers are not specialized (a batch of 1, or a block table width that happens to
+# be a multiple of 16, would otherwise each compile a new variant)
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "stride_pd", "stride_pv"])
 def _prefill_kernel(
     q_ptr,            # *DT [T, Hq, D]
     k_ptr, v_ptr,     # *DT [P, PAGE_SIZE, Hkv, D]
