@@ -58,15 +58,10 @@ def block_ids(hf, docs, prefix=PREFIX, question=QUESTION):
 
 
 def reference(hf, ids, max_tokens=MAX_TOKENS):
-    """Greedy tokens and their log-probabilities under block attention (mask form)."""
+    """Greedy tokens and their log-probabilities under block attention (HF reference)."""
     model, _, settings = hf
-    layout = parse_block_prompt(ids, settings)
-    tokens = block_generate(model, ids, layout, max_new_tokens=max_tokens)
-    full = list(ids) + tokens
-    grown = parse_block_prompt(full, settings)
-    logp = torch.log_softmax(block_forward(model, full, grown).float(), -1)
-    lps = [logp[len(ids) - 1 + t, tok].item() for t, tok in enumerate(tokens)]
-    return tokens, lps
+    return block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=max_tokens,
+                          return_logprobs=True)
 
 
 def check(output, ref):
@@ -208,4 +203,29 @@ def test_chunked_prefill_and_small_pages(tiny_qwen3, hf):
             check(out, reference(hf, p))
     finally:
         del chunked
+        gc.collect()
+
+
+def test_preemption_and_eviction_keep_results_right(tiny_qwen3, hf):
+    # 24 KV pages of 32 slots: four distinct block prompts that each
+    # grow by 160 generated tokens cannot all stay resident, so the
+    # scheduler preempts and recomputes, and cached blocks are evicted and recomputed between requests.
+    tight = make_llm(tiny_qwen3, num_gpu_blocks_override=24, max_num_seqs=4, max_model_len=640)
+    try:
+        scheduler = tight.llm_engine.engine_core.engine_core.scheduler
+        preempted = []
+        original = scheduler._preempt_request
+        scheduler._preempt_request = lambda request, *a, **k: (preempted.append(request.request_id),
+                                                               original(request, *a, **k))[1]
+        prompts = [block_ids(hf, [f"Note {i}. " + DOCS[(i + j) % 4] for j in range(2)]) for i in range(4)]
+        sp = greedy(max_tokens=160)
+        outs = tight.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        assert preempted, "the test must exercise preemption"
+        for out, p in zip(outs, prompts):
+            check(out, reference(hf, p, max_tokens=160))
+        # Evicted or not, a rerun gives the same answer.
+        again = tight.generate([{"prompt_token_ids": prompts[0]}], sp, use_tqdm=False)[0]
+        assert again.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    finally:
+        del tight
         gc.collect()

@@ -161,22 +161,36 @@ def block_forward_cached(model, input_ids: Sequence[int] | torch.Tensor, layout:
 
 @torch.no_grad()
 def block_generate(model, input_ids: Sequence[int], layout: BlockLayout, max_new_tokens: int = 16,
-                   eos_token_id: int | None = None) -> list[int]:
+                   eos_token_id: int | None = None, return_logprobs: bool = False):
     """Greedy generation under block attention (generated tokens join the final block).
 
-    Uses the mask form, re-run for every new token: the oracle, not a fast path.
+    The prompt is prefilled once with the block mask; every generated token then attends to all real
+    prompt tokens and to the tokens generated before it, which is plain cached decoding (pads, if the
+    layout has any, stay masked). With ``return_logprobs`` also returns each chosen token's log-prob.
     """
-    from .layout import Block, BlockLayout as _Layout
+    from transformers.cache_utils import DynamicCache
 
-    ids = [int(t) for t in input_ids]
-    out: list[int] = []
+    dev, dtype = model.device, model.dtype
+    ids = torch.as_tensor(list(input_ids), device=dev)[None]
+    cache = DynamicCache(config=model.config)
+    mask = block_attention_mask(layout, dtype=dtype, device=dev)
+    pos = torch.tensor([layout.positions()], device=dev)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    real = torch.tensor(layout.block_index(), device=dev) >= 0
+    next_pos = len(layout.real_token_indices())
+    out, lps = [], []
     for _ in range(max_new_tokens):
-        final = layout.final
-        grown = _Layout(layout.blocks[:-1] + (Block(final.start, final.content_start, len(ids), len(ids), True),),
-                        len(ids), layout.settings)
-        nxt = int(block_forward(model, ids, grown)[-1].argmax())
-        out.append(nxt)
-        ids.append(nxt)
-        if eos_token_id is not None and nxt == eos_token_id:
+        logp = torch.log_softmax(logits[0, -1].float(), -1)
+        tok = int(logp.argmax())
+        out.append(tok)
+        lps.append(logp[tok].item())
+        if eos_token_id is not None and tok == eos_token_id or len(out) == max_new_tokens:
             break
-    return out
+        real = torch.cat([real, real.new_ones(1)])
+        step_mask = torch.zeros(1, 1, 1, real.numel(), dtype=dtype, device=dev)
+        step_mask.masked_fill_(~real, torch.finfo(dtype).min)
+        logits = model(input_ids=torch.tensor([[tok]], device=dev), attention_mask=step_mask,
+                       position_ids=torch.tensor([[next_pos]], device=dev), past_key_values=cache,
+                       use_cache=True).logits
+        next_pos += 1
+    return (out, lps) if return_logprobs else out
