@@ -173,8 +173,7 @@ def half_pad(d: int) -> int:
 # triton.language itself, decorated once when triton is imported, so kernels using them could not
 # switch to the interpreter later (enable_triton_interpreter). The combine functions are Triton's own
 # where they exist, because the interpreter recognises them and reduces with numpy (tests run several
-# times faster);
-# our copies are the fallback for a Triton that renames them.
+# times faster); our copies are the fallback for a Triton that renames them.
 @triton.jit
 def _max2(a, b):
     return tl.maximum(a, b)
