@@ -104,6 +104,7 @@ def test_hf_block_generation_is_the_reference(hf_out, tiny_qwen3):
     assert resp == tok.decode(want, skip_special_tokens=True)
 
 
+@pytest.mark.slow  # ~25 s: lm-eval's CLI indexes all of its own task files first
 def test_runner_cli_writes_results(tiny_qwen3, tmp_path, metadata):
     """``python -m vllm_blockattn.eval`` (= ``python -m eval.run``) drives lm-eval's CLI with hf-block."""
     run_main(["--include_path", TASKS_DIR, "--tasks", "longbench_trec_block", "--model", "hf-block",

@@ -48,14 +48,13 @@ def test_table_runs_model_rows(tiny_qwen3, tmp_path):
     metadata = {"locomo_path": str(tmp_path / "locomo1.json"), "max_length": 384}
     table = rt.main(["--benchmark", "locomo", "--output_dir", str(tmp_path / "out"), "--limit", "1",
                      "--gen_kwargs", "max_gen_toks=2", "--metadata", json.dumps(metadata),
-                     "--row", "Full", "hf-block", f"pretrained={tiny_qwen3}", "full",
                      "--row", "Training-free block", "hf-block",
                      f"pretrained={tiny_qwen3},sink_token=<|endoftext|>", "block"])
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert [r["label"] for r in saved["rows"]] == ["Full", "Training-free block"]
+    assert [(r["label"], r["form"]) for r in saved["rows"]] == [("Training-free block", "block")]
     for i, row in enumerate(saved["rows"]):
         raw = json.loads((tmp_path / "out" / f"row{i}_results.json").read_text())
         suffix = "_block" if row["form"] == "block" else ""
         assert row["scores"]["Avg"] == round(100 * raw["locomo" + suffix]["score,none"], 2)
         assert row["scores"]["Temporal"] == round(100 * raw["locomo_temporal" + suffix]["score,none"], 2)
-    assert len(table.splitlines()) == 4
+    assert len(table.splitlines()) == 3
