@@ -58,14 +58,14 @@ def prose_documents(locomo_path, rng):
         docs = []
         for p in files:
             with open(p, encoding="utf-8") as f:
-                docs += chunk_file_text(f.read(), p, "prose", min_chars=100, max_chars=500, rng=rng)
+                docs += chunk_file_text(f.read(), p, "prose", min_chars=100, max_chars=400, rng=rng)
         return docs, "python3-doc"
     if os.path.isfile(DEBREF):
         with gzip.open(DEBREF, "rt", encoding="utf-8") as f:
             text = f.read()
         sections = re.split(r"\n(?=\d+\.\d+(?:\.\d+)?\. \S)", text)
         docs = [d for i, s in enumerate(sections) for d in
-                chunk_file_text(s, f"debref-{i}", "prose", min_chars=100, max_chars=500, rng=rng)]
+                chunk_file_text(s, f"debref-{i}", "prose", min_chars=100, max_chars=400, rng=rng)]
         return docs, "debian-reference-en"
     docs = []
     for conv in _locomo(locomo_path):
@@ -79,7 +79,7 @@ def code_documents(rng):
     from vllm_blockattn.segmenter.data import documents_from_files
 
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    return documents_from_files(files, "code", min_chars=100, max_chars=500, seed=rng.randint(0, 10**6))
+    return documents_from_files(files, "code", min_chars=100, max_chars=400, seed=rng.randint(0, 10**6))
 
 
 def chat_documents(locomo_path, rng):
@@ -90,7 +90,7 @@ def chat_documents(locomo_path, rng):
         c = conv["conversation"]
         for key in sorted(k for k in c if re.fullmatch(r"session_\d+", k)):
             text = "".join(f"{t['speaker']}: {t['text']}\n" for t in c[key])
-            docs += chunk_file_text(text, f"{conv['sample_id']}-{key}", "chat", min_chars=100, max_chars=500, rng=rng)
+            docs += chunk_file_text(text, f"{conv['sample_id']}-{key}", "chat", min_chars=100, max_chars=400, rng=rng)
     return docs
 
 
@@ -116,8 +116,8 @@ def train_tiny_lm(texts, steps, seed, progress=True):
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in tqdm(range(steps), desc="tiny LM for loss/entropy baselines", disable=not progress):
-        starts = torch.randint(0, len(data) - 257, (8,), generator=gen)
-        batch = torch.stack([data[s : s + 257] for s in starts])
+        starts = torch.randint(0, len(data) - 129, (8,), generator=gen)
+        batch = torch.stack([data[s : s + 129] for s in starts])
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
         loss.backward()
         opt.step()
@@ -130,14 +130,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/segmenter-demo")
     ap.add_argument("--locomo", default=LOCOMO)
-    ap.add_argument("--train-records", type=int, default=300)
-    ap.add_argument("--test-records", type=int, default=20, help="held-out texts per kind")
+    ap.add_argument("--train-records", type=int, default=120)
+    ap.add_argument("--test-records", type=int, default=12, help="held-out texts per kind")
     ap.add_argument("--test-frac", type=float, default=0.25, help="share of sources held out")
     ap.add_argument("--epochs", type=float, default=30)
-    ap.add_argument("--val-records", type=int, default=45, help="texts from training sources to tune the threshold")
+    ap.add_argument("--val-records", type=int, default=24, help="texts from training sources to tune the threshold")
     ap.add_argument("--window", type=int, default=256, help="backbone window (MiniLM was trained on 256 tokens)")
     ap.add_argument("--lm-steps", type=int, default=150)
-    ap.add_argument("--max-train-seconds", type=float, default=300)
+    ap.add_argument("--max-train-seconds", type=float, default=90)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest on a shared, busy CPU: measured 4x over 2)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -150,7 +152,7 @@ def main(argv=None):
     from vllm_blockattn.segmenter.metrics import evaluate
     from vllm_blockattn.segmenter.training import SegmenterTrainConfig, record_probs, train_segmenter
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     rng = random.Random(args.seed)
     prose, prose_src = prose_documents(args.locomo, rng)
@@ -160,12 +162,12 @@ def main(argv=None):
               + (f" ({prose_src})" if kind == "prose" else ""))
     train_docs = [d for docs in kinds.values() for d in docs if not held_out(d.source, args.test_frac)]
     test_docs = {k: [d for d in docs if held_out(d.source, args.test_frac)] for k, docs in kinds.items()}
-    train = build_concat_records(train_docs, args.train_records, min_docs=2, max_docs=4, seed=args.seed)
-    test = [r for k in kinds for r in build_concat_records(test_docs[k], args.test_records, min_docs=2, max_docs=4,
+    train = build_concat_records(train_docs, args.train_records, min_docs=2, max_docs=3, seed=args.seed)
+    test = [r for k in kinds for r in build_concat_records(test_docs[k], args.test_records, min_docs=2, max_docs=3,
                                                            seed=args.seed + 1)]
     os.makedirs(args.out, exist_ok=True)
     write_records(os.path.join(args.out, "train.jsonl"), train)
-    val = build_concat_records(train_docs, args.val_records, min_docs=2, max_docs=4, seed=args.seed + 2)
+    val = build_concat_records(train_docs, args.val_records, min_docs=2, max_docs=3, seed=args.seed + 2)
     write_records(os.path.join(args.out, "test.jsonl"), test)
     write_records(os.path.join(args.out, "val.jsonl"), val)
 

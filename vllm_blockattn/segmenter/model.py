@@ -194,6 +194,8 @@ class Segmenter(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = SegmenterConfig(**asdict(self.config))
+        # a saved base model may no longer name its *ForCausalLM architecture: record the kind
+        config.kind = "causal" if self.causal else "encoder"
         if copy_backbone:
             self.backbone.save_pretrained(path / BACKBONE_DIR)
             self.tokenizer.save_pretrained(path / BACKBONE_DIR)
