@@ -72,6 +72,7 @@ def test_sink_defaults_and_training_free_marker(tiny_qwen3):
     o = opts(tiny_qwen3)
     assert (o.sink_token, o.num_sinks) == ("<|block_sink|>", 4)  # from config.json block_attention
     assert o.max_length == 32768  # max_position_embeddings, no answer tokens reserved here
+    assert blocks.FormOptions.from_kwargs({"pretrained": tiny_qwen3, "max_model_len": 2048}, 32).max_length == 2016
     o = opts(tiny_qwen3, sink_token="<|endoftext|>", num_sinks=2)
     spec = longbench.TASKS["hotpotqa"]
     prompt, n = longbench.build_prompt(spec, rows("hotpotqa")[0], o, block=True)

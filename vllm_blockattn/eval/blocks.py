@@ -111,9 +111,11 @@ class FormOptions:
         sink_token = sink_token or SINK_TOKEN
         num_sinks = _int_option(get("num_sinks"), "num_sinks") or int(block_cfg.get("num_sinks", DEFAULT_NUM_SINKS))
         max_length = _int_option(get("max_length"), "max_length")
-        if max_length is None and config.get("max_position_embeddings"):
-            # LongBench truncates to the model's window less the answer (e.g. 31500 for 32k models).
-            max_length = int(config["max_position_embeddings"]) - max_gen_toks
+        window = _int_option(kwargs.get("max_model_len"), "max_model_len") or config.get("max_position_embeddings")
+        if max_length is None and window:
+            # LongBench truncates to the model's window less the answer (e.g. 31500 for 32k models);
+            # vLLM's max_model_len (in --model_args) is the window when given.
+            max_length = int(window) - max_gen_toks
         opts = cls(
             tokenizer_name=tok_name,
             sink_token=sink_token,

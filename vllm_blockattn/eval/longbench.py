@@ -138,7 +138,13 @@ def read_rows(task: str, data_dir: str | None = None) -> list[dict]:
 
     # THUDM/LongBench keeps its jsonl files in data.zip (its loading script is refused by datasets>=4).
     url = f"zip://data/{task}.jsonl::hf://datasets/{HUB_DATASET}/data.zip"
-    return list(datasets.load_dataset("json", data_files={"test": url}, split="test"))
+    try:
+        return list(datasets.load_dataset("json", data_files={"test": url}, split="test"))
+    except Exception as e:
+        raise RuntimeError(
+            f"could not read LongBench task {task!r} from the hub ({url}): {e}. Download "
+            f"https://huggingface.co/datasets/{HUB_DATASET}/resolve/main/data.zip, unzip it and pass its data/ "
+            f"folder as --metadata '{{\"longbench_dir\": \"...\"}}' (or {ENV_DIR})") from e
 
 
 def _row_fields(row: dict, task: str) -> tuple[str, str, list[str]]:
