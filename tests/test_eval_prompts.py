@@ -57,6 +57,9 @@ def test_segmenter_hook(tmp_path, monkeypatch):
     assert blocks.segment("a|b|c", o) == ["a", "b", "c"]
     with pytest.raises(ValueError, match="module:function"):
         blocks.segment("a", opts(segmenter="nonsense"))
+    # "learned" hands the text to the project's segmenter API (here: a checkpoint that does not exist)
+    with pytest.raises(OSError):
+        blocks.segment("first part\n\nsecond part", opts(segmenter="learned", segmenter_model=str(tmp_path / "none")))
 
 
 def test_env_and_bad_options(monkeypatch):

@@ -14,7 +14,7 @@ option (``--metadata``)    environment variable        meaning
 ``num_sinks``              ``BLOCKATTN_NUM_SINKS``     sinks per group (default: model config, else 4)
 ``block_tokens``           ``BLOCKATTN_BLOCK_TOKENS``  target block size of the rule-based segmenter
 ``max_length``             ``BLOCKATTN_MAX_LENGTH``    prompt token budget (middle truncation)
-``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule`` or ``module:function``
+``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule``, ``learned`` or ``module:function``
 ========================  ==========================  =============================================
 """
 
@@ -76,6 +76,9 @@ class FormOptions:
     block_tokens: int
     max_length: int | None
     segmenter: str
+    segmenter_model: str | None = None
+    segmenter_threshold: float | None = None
+    segmenter_depth: int | None = None
 
     @property
     def tokenizer(self):
@@ -123,6 +126,9 @@ class FormOptions:
             block_tokens=_int_option(get("block_tokens"), "block_tokens") or DEFAULT_BLOCK_TOKENS,
             max_length=max_length,
             segmenter=get("segmenter") or "rule",
+            segmenter_model=kwargs.get("segmenter_model") or None,
+            segmenter_threshold=float(kwargs["segmenter_threshold"]) if kwargs.get("segmenter_threshold") else None,
+            segmenter_depth=_int_option(kwargs.get("segmenter_depth"), "segmenter_depth"),
         )
         opts.check_sink()
         return opts
@@ -209,18 +215,25 @@ def rule_based_segments(text: str, max_tokens: int, count: Callable[[str], int])
 
 
 def segment(text: str, opts: FormOptions) -> list[str]:
-    """Cut a context without natural units into blocks: THE hook where a learned segmenter plugs in.
+    """Cut a context without natural units into blocks: THE hook where a segmenter plugs in.
 
-    ``opts.segmenter`` is ``"rule"`` (the rule-based fallback) or ``"module:function"``, called as
-    ``function(text, max_tokens=..., tokenizer_name=...)`` and returning the blocks as strings
-    (e.g. ``vllm_blockattn.segmenter`` once it provides such a function).
+    ``opts.segmenter`` is ``"rule"`` (the rule-based fallback), ``"learned"`` (the project's learned
+    segmenter, :func:`vllm_blockattn.segmenter.api.segment_text`, with ``segmenter_model``,
+    ``segmenter_threshold`` and ``segmenter_depth``; the packaged model when no path is given), or
+    ``"module:function"``, called as ``function(text, max_tokens=..., tokenizer_name=...)`` and
+    returning the blocks as strings.
     """
     if opts.segmenter == "rule":
         blocks = rule_based_segments(text, opts.block_tokens, opts.count_tokens)
+    elif opts.segmenter == "learned":
+        from ..segmenter.api import segment_text
+
+        blocks = segment_text(text, model=opts.segmenter_model, threshold=opts.segmenter_threshold,
+                              depth=opts.segmenter_depth)
     else:
         module, _, name = opts.segmenter.partition(":")
         if not name:
-            raise ValueError(f"segmenter must be 'rule' or 'module:function', got {opts.segmenter!r}")
+            raise ValueError(f"segmenter must be 'rule', 'learned' or 'module:function', got {opts.segmenter!r}")
         fn = getattr(importlib.import_module(module), name)
         blocks = list(fn(text, max_tokens=opts.block_tokens, tokenizer_name=opts.tokenizer_name))
     blocks = [b for b in blocks if b.strip()]
