@@ -72,3 +72,6 @@ def test_rejects_bad_args(tiny_qwen3):
         HFBlockLM(pretrained=tiny_qwen3, batch_size=8)
     with pytest.raises(ValueError, match="unknown model_args"):
         HFBlockLM(pretrained=tiny_qwen3, temperature=0.5)
+    short = HFBlockLM(pretrained=tiny_qwen3, max_model_len=16)
+    with pytest.raises(ValueError, match="exceeds max_model_len 16"):
+        short.prefill(short.tok_encode(build_block_text(BLOCKS)))

@@ -65,12 +65,13 @@ class HFBlockLM(TemplateLM):
         sink_token / num_sinks: the block marker, for a model without ``block_attention`` settings
             (the training-free baseline names an existing special token).
         add_bos_token: prepend BOS (it then forms a block of its own before the first sink group).
-        max_length: longest prompt + answer the model is asked to handle (default: the config's
-            ``max_position_embeddings``); longer prompts are refused with an error.
+        max_model_len: the model's window (default: the config's ``max_position_embeddings``); longer
+            prompts are refused. Like vLLM's argument of that name, the task pack also reads it (through
+            lm-eval's metadata) to size its prompts: window less the answer length.
     """
 
     def __init__(self, pretrained: str, dtype: str = "float32", device: str = "cpu", sink_token: str | None = None,
-                 num_sinks: int | None = None, add_bos_token: bool = False, max_length: int | None = None,
+                 num_sinks: int | None = None, add_bos_token: bool = False, max_model_len: int | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
                  attn_implementation: str = "sdpa", **kwargs):
         super().__init__()
@@ -93,7 +94,7 @@ class HFBlockLM(TemplateLM):
         self._device = torch.device(device)
         self.settings = resolve_settings(self.tokenizer, pretrained, sink_token, num_sinks)
         self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) else add_bos_token == "True"
-        self._max_length = int(max_length) if max_length else int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self._max_model_len = int(max_model_len or getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.chat_template_args: dict = {}
 
     # ---- lm-eval plumbing -------------------------------------------------------------------
@@ -135,8 +136,8 @@ class HFBlockLM(TemplateLM):
         """
         from transformers.cache_utils import DynamicCache
 
-        if self._max_length and len(ids) > self._max_length:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's {self._max_length}; "
+        if self._max_model_len and len(ids) > self._max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds max_model_len {self._max_model_len}; "
                              f"lower the task's max_length (--metadata '{{\"max_length\": N}}')")
         dev = self._device
         layout = self.layout(ids)
