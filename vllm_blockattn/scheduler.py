@@ -29,6 +29,7 @@ from vllm.utils.hashing import get_hash_fn_by_name
 
 from .config import get_block_config
 from .layout import BlockLayoutError
+from .metrics import record
 from .paged import EXTRA_ARGS_KEY, pad_and_order
 
 
@@ -75,17 +76,13 @@ class BlockAttnSchedulerMixin:
                     chain.append(parent)
                 block_hashes.append(chain)
 
-        def is_cached(b: int) -> bool:
-            pool = self.kv_cache_manager.block_pool
-            return all(pool.get_cached_block(h, self._group_ids) is not None for h in block_hashes[b])
-
-        new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, is_cached if self._caching else None)
-        hits = [b for b in range(len(layout.context_blocks)) if self._caching and is_cached(b)]
-        st = self.blockattn_stats
-        st["requests"] += 1
-        st["blocks"] += len(layout.context_blocks)
-        st["block_hits"] += len(hits)
-        st["reused_tokens"] += sum(layout.context_blocks[b].num_tokens for b in hits)
+        pool = self.kv_cache_manager.block_pool
+        cached = [self._caching and all(pool.get_cached_block(h, self._group_ids) is not None for h in chain)
+                  for chain in block_hashes] or [False] * len(layout.context_blocks)
+        new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, cached.__getitem__)
+        hits = [b for b, hit in enumerate(cached) if hit]
+        record(self.blockattn_stats, requests=1, blocks=len(layout.context_blocks), block_hits=len(hits),
+               reused_tokens=sum(layout.context_blocks[b].num_tokens for b in hits))
 
         request.prompt_token_ids = new_ids
         request._all_token_ids[:] = new_ids  # `all_token_ids` is a read-only view of this list
