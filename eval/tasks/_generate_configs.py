@@ -22,21 +22,22 @@ def _write(path: str, text: str) -> None:
         f.write(HEADER + text)
 
 
-def _task(folder, name, tag, kwargs, max_gen):
+def _task(root, folder, name, tag, kwargs, max_gen):
     kw = "".join(f"  {k}: {v}\n" for k, v in kwargs.items())
-    _write(os.path.join(HERE, folder, f"{name}.yaml"),
+    _write(os.path.join(root, folder, f"{name}.yaml"),
            f"include: _default_template\ntask: {name}\ntag:\n  - {tag}\ndataset_kwargs:\n{kw}"
            f"generation_kwargs:\n  max_gen_toks: {max_gen}\n  until: []\n  do_sample: false\n  temperature: 0.0\n")
 
 
-def _group(folder, name, alias, tasks, weight_by_size):
+def _group(root, folder, name, alias, tasks, weight_by_size):
     body = "".join(f"  - {t}\n" for t in tasks)
-    _write(os.path.join(HERE, folder, f"_{name}.yaml"),
+    _write(os.path.join(root, folder, f"_{name}.yaml"),
            f"group: {name}\ngroup_alias: {alias}\ntask:\n{body}aggregate_metric_list:\n  - metric: score\n"
            f"    aggregation: mean\n    weight_by_size: {str(weight_by_size).lower()}\nmetadata:\n  version: 1.0\n")
 
 
-def main() -> None:
+def main(root: str = HERE) -> None:
+    """Write every yaml under ``root`` (``root/longbench``, ``root/locomo`` must exist)."""
     for suffix, block, label in (("", False, "full"), ("_block", True, "block")):
         groups = []
         for group, alias in GROUPS.items():
@@ -44,21 +45,21 @@ def main() -> None:
             for spec in TASKS.values():
                 if spec.group == group:
                     name = f"longbench_{spec.name}{suffix}"
-                    _task("longbench", name, f"blockattn_longbench_tasks{suffix}",
+                    _task(root, "longbench", name, f"blockattn_longbench_tasks{suffix}",
                           {"longbench_task": spec.name, "block": block}, spec.max_gen)
                     names.append(name)
-            _group("longbench", f"longbench_{group}{suffix}", f"\"{alias} ({label})\"", names, False)
+            _group(root, "longbench", f"longbench_{group}{suffix}", f"\"{alias} ({label})\"", names, False)
             groups.append(f"longbench_{group}{suffix}")
-        _group("longbench", f"longbench{suffix}", f"\"LongBench ({label})\"", groups, False)
+        _group(root, "longbench", f"longbench{suffix}", f"\"LongBench ({label})\"", groups, False)
 
         names = []
         for cat, cname in locomo_metrics.CATEGORIES.items():
             name = f"locomo_{cname}{suffix}"
-            _task("locomo", name, f"blockattn_locomo_tasks{suffix}", {"locomo_category": cat, "block": block},
+            _task(root, "locomo", name, f"blockattn_locomo_tasks{suffix}", {"locomo_category": cat, "block": block},
                   locomo.MAX_GEN_TOKS)
             names.append(name)
         # LoCoMo's overall score is the mean over all questions, as in the official evaluation.
-        _group("locomo", f"locomo{suffix}", f"\"LoCoMo ({label})\"", names, True)
+        _group(root, "locomo", f"locomo{suffix}", f"\"LoCoMo ({label})\"", names, True)
 
 
 if __name__ == "__main__":
