@@ -196,3 +196,22 @@ def test_locomo_load_category_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not LoCoMo data"):
         locomo.read_samples(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("task", sorted(longbench.TASKS))
+def test_every_longbench_task_builds_both_forms_and_scores_gold(task):
+    spec = longbench.TASKS[task]
+    context = "\n\n".join(f"Passage {i}:\nParagraph {i}: 文章{i} text number {i}." for i in range(1, 4))
+    gold = {"retrieval": "Paragraph 2", "retrieval_zh": "段落2", "count": "3", "classification": "City"}
+    answer = gold.get(spec.metric, "the answer 北京")
+    row = {"input": "Which one?", "context": context, "answers": [answer], "all_classes": ["City", "Date"],
+           "length": 12, "_id": "x"}
+    o = opts(block_tokens=6)
+    full, _ = longbench.build_prompt(spec, row, o, block=False)
+    assert full == spec.prompt.format(context=context, input="Which one?")
+    block, n = longbench.build_prompt(spec, row, o, block=True)
+    assert n >= 2 and block.count("<|block_sink|>" * 4) == n
+    head, tail = spec.prompt.split("{context}")
+    assert block.rsplit("<|block_sink|>", 1)[1] == head.rstrip() + "\n\n" + tail.lstrip().format(input="Which one?")
+    doc = {"task": task, "answers": [answer], "all_classes": row["all_classes"]}
+    assert longbench.process_results(doc, [answer]) == {"score": pytest.approx(1.0)}
