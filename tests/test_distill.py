@@ -256,6 +256,15 @@ def test_synthetic_records_answerable():
         assert f"{name} {attr} {rec['answer']} ." in "".join(rec["context"])
     rec = make_retrieval_records(1, question_style="prefix", seed=3)[0]
     assert f"{rec['question']} {rec['answer']} ." in "".join(rec["context"])
+    for rec in make_retrieval_records(5, num_docs=4, facts_per_doc=2, question_style="prefix", distinct_names=True,
+                                      attributes=("city",), seed=4):
+        facts = " ".join(rec["context"]).split(" . ")
+        facts = [f.split() for f in facts if f.strip()]
+        assert len(facts) == 8 and {f[0] for f in facts} == {"city"}
+        assert len({f[1] for f in facts}) == 8  # distinct names
+        assert rec["question"].split()[0] == "city"
+    with pytest.raises(ValueError, match="attributes"):
+        make_retrieval_records(1, attributes=("height",))
 
 
 def test_loaders_and_errors(tmp_path):

@@ -89,7 +89,10 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
     from vllm_blockattn.distill.data import ChatBlockFormatter
     from vllm_blockattn.distill.sinks import add_sink_token, write_block_config
 
-    path = resolve_model(model_args.model_name_or_path, training_args.output_dir, script_args)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # a tiny model is built once, then read by every rank
+        path = resolve_model(model_args.model_name_or_path, training_args.output_dir, script_args)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -169,21 +169,27 @@ def retrieval_vocabulary() -> list[str]:
 
 
 def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0,
-                           question_style: str = "words", distinct_names: bool = False) -> list[dict]:
+                           question_style: str = "words", distinct_names: bool = False,
+                           attributes: Sequence[str] | None = None) -> list[dict]:
     """A synthetic multi-document retrieval set: facts ``"<name> <attribute> <value> ."`` scattered over
     ``num_docs`` documents (one context block each); the question asks for one of them, answer one word.
 
     Names and attributes repeat across facts, so the answer needs the (name, attribute) pair, not one word.
     ``question_style``: ``"words"`` (``what is the pet of alice ?``) or ``"prefix"`` (``alice pet``, the
     fact's own prefix: the easiest form for a tiny model to learn). ``distinct_names``: every fact of a
-    sample is about a different person (the name alone then identifies the fact).
+    sample is about a different person (the name alone then identifies the fact). ``attributes``: the
+    attributes used (default all of :data:`ATTRIBUTES`); a single one leaves no shortcut through the
+    answer's type.
     """
     if n < 1 or num_docs < 1 or facts_per_doc < 1:
         raise ValueError(f"n, num_docs and facts_per_doc must be >= 1, got {n}, {num_docs}, {facts_per_doc}")
     if question_style not in ("words", "prefix"):
         raise ValueError(f"question_style must be 'words' or 'prefix', got {question_style!r}")
     rng = random.Random(seed)
-    attrs = list(ATTRIBUTES)
+    attrs = list(ATTRIBUTES) if attributes is None else list(attributes)
+    unknown = set(attrs) - set(ATTRIBUTES)
+    if not attrs or unknown:
+        raise ValueError(f"attributes must be a non-empty subset of {sorted(ATTRIBUTES)}, got {attributes!r}")
     out = []
     for _ in range(n):
         n_facts = num_docs * facts_per_doc
@@ -197,10 +203,13 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
             if (name, attr) not in seen:
                 seen.add((name, attr))
                 facts.append((name, attr, rng.choice(ATTRIBUTES[attr])))
-        docs = [" ".join(f"{a} {b} {c} ." for a, b, c in facts[d * facts_per_doc:(d + 1) * facts_per_doc]) + " "
-                for d in range(num_docs)]
+        # "prefix" facts read "<attribute> <name> <value> .": the token right before the value then tells
+        # it apart when names are distinct (plain one-token induction for a tiny model).
+        order = (lambda a, b: f"{a} {b}") if question_style == "words" else (lambda a, b: f"{b} {a}")
+        docs = [" ".join(f"{order(a, b)} {c} ." for a, b, c in facts[d * facts_per_doc:(d + 1) * facts_per_doc])
+                + " " for d in range(num_docs)]
         name, attr, value = rng.choice(facts)
-        question = f"what is the {attr} of {name} ?" if question_style == "words" else f"{name} {attr}"
+        question = f"what is the {attr} of {name} ?" if question_style == "words" else order(name, attr)
         out.append({"context": docs, "question": question, "answer": value})
     return out
 
