@@ -16,7 +16,13 @@ from .layout import (
     parse_block_prompt,
 )
 
+from ._compat import hide_source_triton_kernels
+
 __version__ = "0.1.0"
+
+# Run from the repository root, the kernels' source folder would import as an empty `triton_kernels`
+# namespace package and pass for vLLM's MoE kernels package; hide it as early as we can.
+hide_source_triton_kernels()
 
 __all__ = [
     "CONFIG_KEY", "DEFAULT_NUM_SINKS", "SINK_TOKEN", "Block", "BlockLayout", "BlockLayoutError", "BlockSettings",
@@ -32,7 +38,6 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from ._compat import hide_source_triton_kernels
     from .plugin import apply_patches
 
     hide_source_triton_kernels()

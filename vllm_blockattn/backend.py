@@ -35,6 +35,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from .config import get_block_config
+from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
 from .reference import inv_freq_from_config, rotate_keys
 from .worker import batch_layouts, current_runner
 
@@ -56,12 +58,14 @@ class FinalQueries:
 class BlockAttnCPUMetadata(CPUAttentionMetadata):
     final_queries: list[FinalQueries] = field(default_factory=list)
     inv_freq: torch.Tensor | None = None  # [D / 2] RoPE inverse frequencies, for the key rotation
+    triton: BlockKernelMetadata | None = None  # set when the Triton kernels run the whole batch
 
 
 class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, self.head_dim)
+        self.use_triton = get_block_config(vllm_config).kernel == "triton"
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -73,6 +77,12 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         qsl = cm.query_start_loc_cpu.tolist()
         seq_lens = cm.seq_lens.cpu().tolist()
         table = cm.block_table_tensor
+        if self.use_triton:
+            meta = super().build(common_prefix_len, cm, fast_build)
+            meta = BlockAttnCPUMetadata(**{f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__})
+            meta.triton = build_kernel_metadata(layouts, qsl, seq_lens, table.shape[1], page, cm.num_actual_tokens,
+                                                self.inv_freq, "cpu")
+            return meta
         sub_qsl, sub_seq, sub_rows, finals = [0], [], [], []
 
         def add(row: int, first_page: int, seq_len: int, q_len: int):
@@ -153,6 +163,8 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query: [T, Hq, D]; kv_cache: [pages, Hkv, page_size, 2 * D]; output: [T, Hq * D] or [T, Hq, D]."""
+        if getattr(attn_metadata, "triton", None) is not None:
+            return self._forward_triton(layer, query, kv_cache, attn_metadata, output)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
         finals = getattr(attn_metadata, "final_queries", None)
@@ -178,6 +190,28 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v.float(), attn_mask=mask, scale=self.scale)
             out3[fq.q_start : fq.q_end] = o.transpose(0, 1).to(out3.dtype)
         return out
+
+    def _forward_triton(self, layer, query, kv_cache, meta, output):
+        """The whole batch through ``blockattn_kernels`` under Triton's interpreter (correctness path).
+
+        The kernels take vLLM's CUDA page layout ``[pages, page_size, Hkv, D]``; the CPU cache is
+        re-laid out into it first (a full copy per layer: fine for tests, not for serving)."""
+        import blockattn_kernels as bk
+
+        bk.enable_triton_interpreter()
+        pages, kvh, page_size, _ = kv_cache.shape
+        kidx, vidx = self._cache_index(layer, kv_cache)
+        flat = kv_cache.view(pages, kvh, -1)
+        key_cache = flat[:, :, kidx].permute(0, 2, 1, 3).contiguous()
+        value_cache = flat[:, :, vidx].permute(0, 2, 1, 3).contiguous()
+        n = meta.num_actual_tokens
+        k = meta.triton
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        bk.block_attention_prefill(query[:n].contiguous(), key_cache, value_cache, meta.block_table.to(torch.int32),
+                                   meta.query_start_loc.to(torch.int32), meta.seq_lens.to(torch.int32),
+                                   k.q_kv_start, k.q_is_final, k.page_delta, k.page_valid, k.inv_freq, self.scale,
+                                   out=out)
+        return output
 
     def _cache_index(self, layer, kv_cache):
         """Where slot s, dim d of K and V live inside one (page, head) region of the cache.

@@ -2,8 +2,12 @@
 
 Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
-``pad_token_id``). An untrained model has no sink token: name an existing token as the marker (the
+``pad_token_id``, ``kernel``). An untrained model has no sink token: name an existing token as the marker (the
 "training-free" baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
+
+``kernel``: ``"auto"`` (CUDA: the Triton kernels; CPU: vLLM's native CPU kernel for block-diagonal
+prefill plus a torch path for the final block) or ``"triton"`` (the Triton kernels on CPU too, under
+Triton's interpreter: a correctness path for tests, not a fast one).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
 from .paged import padded_length
 
-_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id"}
+_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "kernel"}
+KERNELS = ("auto", "triton")
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class BlockEngineConfig:
     pad_id: int
     max_model_len: int
     namespace: tuple  # goes into every block-mode page hash
+    kernel: str = "auto"
 
     def parse(self, token_ids) -> BlockLayout:
         return parse_block_prompt(token_ids, self.settings)
@@ -80,8 +86,11 @@ def _build(vllm_config) -> BlockEngineConfig:
         pad = 0 if settings.sink_token_id != 0 else 1
     model_config = vllm_config.model_config
     namespace = ("blockattn", str(model_config.model), settings.sink_token_id, settings.num_sinks)
+    kernel = override.get("kernel", "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"additional_config['blockattn']['kernel'] must be one of {KERNELS}, got {kernel!r}")
     return BlockEngineConfig(settings, vllm_config.cache_config.block_size, int(pad), model_config.max_model_len,
-                             namespace)
+                             namespace, kernel)
 
 
 def get_block_config(vllm_config) -> BlockEngineConfig:

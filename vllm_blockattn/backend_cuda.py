@@ -1,0 +1,105 @@
+"""The ``blockattn`` attention backend on CUDA: vLLM's Triton backend, with block rows on our kernels.
+
+Batches without a block request run vLLM's own Triton attention unchanged. A batch with one runs
+``blockattn_kernels``: ordinary rows are a single final block there (plain causal attention), block
+rows get block-diagonal prefill, a global final block and the per-block RoPE delta applied to keys as
+they load. Decode-only batches take the split-K decode kernel.
+
+The metadata is rebuilt every step on the host, so full CUDA graphs are off for this backend
+(``AttentionCGSupport.NEVER``); vLLM then captures the rest of the model piecewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+
+from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
+from .reference import inv_freq_from_config
+from .worker import batch_layouts, current_runner
+
+
+@dataclass
+class BlockAttnTritonMetadata(TritonAttentionMetadata):
+    block: BlockKernelMetadata | None = None
+
+
+class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.page_size = kv_cache_spec.block_size
+        self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, kv_cache_spec.head_size)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm = common_attn_metadata
+        runner = current_runner()
+        layouts = batch_layouts(runner, cm.num_reqs) if runner is not None else []
+        if not any(layouts):
+            return meta
+        block = build_kernel_metadata(
+            layouts, cm.query_start_loc_cpu.tolist(), cm.seq_lens.cpu().tolist(), cm.block_table_tensor.shape[1],
+            self.page_size, cm.num_actual_tokens, self.inv_freq, cm.query_start_loc.device)
+        values = {f.name: getattr(meta, f.name) for f in fields(TritonAttentionMetadata)}
+        return BlockAttnTritonMetadata(**values, block=block)
+
+
+class BlockAttnTritonImpl(TritonAttentionImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """query: [T, Hq, D]; kv_cache: [pages, Hkv, page_size, 2 * D]; output: [T, Hq * D] or [T, Hq, D]."""
+        block = getattr(attn_metadata, "block", None)
+        if block is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        from blockattn_kernels import block_attention_decode, block_attention_prefill
+
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the blockattn backend")
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if block.decode_only:
+            block_attention_decode(query[:n], key_cache, value_cache, attn_metadata.block_table,
+                                   attn_metadata.seq_lens, block.page_delta, block.page_valid, block.inv_freq,
+                                   self.scale, out=out)
+        else:
+            block_attention_prefill(query[:n], key_cache, value_cache, attn_metadata.block_table,
+                                    attn_metadata.query_start_loc, attn_metadata.seq_lens, block.q_kv_start,
+                                    block.q_is_final, block.page_delta, block.page_valid, block.inv_freq,
+                                    self.scale, out=out)
+        return output
+
+
+class BlockAttnTritonBackend(TritonAttentionBackend):
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @staticmethod
+    def get_impl_cls():
+        return BlockAttnTritonImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return BlockAttnTritonMetadataBuilder
