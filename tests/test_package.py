@@ -41,3 +41,16 @@ def test_plugin_hides_the_source_folder_when_run_from_the_repo_root():
     # namespace package that vLLM's MoE probe takes for the real `triton_kernels`. register() hides it.
     locations = _triton_kernels_locations(REPO, "import vllm_blockattn; vllm_blockattn.register()\n")
     assert OURS not in locations
+
+
+def test_every_subpackage_is_installed():
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {
+        os.path.relpath(root, REPO).replace(os.sep, ".")
+        for root, _, files in os.walk(os.path.join(REPO, "vllm_blockattn"))
+        if "__init__.py" in files
+    }
+    assert found <= listed
