@@ -51,6 +51,15 @@ def encoder_seg(tiny_bert):
     return Segmenter.from_backbone(tiny_bert, window=64, overlap=16, seed=1).eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small CPU models run several times faster with one thread on the shared 2-core machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----- read-out positions -------------------------------------------------------------------------
 
 
@@ -144,18 +153,17 @@ def test_threshold_and_depth_control_granularity(causal_seg):
 
 
 def test_level_two_scores_each_block_on_its_own(causal_seg):
-    th1 = 0.0
-    blocks1 = segment_text(TEXT, causal_seg, threshold=th1)
-    cands, probs = causal_seg.candidate_probs(blocks1[0] + blocks1[1]) if len(blocks1) > 1 else ([], [])
-    # level 2 on the level-1 blocks cuts exactly where each block, scored alone, passes the threshold
-    first_level = segment_cuts(TEXT, causal_seg, [0.9])
+    probs = sorted(causal_seg.candidate_probs(TEXT)[1])
+    th1, th2 = probs[-3], probs[len(probs) // 3]  # level 1: two or three cuts; level 2: lower
+    first_level = segment_cuts(TEXT, causal_seg, [th1])
+    assert 2 <= len(first_level) <= 3
     spans = [0, *first_level, len(TEXT)]
     want = set(first_level)
     for a, b in zip(spans, spans[1:]):
         c2, p2 = causal_seg.candidate_probs(TEXT[a:b])
-        want |= {a + c for c, p in zip(c2, p2) if p >= 0.4}
-    assert set(segment_cuts(TEXT, causal_seg, [0.9, 0.4])) == {c for c in want if TEXT[c:].strip()}
-    assert cands is not None and len(blocks1) >= 1
+        want |= {a + c for c, p in zip(c2, p2) if p >= th2}
+    assert set(segment_cuts(TEXT, causal_seg, [th1, th2])) == want
+    assert len(want) > len(first_level)
 
 
 def test_api_edge_cases(causal_seg):

@@ -13,7 +13,7 @@ seen in training. The cut head trains on the frozen MiniLM backbone (``gt-all-mi
 tiny causal LM trains briefly on the training text for the loss/entropy baselines. Every baseline
 cuts each test text into the same number of blocks as the learned segmenter did.
 
-Command (about 5-10 minutes on 2 CPU cores)::
+Command (about 4 minutes on 2 busy shared CPU cores, one torch thread)::
 
     python train/segmenter_demo.py --out runs/segmenter-demo
 
@@ -123,21 +123,22 @@ def train_tiny_lm(texts, steps, seed, progress=True):
         opt.step()
         opt.zero_grad()
     model.eval()
-    return model, tok, float(loss)
+    return model, tok, loss.item()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/segmenter-demo")
     ap.add_argument("--locomo", default=LOCOMO)
-    ap.add_argument("--train-records", type=int, default=120)
-    ap.add_argument("--test-records", type=int, default=12, help="held-out texts per kind")
+    ap.add_argument("--train-records", type=int, default=600)
+    ap.add_argument("--test-records", type=int, default=30, help="held-out texts per kind")
     ap.add_argument("--test-frac", type=float, default=0.25, help="share of sources held out")
     ap.add_argument("--epochs", type=float, default=30)
-    ap.add_argument("--val-records", type=int, default=24, help="texts from training sources to tune the threshold")
+    ap.add_argument("--val-records", type=int, default=60, help="texts from training sources to tune the threshold")
     ap.add_argument("--window", type=int, default=256, help="backbone window (MiniLM was trained on 256 tokens)")
     ap.add_argument("--lm-steps", type=int, default=150)
     ap.add_argument("--max-train-seconds", type=float, default=90)
+    ap.add_argument("--marker", default="auto", help="read-out marker (see SegmenterTrainConfig.marker)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest on a shared, busy CPU: measured 4x over 2)")
     ap.add_argument("--seed", type=int, default=0)
@@ -171,10 +172,11 @@ def main(argv=None):
     write_records(os.path.join(args.out, "test.jsonl"), test)
     write_records(os.path.join(args.out, "val.jsonl"), val)
 
-    cfg = SegmenterTrainConfig(train_file=os.path.join(args.out, "train.jsonl"), eval_file=os.path.join(args.out, "val.jsonl"),
-                               output_dir=os.path.join(args.out, "checkpoint"), freeze_backbone=True, epochs=args.epochs,
-                               tune_threshold=True, window=args.window, overlap=args.window // 4, seed=args.seed,
-                               max_seconds=args.max_train_seconds)
+    cfg = SegmenterTrainConfig(
+        train_file=os.path.join(args.out, "train.jsonl"), eval_file=os.path.join(args.out, "val.jsonl"),
+        output_dir=os.path.join(args.out, "checkpoint"), freeze_backbone=True, epochs=args.epochs, tune_threshold=True,
+        window=args.window, overlap=args.window // 4, marker=args.marker, seed=args.seed,
+        max_seconds=args.max_train_seconds)
     seg, _ = train_segmenter(cfg)
     threshold = seg.config.threshold
     print(f"threshold tuned on {len(val)} validation texts from training sources: {threshold}")

@@ -60,6 +60,8 @@ class SegmenterTrainConfig:
     overlap: int = field(default=128, metadata={"help": "tokens shared by consecutive windows"})
     head_hidden: int = field(default=256, metadata={"help": "cut head hidden width"})
     pattern: str = field(default=r"\n+", metadata={"help": "candidate regex (match ends are candidates)"})
+    marker: str = field(default="auto", metadata={
+        "help": "token read for each candidate: 'auto' (sep for encoders), 'none' (last token of the piece), or a token"})
     max_seconds: float | None = field(default=None, metadata={
         "help": "stop optimising after this many seconds (the frozen-backbone feature pass is not counted)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -152,7 +154,8 @@ def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tupl
     if not train:
         raise ValueError(f"{cfg.train_file} holds no records")
     seg = Segmenter.from_backbone(cfg.backbone, seed=cfg.seed, window=cfg.window, overlap=cfg.overlap,
-                                  head_hidden=cfg.head_hidden, pattern=cfg.pattern, threshold=cfg.threshold)
+                                  head_hidden=cfg.head_hidden, pattern=cfg.pattern, threshold=cfg.threshold,
+                                  marker=None if cfg.marker.lower() == "none" else cfg.marker)
     seg.to(acc.device)
     all_labels = torch.tensor([y for r in train for y in r["labels"]])
     if all_labels.numel() == 0:
