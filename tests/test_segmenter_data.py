@@ -125,6 +125,16 @@ def test_concat_builder_labels_exactly_the_seams(tmp_path):
     assert [d.text for d in got] == ["x" * 50 + "\n" + "y" * 50 + "\n", "z" * 300 + "\n"]
 
 
+def test_concat_builder_mixes_kinds_on_request():
+    docs = [Document(f"{src} text {i}\n", src, "prose" if src in "AB" else "code") for src in "ABCD" for i in range(2)]
+    recs = build_concat_records(docs, 8, min_docs=4, max_docs=4, seed=0, mixed=0.5)
+    assert [r["category"] for r in recs] == ["mixed"] * 4 + ["code", "prose"] * 2
+    assert all(sorted(r["source"].split("+")) == list("ABCD") for r in recs[:4])  # every kind meets every other
+    assert all(sum(r["labels"]) == 3 for r in recs[:4])
+    with pytest.raises(ValueError, match="share"):
+        build_concat_records(docs, 2, mixed=1.5)
+
+
 def test_chunker_cuts_at_blank_lines_when_the_file_has_them():
     text = "".join(f"line {i}\n" + ("\n" if i % 5 == 4 else "") for i in range(60))
     docs = chunk_file_text(text, "f", "code", min_chars=40, max_chars=60)

@@ -63,7 +63,8 @@ def prose_documents(locomo_path, rng):
     if os.path.isfile(DEBREF):
         with gzip.open(DEBREF, "rt", encoding="utf-8") as f:
             text = f.read()
-        sections = re.split(r"\n(?=\d+\.\d+(?:\.\d+)?\. \S)", text)
+        # section headings look like "3.1.<no-break space>Guiding rules"
+        sections = [t.replace("\xa0", " ") for t in re.split(r"\n(?=\d+(?:\.\d+)*\.\xa0\S)", text)]
         docs = [d for i, s in enumerate(sections) for d in
                 chunk_file_text(s, f"debref-{i}", "prose", min_chars=100, max_chars=400, rng=rng)]
         return docs, "debian-reference-en"
@@ -134,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--test-records", type=int, default=30, help="held-out texts per kind")
     ap.add_argument("--test-frac", type=float, default=0.25, help="share of sources held out")
     ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--mixed", type=float, default=0.0,
+                    help="share of training texts that mix kinds (seams between prose, code and chat)")
     ap.add_argument("--val-records", type=int, default=60, help="texts from training sources to tune the threshold")
     ap.add_argument("--window", type=int, default=256, help="backbone window (MiniLM was trained on 256 tokens)")
     ap.add_argument("--lm-steps", type=int, default=150)
@@ -163,7 +166,8 @@ def main(argv=None):
               + (f" ({prose_src})" if kind == "prose" else ""))
     train_docs = [d for docs in kinds.values() for d in docs if not held_out(d.source, args.test_frac)]
     test_docs = {k: [d for d in docs if held_out(d.source, args.test_frac)] for k, docs in kinds.items()}
-    train = build_concat_records(train_docs, args.train_records, min_docs=2, max_docs=3, seed=args.seed)
+    train = build_concat_records(train_docs, args.train_records, min_docs=2, max_docs=3, seed=args.seed,
+                                 mixed=args.mixed)
     test = [r for k in kinds for r in build_concat_records(test_docs[k], args.test_records, min_docs=2, max_docs=3,
                                                            seed=args.seed + 1)]
     os.makedirs(args.out, exist_ok=True)

@@ -189,25 +189,34 @@ def documents_from_files(paths: Iterable[str | os.PathLike], category: str, *, m
 
 
 def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2, max_docs: int = 5, seed: int = 0,
-                         pattern: str = DEFAULT_PATTERN) -> list[dict]:
+                         pattern: str = DEFAULT_PATTERN, mixed: float = 0.0) -> list[dict]:
     """``n`` records, each the concatenation of ``min_docs..max_docs`` documents of one category from
     distinct sources, joined by a blank line; the candidate at every seam is labelled 1, every other
-    candidate 0."""
+    candidate 0. A share ``mixed`` of the records draws from all categories at once (category
+    ``"mixed"``), so that a model also learns seams between kinds of text."""
     if not 2 <= min_docs <= max_docs:
         raise ValueError(f"need 2 <= min_docs <= max_docs, got {min_docs}, {max_docs}")
+    if not 0.0 <= mixed <= 1.0:
+        raise ValueError(f"mixed must be a share in [0, 1], got {mixed}")
     by_cat: dict[str, dict[str, list[Document]]] = {}
     for d in docs:
         by_cat.setdefault(d.category, {}).setdefault(d.source, []).append(d)
     usable = sorted(c for c, srcs in by_cat.items() if len(srcs) >= 2)
     if not usable:
         raise ValueError("need documents from at least two sources of one category")
+    pool = {s: ds for srcs in by_cat.values() for s, ds in srcs.items()}
     rng = random.Random(seed)
     records = []
+    n_mixed = round(n * mixed) if len(by_cat) > 1 else 0
     for i in range(n):
-        cat = usable[i % len(usable)]
-        sources = sorted(by_cat[cat])
+        if i < n_mixed:
+            cat, by_source = "mixed", pool
+        else:
+            cat = usable[(i - n_mixed) % len(usable)]
+            by_source = by_cat[cat]
+        sources = sorted(by_source)
         m = min(rng.randint(min_docs, max_docs), len(sources))
-        picked = [rng.choice(by_cat[cat][s]) for s in rng.sample(sources, m)]
+        picked = [rng.choice(by_source[s]) for s in rng.sample(sources, m)]
         # documents meet after a blank line, like paragraphs inside them: the layout gives no seam away
         parts = [d.text.strip("\n") + "\n\n" for d in picked]
         parts[-1] = parts[-1][:-1]

@@ -144,10 +144,12 @@ def evaluate_segmenter(seg: Segmenter, records: list[dict], threshold: float = 0
 def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tuple[Segmenter, dict]:
     """Train per ``cfg``; saves the checkpoint to ``cfg.output_dir`` and returns (segmenter, eval metrics)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
 
-    acc = Accelerator(gradient_accumulation_steps=1 if cfg.freeze_backbone else cfg.gradient_accumulation_steps)
+    # backbones carry parts the read-out never uses (BERT's pooler, for one): DDP must not wait for them
+    acc = Accelerator(gradient_accumulation_steps=1 if cfg.freeze_backbone else cfg.gradient_accumulation_steps,
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
     show = progress and acc.is_local_main_process
     train = read_records(cfg.train_file)
