@@ -209,13 +209,15 @@ def main(argv=None):
         lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in f1) + f" | {sum(f1) / len(f1):.3f} |")
     table = "\n".join(lines)
     seconds = time.monotonic() - t0
-    summary = {"scores": scores, "threshold": threshold, "prose_source": prose_src, "train_records": len(train), "test_records": len(test),
-               "tiny_lm_final_loss": lm_loss, "seconds": round(seconds, 1), "table": table}
+    summary = {"scores": scores, "threshold": threshold, "prose_source": prose_src, "train_records": len(train),
+               "test_records": len(test), "tiny_lm_final_loss": lm_loss, "seconds": round(seconds, 1), "table": table}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nBoundary F1 (tolerance 3 chars) on held-out texts, baselines at the learned block count "
           f"({len(test)} texts, {seconds:.0f} s):\n")
     print(table)
+    print("\nPk / WindowDiff over all held-out texts (lower is better): "
+          + ", ".join(f"{m} {scores[m]['all']['pk']:.3f}/{scores[m]['all']['windowdiff']:.3f}" for m in methods))
     avg = {m: sum(scores[m][k]["f1"] for k in kinds_order) / len(kinds_order) for m in methods}
     best = max(BASELINES, key=avg.get)
     print(f"\nlearned average F1 {avg['learned']:.3f} vs best baseline {best} {avg[best]:.3f}: "

@@ -119,7 +119,8 @@ class LMScorer:
     def from_pretrained(cls, path, **kw) -> LMScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path), **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return cls(model, AutoTokenizer.from_pretrained(path), **kw)
 
     @torch.no_grad()
     def token_scores(self, text: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
