@@ -265,6 +265,13 @@ def test_synthetic_records_answerable():
         assert rec["question"].split()[0] == "city"
     with pytest.raises(ValueError, match="attributes"):
         make_retrieval_records(1, attributes=("height",))
+    for rec in make_retrieval_records(5, num_docs=8, facts_per_doc=1, question_style="prefix",
+                                      distinct_attributes=True, num_questions=3, seed=5):
+        facts = [d.split()[:3] for d in rec["context"]]
+        assert len({f[1] for f in facts}) == 8  # one fact per attribute
+        first, *rest = rec["answer"].split(" . ")
+        assert rec["question"].split() + [first] in facts
+        assert len(rest) == 2 and all(q.split() in facts for q in rest)
 
 
 def test_loaders_and_errors(tmp_path):

@@ -171,14 +171,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-samples", type=int, default=20000)
     ap.add_argument("--eval-samples", type=int, default=400)
-    ap.add_argument("--num-docs", type=int, default=4)
-    ap.add_argument("--facts-per-doc", type=int, default=2)
+    ap.add_argument("--num-docs", type=int, default=8)
+    ap.add_argument("--facts-per-doc", type=int, default=1)
+    ap.add_argument("--arch", default="qwen3", choices=["qwen3", "llama"])
+    ap.add_argument("--num-questions", type=int, default=1, help="questions per sample (denser supervision)")
     ap.add_argument("--hidden-size", type=int, default=128)
     ap.add_argument("--num-layers", type=int, default=2)
     ap.add_argument("--teacher-steps", type=int, default=4000)
-    ap.add_argument("--teacher-target", type=float, default=0.95)
-    ap.add_argument("--student-steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--teacher-target", type=float, default=0.97)
+    ap.add_argument("--student-steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -201,13 +203,13 @@ def main(argv=None):
     # real pretrained model. Its future id is the next free one; the formatter only needs the id.
     sink_id = len(tokenizer)
     settings = BlockSettings(sink_token_id=sink_id, num_sinks=4)
-    config = build_config("qwen3", vocab_size=sink_id + 1, hidden_size=a.hidden_size, num_layers=a.num_layers,
+    config = build_config(a.arch, vocab_size=sink_id + 1, hidden_size=a.hidden_size, num_layers=a.num_layers,
                           num_heads=4, num_kv_heads=2, head_dim=32, eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     fmt = ChatBlockFormatter(tokenizer, settings)
     recs = make_retrieval_records(a.train_samples + a.eval_samples, num_docs=a.num_docs,
                                   facts_per_doc=a.facts_per_doc, seed=a.seed, question_style="prefix",
-                                  distinct_names=True, attributes=("city",))
+                                  distinct_attributes=True, num_questions=a.num_questions)
     samples = [fmt(r) for r in recs]
     train, held_out = samples[: a.train_samples], samples[a.train_samples:]
     collator = BlockDataCollator(tokenizer.pad_token_id, settings)
@@ -234,7 +236,7 @@ def main(argv=None):
     total = time.perf_counter() - t_start
 
     print(f"\nteacher: {steps} full-attention steps in {t_teacher:.0f} s; held-out questions: {len(held_out)}; "
-          f"{a.num_docs} documents x {a.facts_per_doc} facts; model {a.num_layers} layers x {a.hidden_size}")
+          f"{a.num_docs} documents x {a.facts_per_doc} facts; {a.arch} {a.num_layers} layers x {a.hidden_size}")
     print("| model | held-out accuracy | s/step (batch %d) |" % a.batch_size)
     print("|---|---|---|")
     for name, acc, sps in rows:

@@ -159,6 +159,10 @@ ATTRIBUTES = {
     "pet": "cat dog fish bird horse snake rabbit turtle".split(),
     "color": "red blue green yellow black white purple orange".split(),
     "food": "rice bread pasta soup salad cake apple cheese".split(),
+    "job": "nurse pilot baker chef farmer lawyer painter teacher".split(),
+    "sport": "tennis golf chess rugby boxing hockey skiing surfing".split(),
+    "drink": "tea coffee milk juice water cocoa cider lemonade".split(),
+    "car": "fiat volvo honda tesla ford audi mini jeep".split(),
 }
 
 
@@ -170,7 +174,8 @@ def retrieval_vocabulary() -> list[str]:
 
 def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0,
                            question_style: str = "words", distinct_names: bool = False,
-                           attributes: Sequence[str] | None = None) -> list[dict]:
+                           attributes: Sequence[str] | None = None, num_questions: int = 1,
+                           distinct_attributes: bool = False) -> list[dict]:
     """A synthetic multi-document retrieval set: facts ``"<name> <attribute> <value> ."`` scattered over
     ``num_docs`` documents (one context block each); the question asks for one of them, answer one word.
 
@@ -179,10 +184,15 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
     fact's own prefix: the easiest form for a tiny model to learn). ``distinct_names``: every fact of a
     sample is about a different person (the name alone then identifies the fact). ``attributes``: the
     attributes used (default all of :data:`ATTRIBUTES`); a single one leaves no shortcut through the
-    answer's type.
+    answer's type. ``distinct_attributes``: every fact of a sample has a different attribute (the asked
+    attribute alone then identifies the fact: retrieval by the answer's type). ``num_questions`` > 1: the answer goes on with more (question, answer) pairs about other
+    facts, ``"<value> . <question 2> <value 2> ..."`` (denser supervision for a tiny model; the first answer
+    word is still the answer to ``question``).
     """
     if n < 1 or num_docs < 1 or facts_per_doc < 1:
         raise ValueError(f"n, num_docs and facts_per_doc must be >= 1, got {n}, {num_docs}, {facts_per_doc}")
+    if num_questions < 1:
+        raise ValueError(f"num_questions must be >= 1, got {num_questions}")
     if question_style not in ("words", "prefix"):
         raise ValueError(f"question_style must be 'words' or 'prefix', got {question_style!r}")
     rng = random.Random(seed)
@@ -195,22 +205,27 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
         n_facts = num_docs * facts_per_doc
         if distinct_names and n_facts > len(NAMES):
             raise ValueError(f"distinct_names allows at most {len(NAMES)} facts per sample, got {n_facts}")
+        if distinct_attributes and n_facts > len(attrs):
+            raise ValueError(f"distinct_attributes allows at most {len(attrs)} facts per sample, got {n_facts}")
+        fact_attrs = rng.sample(attrs, k=n_facts) if distinct_attributes else None
         names = rng.sample(NAMES, k=n_facts if distinct_names else min(len(NAMES), max(2, n_facts // 2)))
         seen, facts = set(), []
         while len(facts) < n_facts:
             name = names[len(facts)] if distinct_names else rng.choice(names)
-            attr = rng.choice(attrs)
+            attr = fact_attrs[len(facts)] if distinct_attributes else rng.choice(attrs)
             if (name, attr) not in seen:
                 seen.add((name, attr))
                 facts.append((name, attr, rng.choice(ATTRIBUTES[attr])))
-        # "prefix" facts read "<attribute> <name> <value> .": the token right before the value then tells
-        # it apart when names are distinct (plain one-token induction for a tiny model).
-        order = (lambda a, b: f"{a} {b}") if question_style == "words" else (lambda a, b: f"{b} {a}")
+        # "prefix" facts put the identifying word right before the value: "<attribute> <name> <value> ."
+        # with distinct names, "<name> <attribute> <value> ." otherwise (easiest for a tiny model).
+        name_last = question_style == "prefix" and distinct_names and not distinct_attributes
+        order = (lambda a, b: f"{b} {a}") if name_last else (lambda a, b: f"{a} {b}")
         docs = [" ".join(f"{order(a, b)} {c} ." for a, b, c in facts[d * facts_per_doc:(d + 1) * facts_per_doc])
                 + " " for d in range(num_docs)]
-        name, attr, value = rng.choice(facts)
-        question = f"what is the {attr} of {name} ?" if question_style == "words" else order(name, attr)
-        out.append({"context": docs, "question": question, "answer": value})
+        asked = rng.sample(facts, k=min(num_questions, len(facts)))
+        qs = [f"what is the {a} of {n} ?" if question_style == "words" else order(n, a) for n, a, _ in asked]
+        answer = " . ".join([asked[0][2]] + [f"{q} {v}" for q, (_, _, v) in zip(qs[1:], asked[1:])])
+        out.append({"context": docs, "question": qs[0], "answer": answer})
     return out
 
 
