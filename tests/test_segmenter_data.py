@@ -15,7 +15,7 @@ from vllm_blockattn.segmenter.candidates import (
 )
 from vllm_blockattn.segmenter.data import (
     AtomicJsonlWriter, Document, LabelingError, LLMLabeler, RecordError, build_concat_records, chunk_file_text,
-    documents_from_files, mark_candidates, parse_cut_answer, read_records, validate_record,
+    documents_from_files, main as data_main, mark_candidates, parse_cut_answer, read_records, validate_record,
 )
 from vllm_blockattn.segmenter.metrics import boundary_counts, evaluate, pk_windowdiff, prf
 
@@ -233,6 +233,26 @@ def test_labeler_gives_up_after_bounded_retries_and_writes_nothing_bad(tmp_path)
     assert stats == {"written": 1, "failed": 1}
     assert [r["labels"] for r in read_records(out)] == [[1, 0, 0]]
     assert mark_candidates(TEXT, [12]).startswith("Intro line.\n[[0]]More")
+
+
+def test_builder_cli_label_and_concat(tmp_path, capsys):
+    src = tmp_path / "texts.jsonl"
+    src.write_text(json.dumps({"text": TEXT, "category": "prose"}) + "\n" + json.dumps({"text": TEXT}) + "\n")
+    with FakeEndpoint(["oops", '{"cuts": [1]}', '{"cuts": [0, 2]}']) as url:
+        rc = data_main(["label", "--input", str(src), "--output", str(tmp_path / "l.jsonl"), "--base-url", url,
+                        "--model", "m", "--max-retries", "1"])
+    assert rc == 0 and json.loads(capsys.readouterr().out) == {"written": 2, "failed": 0}
+    assert [(r["labels"], r["category"]) for r in read_records(tmp_path / "l.jsonl")] == [
+        ([0, 1, 0], "prose"), ([1, 0, 1], "default")]
+    files = []
+    for name in ("a", "b", "c"):
+        f = tmp_path / f"{name}.txt"
+        f.write_text("".join(f"{name} line {i}\n" for i in range(40)))
+        files.append(str(f))
+    rc = data_main(["concat", "--files", *files, "--category", "code", "--output", str(tmp_path / "c.jsonl"),
+                    "--n", "5", "--min-chars", "40", "--max-chars", "80"])
+    recs = read_records(tmp_path / "c.jsonl")
+    assert rc == 0 and len(recs) == 5 and all(r["category"] == "code" and sum(r["labels"]) >= 1 for r in recs)
 
 
 # ----- baselines ----------------------------------------------------------------------------------

@@ -353,3 +353,58 @@ class LLMLabeler:
                 except LabelingError:
                     stats["failed"] += 1
         return stats
+
+
+def main(argv=None) -> int:
+    """``python -m vllm_blockattn.segmenter.data label|concat ...``: build SemanticSeg jsonl."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m vllm_blockattn.segmenter.data",
+                                 description="Build SemanticSeg-format jsonl for segmenter training.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lab = sub.add_parser("label", help="label texts through an OpenAI-compatible endpoint")
+    lab.add_argument("--input", required=True, help='jsonl with {"text": ..., "category": ...} per line')
+    lab.add_argument("--output", required=True)
+    lab.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    lab.add_argument("--model", required=True, help="served model name")
+    lab.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    lab.add_argument("--max-retries", type=int, default=2)
+    lab.add_argument("--pattern", default=DEFAULT_PATTERN)
+    cat = sub.add_parser("concat", help="self-supervised records from files of several sources")
+    cat.add_argument("--files", nargs="+", required=True, help="text files, each one source")
+    cat.add_argument("--category", required=True)
+    cat.add_argument("--output", required=True)
+    cat.add_argument("--n", type=int, default=100, help="records to build")
+    cat.add_argument("--min-docs", type=int, default=2)
+    cat.add_argument("--max-docs", type=int, default=4)
+    cat.add_argument("--min-chars", type=int, default=200)
+    cat.add_argument("--max-chars", type=int, default=1200)
+    cat.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "label":
+        items = []
+        with open(args.input, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    print(f"error: {args.input}:{n}: expected an object with a 'text' string", file=sys.stderr)
+                    return 2
+                items.append((row["text"], str(row.get("category", "default"))))
+        labeler = LLMLabeler(args.base_url, args.model, api_key=args.api_key, max_retries=args.max_retries,
+                             pattern=args.pattern)
+        stats = labeler.label_all(items, args.output)
+    else:
+        docs = documents_from_files(args.files, args.category, min_chars=args.min_chars, max_chars=args.max_chars,
+                                    seed=args.seed)
+        recs = build_concat_records(docs, args.n, min_docs=args.min_docs, max_docs=args.max_docs, seed=args.seed)
+        stats = {"written": write_records(args.output, recs), "failed": 0}
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
