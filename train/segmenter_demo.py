@@ -13,7 +13,7 @@ seen in training. The cut head trains on the frozen MiniLM backbone (``gt-all-mi
 tiny causal LM trains briefly on the training text for the loss/entropy baselines. Every baseline
 cuts each test text into the same number of blocks as the learned segmenter did.
 
-Command (about 4 minutes on 2 busy shared CPU cores, one torch thread)::
+Command (about 3 minutes on 2 busy shared CPU cores, one torch thread)::
 
     python train/segmenter_demo.py --out runs/segmenter-demo
 
@@ -131,7 +131,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/segmenter-demo")
     ap.add_argument("--locomo", default=LOCOMO)
-    ap.add_argument("--train-records", type=int, default=600)
+    ap.add_argument("--train-records", type=int, default=1200)
     ap.add_argument("--test-records", type=int, default=30, help="held-out texts per kind")
     ap.add_argument("--test-frac", type=float, default=0.25, help="share of sources held out")
     ap.add_argument("--epochs", type=float, default=30)
