@@ -65,9 +65,14 @@ class BlockAttnSchedulerMixin:
         page = self.block_size
         ids = list(request.prompt_token_ids)
         keys = cfg.namespace + ((("cache_salt", request.cache_salt),) if request.cache_salt else ())
+        lora = request.lora_request
+        if lora is not None:  # KV computed under one adapter must never serve another
+            keys += (("lora", lora.lora_name, lora.lora_path),)
+        # Multimodal placeholders' KV depends on more than their token ids: no block cache for them.
+        caching = self._caching and not request.mm_features
 
         block_hashes: list[list] = []
-        if self._caching:
+        if caching:
             for blk in layout.context_blocks:
                 toks = ids[blk.start : blk.end] + [cfg.pad_id] * (-blk.num_tokens % page)
                 chain, parent = [], None
@@ -77,7 +82,7 @@ class BlockAttnSchedulerMixin:
                 block_hashes.append(chain)
 
         pool = self.kv_cache_manager.block_pool
-        cached = [self._caching and all(pool.get_cached_block(h, self._group_ids) is not None for h in chain)
+        cached = [all(pool.get_cached_block(h, self._group_ids) is not None for h in chain)
                   for chain in block_hashes] or [False] * len(layout.context_blocks)
         new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, cached.__getitem__)
         hits = [b for b, hit in enumerate(cached) if hit]
@@ -91,11 +96,11 @@ class BlockAttnSchedulerMixin:
         params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: paged.encode()}
         request.sampling_params = params
         request.block_hashes.clear()
-        if self._caching:
+        if caching:
             request._block_hasher = _make_hasher(self._hash_fn, page, keys, layout, block_hashes, paged)
-            request.update_block_hashes()
-        else:
-            request._block_hasher = None
+        # Otherwise vLLM's own prefix-chained hasher stays: exact for the same physical prompt, and
+        # nothing was reordered.
+        request.update_block_hashes()
 
 
 class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
