@@ -70,3 +70,27 @@ def test_checkpoint_trained_and_generates_under_block_attention(checkpoint):
                           block_forward_cached(model, ids, layout), atol=1e-4)
     out = block_generate(model, ids, layout, max_new_tokens=4)
     assert len(out) == 4 and all(0 <= t < len(tok) for t in out)
+
+
+def test_plain_python_lora_run_merges_and_trains_only_the_sink_row(tmp_path):
+    """`python train/distill.py ... --use_peft`: LoRA merged into a plain checkpoint; of the embedding
+    matrix only the sink row moved (PEFT's trainable-token adapter)."""
+    from safetensors.torch import load_file
+
+    from vllm_blockattn.layout import BlockSettings
+
+    out = str(tmp_path / "lora")
+    cmd = [sys.executable, os.path.join(REPO, "train", "distill.py"), "--config", TINY_CONFIG, "--output_dir", out,
+           "--max_steps", "2", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = BlockSettings.from_pretrained(out)
+    base = load_file(os.path.join(out, "base", "model.safetensors"))
+    tuned = load_file(os.path.join(out, "model.safetensors"))
+    assert set(base) == set(tuned)  # merged: no adapter keys left
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert "model.embed_tokens.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed
+    assert "model.layers.0.mlp.up_proj.weight" not in changed
+    moved = (base["model.embed_tokens.weight"] != tuned["model.embed_tokens.weight"]).any(dim=1)
+    assert moved.nonzero().flatten().tolist() == [settings.sink_token_id]

@@ -75,7 +75,8 @@ def load_training_records(script_args: DistillScriptArguments) -> list[dict]:
 
     if script_args.dataset_name == "synthetic":
         return make_retrieval_records(script_args.synthetic_num_samples, num_docs=script_args.synthetic_num_docs,
-                                      facts_per_doc=script_args.synthetic_facts_per_doc, seed=script_args.synthetic_seed)
+                                      facts_per_doc=script_args.synthetic_facts_per_doc,
+                                      seed=script_args.synthetic_seed)
     return load_records(script_args.dataset_name, script_args.dataset_format, load_segmenter(script_args.segmenter))
 
 

@@ -56,7 +56,8 @@ class BlockDistillationConfig(SFTConfig):
     kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher full || student dropout)."})
     kl_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term."})
     ce_tau: float = field(
-        default=0.1, metadata={"help": "Teacher block-minus-full loss (nats) above which a response token gets weight 1."}
+        default=0.1,
+        metadata={"help": "Teacher block-minus-full loss (nats) above which a response token gets weight 1."},
     )
     ce_beta: float = field(default=0.1, metadata={"help": "CE weight of the other response tokens."})
     teacher_model_name_or_path: str | None = field(

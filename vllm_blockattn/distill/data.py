@@ -181,12 +181,15 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
 
     Names and attributes repeat across facts, so the answer needs the (name, attribute) pair, not one word.
     ``question_style``: ``"words"`` (``what is the pet of alice ?``) or ``"prefix"`` (``alice pet``, the
-    fact's own prefix: the easiest form for a tiny model to learn). ``distinct_names``: every fact of a
-    sample is about a different person (the name alone then identifies the fact). ``attributes``: the
-    attributes used (default all of :data:`ATTRIBUTES`); a single one leaves no shortcut through the
-    answer's type. ``distinct_attributes``: every fact of a sample has a different attribute (the asked
-    attribute alone then identifies the fact: retrieval by the answer's type). ``num_questions`` > 1: the answer goes on with more (question, answer) pairs about other
-    facts, ``"<value> . <question 2> <value 2> ..."`` (denser supervision for a tiny model; the first answer
+    fact's own prefix: the easiest form for a tiny model to learn).
+    ``distinct_names``: every fact of a sample is about a different person (the name alone then
+    identifies the fact).
+    ``attributes``: the attributes used (default all of :data:`ATTRIBUTES`); a single one leaves no
+    shortcut through the answer's type.
+    ``distinct_attributes``: every fact of a sample has a different attribute (the asked attribute alone
+    then identifies the fact: retrieval by the answer's type).
+    ``num_questions`` > 1: the answer goes on with more (question, answer) pairs about other facts,
+    ``"<value> . <question 2> <value 2> ..."`` (denser supervision for a tiny model; the first answer
     word is still the answer to ``question``).
     """
     if n < 1 or num_docs < 1 or facts_per_doc < 1:

@@ -27,7 +27,8 @@ def _check_unpadded(layout: BlockLayout) -> None:
         raise ValueError("training layouts must be unpadded (page padding is the serving plugin's business)")
 
 
-def sample_dropped_blocks(layout: BlockLayout, rate: float, generator: torch.Generator | None = None) -> tuple[int, ...]:
+def sample_dropped_blocks(layout: BlockLayout, rate: float,
+                          generator: torch.Generator | None = None) -> tuple[int, ...]:
     """Block dropout: each context block is independently selected with probability ``rate``.
 
     Returns the selected context-block indices (into ``layout.blocks``), in order. The final block is never
