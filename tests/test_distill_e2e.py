@@ -94,3 +94,29 @@ def test_plain_python_lora_run_merges_and_trains_only_the_sink_row(tmp_path):
     assert "model.layers.0.mlp.up_proj.weight" not in changed
     moved = (base["model.embed_tokens.weight"] != tuned["model.embed_tokens.weight"]).any(dim=1)
     assert moved.nonzero().flatten().tolist() == [settings.sink_token_id]
+
+
+def test_vllm_plugin_serves_the_checkpoint_in_block_mode(checkpoint):
+    """The distilled directory needs no settings beyond the backend name: vLLM's greedy tokens on a block
+    prompt equal the HF reference's block-attention generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_blockattn.distill.data import ChatBlockFormatter, make_retrieval_records
+    from vllm_blockattn.layout import BlockSettings, parse_block_prompt
+    from vllm_blockattn.reference import block_forward, block_generate, full_forward
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    settings = BlockSettings.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = ChatBlockFormatter(tok, settings).prompt_ids(make_retrieval_records(1, seed=7)[0])
+    layout = parse_block_prompt(ids, settings)
+    # Block attention changes this model's outputs, so matching the block reference means something.
+    assert (block_forward(hf, ids, layout)[-1] - full_forward(hf, ids)[-1]).abs().max() > 1e-3
+    ref = block_generate(hf, ids, layout, max_new_tokens=8)
+    llm = LLM(model=checkpoint, attention_backend="blockattn", dtype="float32", enforce_eager=True,
+              max_model_len=2048, seed=0)
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                       SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert list(out[0].outputs[0].token_ids) == ref
