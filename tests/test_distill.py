@@ -306,6 +306,12 @@ def test_loaders_and_errors(tmp_path):
         load_segmenter("nonsense")
 
 
+def test_learned_segmenter_hook():
+    text = "Alice moved to Paris in 2019.\n\nShe works as a nurse.\n\nBob collects stamps from 42 countries.\n"
+    blocks = load_segmenter("learned")(text)
+    assert blocks and "".join(blocks) == text
+
+
 def test_config_checks(tmp_path):
     cfg = BlockDistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     assert (cfg.block_dropout_rate, cfg.ce_beta, cfg.num_sinks, cfg.mode) == (0.6, 0.1, 4, "distill")

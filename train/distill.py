@@ -33,7 +33,8 @@ class DistillScriptArguments:
     Args:
         dataset_name: ``"synthetic"`` (the generated retrieval set) or a jsonl path.
         dataset_format: ``"hotpotqa"``, ``"chatqa2"`` or ``"auto"``.
-        segmenter: ``"paragraphs"`` or ``"package.module:function"`` (text -> blocks) for long documents.
+        segmenter: how long documents become blocks: ``"paragraphs"``, ``"learned"`` /
+            ``"learned:<checkpoint>"`` (the learned segmenter) or ``"package.module:function"``.
         system_prompt: optional system message in the chat template.
         synthetic_num_samples / synthetic_num_docs / synthetic_facts_per_doc / synthetic_seed: the
             synthetic set's size and shape.
@@ -44,7 +45,8 @@ class DistillScriptArguments:
 
     dataset_name: str = field(default="synthetic", metadata={"help": "'synthetic' or a jsonl path."})
     dataset_format: str = field(default="auto", metadata={"help": "'hotpotqa', 'chatqa2' or 'auto'."})
-    segmenter: str = field(default="paragraphs", metadata={"help": "'paragraphs' or 'module:function'."})
+    segmenter: str = field(default="paragraphs",
+                           metadata={"help": "'paragraphs', 'learned', 'learned:<checkpoint>' or 'module:function'."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     synthetic_num_samples: int = field(default=256, metadata={"help": "Synthetic samples."})
     synthetic_num_docs: int = field(default=4, metadata={"help": "Documents (context blocks) per synthetic sample."})

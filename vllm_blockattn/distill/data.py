@@ -33,10 +33,16 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def load_segmenter(spec: str | None) -> Segmenter:
-    """``None``/``"paragraphs"``: :func:`split_paragraphs`; ``"package.module:function"``: any callable
-    ``text -> list[str]`` (the hook for the learned segmenter, :mod:`vllm_blockattn.segmenter`)."""
+    """``None``/``"paragraphs"``: :func:`split_paragraphs`; ``"learned"`` or ``"learned:<checkpoint>"``: the
+    learned segmenter (:func:`vllm_blockattn.segmenter.segment_text`, packaged default model or the given
+    checkpoint, its own threshold); ``"package.module:function"``: any callable ``text -> list[str]``."""
     if spec in (None, "", "paragraphs"):
         return split_paragraphs
+    if spec == "learned" or spec.startswith("learned:"):
+        from ..segmenter import segment_text
+
+        model = spec.split(":", 1)[1] if ":" in spec else None
+        return lambda text: [b for b in segment_text(text, model=model) if b.strip()]
     if ":" not in spec:
         raise ValueError(f"segmenter must be 'paragraphs' or 'package.module:function', got {spec!r}")
     module, name = spec.split(":", 1)
