@@ -420,3 +420,36 @@ def test_peft_distill_uses_base_as_teacher_and_saves_block_config(tmp_path, tiny
     merged.save_pretrained(tmp_path / "out")
     write_block_config(tmp_path / "out", trainer.block_settings)
     assert BlockSettings.from_pretrained(tmp_path / "out") == BlockSettings.from_pretrained(tiny_qwen3)
+
+
+def test_teacher_cache_gives_the_live_teacher_loss(tmp_path, tiny_qwen3):
+    """The cached teacher (built once, in other batches) gives the same CE, KL and token weights as the live
+    teacher on a fixed batch and dropout draw; a sample missing from the cache falls back to the live teacher."""
+    trainer = _trainer(tmp_path, tiny_qwen3, teacher_cache=True, ce_tau=0.0)
+    ds = trainer.train_dataset
+    assert len(trainer.teacher_cache) == len(ds)
+    w, logits = next(iter(trainer.teacher_cache.values()))
+    assert logits.dtype == torch.float32 and logits.shape[1] == trainer.model.config.vocab_size
+    # Build the cache again one sample per batch (other padding than the training batches).
+    stats = trainer.build_teacher_cache(ds, batch_size=1)
+    assert stats["samples"] == len(ds) and stats["seconds"] > 0
+    model = trainer.model.eval()
+    m = trainer._metrics["eval"]
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    results = []
+    for cache in (trainer.teacher_cache, None):
+        trainer.teacher_cache = cache
+        trainer._dropout_generator.manual_seed(123)
+        loss = trainer.compute_loss(model, batch).item()
+        results.append((loss, m["ce"][-1], m["kl"][-1], m["hard_token_fraction"][-1]))
+    (cached, live) = results
+    assert 0 < live[2] and 0 < live[3] < 1  # a real KL and a mix of hard and easy tokens
+    assert cached == pytest.approx(live, rel=1e-4, abs=1e-6)
+    assert m["teacher_cache_hit"] == [1.0]  # logged only while a cache is set
+    # A batch with an uncached sample uses the live teacher.
+    trainer.teacher_cache = {}
+    trainer._dropout_generator.manual_seed(123)
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(live[0], rel=1e-4)
+    assert m["teacher_cache_hit"][-1] == 0.0
+    with pytest.raises(ValueError, match="teacher_cache needs mode='distill'"):
+        BlockDistillationConfig(output_dir=str(tmp_path), mode="block_finetune", teacher_cache=True, use_cpu=True)

@@ -44,6 +44,13 @@ class BlockDistillationConfig(SFTConfig):
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A separate teacher checkpoint. `None`: the student's initial weights, frozen (a copy; under PEFT the
             adapter-disabled base model, at no memory cost).
+        teacher_cache (`bool`, *optional*, defaults to `False`):
+            Run the frozen teacher once per training sample before training (both of its patterns) and keep, per
+            sample, its full-attention logits over the whole vocabulary (float32, on the CPU) and the CE token
+            weights; every step then reads them instead of running the teacher. Exact: the teacher is frozen and
+            neither output depends on the student or on the dropout draw. Memory: 4 bytes x vocabulary size x
+            the sink-free length of every sample, so only for small vocabularies or small datasets. Samples not
+            in the cache (e.g. the evaluation set) use the live teacher.
     """
 
     mode: str = field(default="distill", metadata={"help": f"Training mode, one of {MODES}."})
@@ -62,6 +69,10 @@ class BlockDistillationConfig(SFTConfig):
     ce_beta: float = field(default=0.1, metadata={"help": "CE weight of the other response tokens."})
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher checkpoint; None = the student's initial weights, frozen."}
+    )
+    teacher_cache: bool = field(
+        default=False,
+        metadata={"help": "Precompute the teacher's full logits and CE token weights once per training sample."},
     )
 
     def __post_init__(self):
@@ -83,5 +94,7 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if not 0.0 <= self.ce_beta <= 1.0:
             raise ValueError(f"ce_beta must be in [0, 1], got {self.ce_beta}")
+        if self.teacher_cache and self.mode != "distill":
+            raise ValueError(f"teacher_cache needs mode='distill' (there is no teacher in {self.mode!r})")
         if self.padding_free or self.packing:
             raise ValueError("padding_free and packing are not supported: every sample carries its own 4D block mask")

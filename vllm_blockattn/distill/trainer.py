@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import torch
 from trl import SFTTrainer
@@ -92,6 +93,10 @@ class BlockDistillationTrainer(SFTTrainer):
                                                                        "disable_adapter"):
             raise ValueError("no teacher: pass teacher_model, or use PEFT so the base model can serve as teacher")
         self._dropout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
+        self.teacher_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.teacher_cache_seconds = 0.0
+        if args.teacher_cache and train_dataset is not None:
+            self.build_teacher_cache(train_dataset)
 
     # --- helpers --------------------------------------------------------------------------------------
 
@@ -134,6 +139,66 @@ class BlockDistillationTrainer(SFTTrainer):
         full_pos = torch.arange(L, device=device).expand_as(ids)
         return layouts, block, (full_ids, full_mask, full_pos), full_labels
 
+    # --- teacher cache -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cache_key(ids: torch.Tensor) -> bytes:
+        return ids.to("cpu", torch.long).numpy().tobytes()
+
+    def _teacher_outputs(self, model, inputs, layouts, block, full, dtype):
+        """The live teacher: CE token weights ``[B, L]`` and full-attention logits ``[B, L, V]`` (sink-free
+        positions; ``t_full[b, content_index[b, t]]`` is the teacher's distribution at student position t)."""
+        ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
+        t_full, t_block = self._teacher_logits(model, [full, block])
+        t_full_nll = token_nll(t_full, full[0]).gather(1, cidx.clamp(min=0))  # on student positions
+        weights = token_weights(token_nll(t_block, ids), t_full_nll, labels != -100, self.args.ce_tau,
+                                self.args.ce_beta)
+        return weights, t_full
+
+    @torch.no_grad()
+    def build_teacher_cache(self, dataset, batch_size: int | None = None) -> dict:
+        """Run the frozen teacher once over ``dataset`` and keep, per sample (keyed by its token ids), the
+        CE token weights ``[n]`` and the full-attention logits ``[n_full, V]`` (float32, CPU).
+
+        Returns ``{"samples", "seconds", "bytes"}``; the seconds are also in ``self.teacher_cache_seconds``.
+        """
+        from tqdm.auto import tqdm
+
+        if self.args.mode != "distill":
+            raise ValueError(f"build_teacher_cache needs mode='distill', got {self.args.mode!r}")
+        bs = batch_size or self.args.per_device_train_batch_size
+        dtype = self.accelerator.unwrap_model(self.model).dtype
+        device = self.accelerator.device
+        cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        t0 = time.perf_counter()
+        rows = list(range(len(dataset)))
+        for start in tqdm(range(0, len(rows), bs), desc="teacher cache", disable=not self.is_local_process_zero()):
+            batch = self.data_collator([dataset[i] for i in rows[start:start + bs]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            layouts, block, full, _ = self._patterns(batch, dtype)
+            weights, t_full = self._teacher_outputs(self.model, batch, layouts, block, full, dtype)
+            n_full = (batch["content_index"].max(dim=1).values + 1).tolist()
+            for i, n in enumerate(batch["lengths"].tolist()):
+                key = self._cache_key(batch["input_ids"][i, :n])
+                cache[key] = (weights[i, :n].float().cpu().clone(), t_full[i, : n_full[i]].float().cpu().clone())
+        self.teacher_cache = cache
+        self.teacher_cache_seconds = time.perf_counter() - t0
+        size = sum(w.numel() * 4 + x.numel() * 4 for w, x in cache.values())
+        return {"samples": len(cache), "seconds": self.teacher_cache_seconds, "bytes": size}
+
+    def _cached_teacher(self, inputs):
+        """Cached ``(weights [B, L], per-row full logits)`` of a batch, or None if any sample is missing."""
+        if not self.teacher_cache:
+            return None
+        ids = inputs["input_ids"]
+        hits = [self.teacher_cache.get(self._cache_key(ids[i, :n])) for i, n in enumerate(inputs["lengths"].tolist())]
+        if any(h is None for h in hits):
+            return None
+        weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        for i, (w, _) in enumerate(hits):
+            weights[i, : w.shape[0]] = w.to(ids.device)
+        return weights, [x.to(ids.device) for _, x in hits]
+
     # --- loss -----------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -151,9 +216,13 @@ class BlockDistillationTrainer(SFTTrainer):
             metrics["ce"].append(loss.item())
             return (loss, {"logits": s_block}) if return_outputs else loss
 
-        t_full, t_block = self._teacher_logits(model, [full, block])
-        t_full_nll = token_nll(t_full, full[0]).gather(1, cidx.clamp(min=0))  # on student positions
-        weights = token_weights(token_nll(t_block, ids), t_full_nll, response, self.args.ce_tau, self.args.ce_beta)
+        cached = self._cached_teacher(inputs)
+        if cached is None:
+            weights, t_full = self._teacher_outputs(model, inputs, layouts, block, full, dtype)
+        else:
+            weights, t_rows = cached
+        if self.teacher_cache is not None:
+            metrics["teacher_cache_hit"].append(float(cached is not None))
         if self.args.kl_weight > 0:
             dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
                        for lay in layouts]
@@ -164,7 +233,11 @@ class BlockDistillationTrainer(SFTTrainer):
             for i, (lay, d) in enumerate(zip(layouts, dropped)):
                 kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(ids.device)
             b, t = kl_q.nonzero(as_tuple=True)
-            kl = block_kl_loss(s_drop[b, t], t_full[b, cidx[b, t]], self.args.kl_temperature)
+            if cached is None:
+                teacher_q = t_full[b, cidx[b, t]]
+            else:  # nonzero() lists positions row by row
+                teacher_q = torch.cat([t_rows[i][cidx[i, t[b == i]]] for i in range(ids.shape[0])])
+            kl = block_kl_loss(s_drop[b, t], teacher_q, self.args.kl_temperature)
             metrics["kl"].append(kl.item())
             n_ctx = sum(len(lay.context_blocks) for lay in layouts)
             metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, n_ctx))
