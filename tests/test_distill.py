@@ -274,6 +274,28 @@ def test_synthetic_records_answerable():
         assert len(rest) == 2 and all(q.split() in facts for q in rest)
 
 
+def test_synthetic_updates_answer_with_the_latest_statement():
+    recs = make_retrieval_records(50, num_docs=8, facts_per_doc=1, question_style="prefix", distinct_attributes=True,
+                                  updates=1.0, seed=6)
+    for rec in recs:
+        facts = [d.split()[:3] for d in rec["context"]]
+        asked = rec["question"].split()
+        stated = [f for f in facts if f[:2] == asked]
+        assert len(stated) == 2 and stated[0][2] != stated[1][2]  # stated twice, with two values
+        assert stated[1][2] == rec["answer"]  # the later document wins
+    half = make_retrieval_records(400, num_docs=8, facts_per_doc=1, question_style="prefix",
+                                  distinct_attributes=True, updates=0.5, seed=6)
+    n_updated = sum(sum(d.split()[:2] == r["question"].split() for d in r["context"]) == 2 for r in half)
+    assert 150 < n_updated < 250
+    plain = make_retrieval_records(20, num_docs=8, facts_per_doc=1, question_style="prefix", distinct_attributes=True,
+                                   seed=6)
+    assert plain == make_retrieval_records(20, num_docs=8, facts_per_doc=1, question_style="prefix",
+                                           distinct_attributes=True, seed=6, updates=0.0)
+    with pytest.raises(ValueError, match="updates"):
+        make_retrieval_records(1, updates=1.5)
+    with pytest.raises(ValueError, match="updates needs"):
+        make_retrieval_records(1, num_docs=1, updates=0.5)
+
 def test_loaders_and_errors(tmp_path):
     hp = tmp_path / "hotpot.jsonl"
     hp.write_text(json.dumps({"question": "Q?", "answer": "A", "context": [["T1", ["s1. ", "s2."]], ["T2", ["s3."]]]})

@@ -155,7 +155,8 @@ class _StepTimer:
         return sum(t) / len(t)
 
 
-def train_student(kind, teacher, tokenizer, train_ds, *, steps, batch_size, lr, out, seed):
+def train_student(kind, teacher, tokenizer, train_ds, *, steps, batch_size, lr, out, seed, teacher_cache=False):
+    """Train a block student from a copy of ``teacher``; returns (model, s/step, teacher-cache seconds)."""
     from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer, BlockFinetuneTrainer
 
     args = BlockDistillationConfig(
@@ -163,13 +164,13 @@ def train_student(kind, teacher, tokenizer, train_ds, *, steps, batch_size, lr, 
         lr_scheduler_type="constant_with_warmup", warmup_steps=10, weight_decay=0.0, bf16=False,
         gradient_checkpointing=False, logging_steps=max(1, steps // 5), save_strategy="no", report_to="none",
         use_cpu=True, seed=seed, block_dropout_rate=0.6, kl_weight=1.0, ce_tau=0.1, ce_beta=0.1,
-        max_length=None, dataloader_num_workers=0)
+        max_length=None, dataloader_num_workers=0, teacher_cache=teacher_cache)
     timer = _StepTimer()
     cls = BlockDistillationTrainer if kind == "distill" else BlockFinetuneTrainer
     student = copy.deepcopy(teacher)
     trainer = cls(student, args, train_dataset=train_ds, processing_class=tokenizer, callbacks=[timer.callback])
     trainer.train()
-    return trainer.model, timer.seconds_per_step
+    return trainer.model, timer.seconds_per_step, getattr(trainer, "teacher_cache_seconds", 0.0)
 
 
 def main(argv=None):
@@ -185,6 +186,12 @@ def main(argv=None):
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--teacher-target", type=float, default=0.995)
     ap.add_argument("--student-steps", type=int, default=200)
+    ap.add_argument("--student-train-samples", type=int, default=6400,
+                    help="training samples of the students (the first ones of the teacher's set)")
+    ap.add_argument("--live-timing-steps", type=int, default=20,
+                    help="steps of a live-teacher distillation run, timed only (0: skip)")
+    ap.add_argument("--updates", type=float, default=1.0,
+                    help="share of samples whose asked fact is restated later with a new value (latest wins)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--student-lr", type=float, default=1e-3)
@@ -214,7 +221,8 @@ def main(argv=None):
     fmt = ChatBlockFormatter(tokenizer, settings)
     recs = make_retrieval_records(a.train_samples + a.eval_samples, num_docs=a.num_docs,
                                   facts_per_doc=a.facts_per_doc, seed=a.seed, question_style="prefix",
-                                  distinct_attributes=True, num_questions=a.num_questions)
+                                  distinct_attributes=True, num_questions=a.num_questions,
+                                  updates=a.updates)
     samples = [fmt(r) for r in recs]
     train, held_out = samples[: a.train_samples], samples[a.train_samples:]
     collator = BlockDataCollator(tokenizer.pad_token_id, settings)
@@ -228,24 +236,37 @@ def main(argv=None):
     acc_full = accuracy(model, held_out, collator, settings, block=False)
     acc_block0 = accuracy(model, held_out, collator, settings, block=True)
 
-    train_ds = Dataset.from_list(train)
+    train_ds = Dataset.from_list(train[: a.student_train_samples])
     rows = [("full attention (teacher)", acc_full, None), ("block attention, untrained", acc_block0, None)]
+    runs = [("distill", True, a.student_steps, "block distillation (cached teacher)"),
+            ("block_finetune", False, a.student_steps, "block fine-tuning (Ma et al.)")]
+    if a.live_timing_steps > 0:
+        runs.append(("distill", False, a.live_timing_steps, "block distillation (live teacher, timing only)"))
+    cache_seconds = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, label in (("distill", "block distillation"), ("block_finetune", "block fine-tuning (Ma et al.)")):
-            student, sps = train_student(kind, model, tokenizer, train_ds, steps=a.student_steps,
-                                         batch_size=a.batch_size, lr=a.student_lr, out=f"{tmp}/{kind}", seed=a.seed)
-            rows.append((f"{label}, {a.student_steps} steps", accuracy(student, held_out, collator, settings,
-                                                                         block=True), sps))
-            rows.append((f"  ... same model under full attention", accuracy(student, held_out, collator, settings,
-                                                                           block=False), None))
+        for i, (kind, cache, steps_i, label) in enumerate(runs):
+            student, sps, secs = train_student(kind, model, tokenizer, train_ds, steps=steps_i,
+                                               batch_size=a.batch_size, lr=a.student_lr, out=f"{tmp}/{i}",
+                                               seed=a.seed, teacher_cache=cache)
+            cache_seconds += secs
+            if label.endswith("timing only"):
+                rows.append((f"{label}, {steps_i} steps", None, sps))
+                continue
+            rows.append((f"{label}, {steps_i} steps", accuracy(student, held_out, collator, settings, block=True),
+                         sps))
+            rows.append(("  ... same model under full attention", accuracy(student, held_out, collator, settings,
+                                                                          block=False), None))
     total = time.perf_counter() - t_start
 
     print(f"\nteacher: {steps} full-attention steps in {t_teacher:.0f} s; held-out questions: {len(held_out)}; "
-          f"{a.num_docs} documents x {a.facts_per_doc} facts; {a.arch} {a.num_layers} layers x {a.hidden_size}")
+          f"{a.num_docs} documents x {a.facts_per_doc} facts, updates {a.updates}; {a.arch} {a.num_layers} layers "
+          f"x {a.hidden_size}; students: {a.student_train_samples} training samples")
+    print(f"teacher cache: built once for {len(train_ds)} samples in {cache_seconds:.1f} s "
+          f"({cache_seconds / max(1, -(-len(train_ds) // a.batch_size)):.3f} s per batch of {a.batch_size})")
     print("| model | held-out accuracy | s/step (batch %d) |" % a.batch_size)
     print("|---|---|---|")
     for name, acc, sps in rows:
-        print(f"| {name} | {100 * acc:.1f}% | {'' if sps is None else f'{sps:.3f}'} |")
+        print(f"| {name} | {'' if acc is None else f'{100 * acc:.1f}%'} | {'' if sps is None else f'{sps:.3f}'} |")
     print(f"\ntotal runtime {total:.0f} s")
 
 

@@ -181,7 +181,7 @@ def retrieval_vocabulary() -> list[str]:
 def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0,
                            question_style: str = "words", distinct_names: bool = False,
                            attributes: Sequence[str] | None = None, num_questions: int = 1,
-                           distinct_attributes: bool = False) -> list[dict]:
+                           distinct_attributes: bool = False, updates: float = 0.0) -> list[dict]:
     """A synthetic multi-document retrieval set: facts ``"<name> <attribute> <value> ."`` scattered over
     ``num_docs`` documents (one context block each); the question asks for one of them, answer one word.
 
@@ -197,11 +197,19 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
     ``num_questions`` > 1: the answer goes on with more (question, answer) pairs about other facts,
     ``"<value> . <question 2> <value 2> ..."`` (denser supervision for a tiny model; the first answer
     word is still the answer to ``question``).
+    ``updates``: probability that the asked fact is stated twice, the first time in an earlier document
+    and again, with another value, in a later one (which loses its own fact); the answer is the *later*
+    value (the latest statement wins). Telling the two apart needs their order across documents.
+    Needs ``num_docs >= 2`` and ``num_questions == 1``.
     """
     if n < 1 or num_docs < 1 or facts_per_doc < 1:
         raise ValueError(f"n, num_docs and facts_per_doc must be >= 1, got {n}, {num_docs}, {facts_per_doc}")
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
+    if not 0.0 <= updates <= 1.0:
+        raise ValueError(f"updates must be in [0, 1], got {updates}")
+    if updates > 0 and (num_docs < 2 or num_questions != 1):
+        raise ValueError(f"updates needs num_docs >= 2 and num_questions == 1, got {num_docs} and {num_questions}")
     if question_style not in ("words", "prefix"):
         raise ValueError(f"question_style must be 'words' or 'prefix', got {question_style!r}")
     rng = random.Random(seed)
@@ -225,13 +233,21 @@ def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3,
             if (name, attr) not in seen:
                 seen.add((name, attr))
                 facts.append((name, attr, rng.choice(ATTRIBUTES[attr])))
+        asked = rng.sample(facts, k=min(num_questions, len(facts)))
+        if updates > 0 and rng.random() < updates:
+            first, later = sorted(rng.sample(range(num_docs), k=2))
+            i, j = first * facts_per_doc, later * facts_per_doc
+            k = facts.index(asked[0])
+            facts[i], facts[k] = facts[k], facts[i]
+            name, attr, old = asked[0]
+            asked[0] = (name, attr, rng.choice([v for v in ATTRIBUTES[attr] if v != old]))
+            facts[j] = asked[0]
         # "prefix" facts put the identifying word right before the value: "<attribute> <name> <value> ."
         # with distinct names, "<name> <attribute> <value> ." otherwise (easiest for a tiny model).
         name_last = question_style == "prefix" and distinct_names and not distinct_attributes
         order = (lambda a, b: f"{b} {a}") if name_last else (lambda a, b: f"{a} {b}")
         docs = [" ".join(f"{order(a, b)} {c} ." for a, b, c in facts[d * facts_per_doc:(d + 1) * facts_per_doc])
                 + " " for d in range(num_docs)]
-        asked = rng.sample(facts, k=min(num_questions, len(facts)))
         qs = [f"what is the {a} of {n} ?" if question_style == "words" else order(n, a) for n, a, _ in asked]
         answer = " . ".join([asked[0][2]] + [f"{q} {v}" for q, (_, _, v) in zip(qs[1:], asked[1:])])
         out.append({"context": docs, "question": qs[0], "answer": answer})
