@@ -117,6 +117,21 @@ def test_kl_positions_and_content_index():
     assert ci.tolist() == [0, 1, -1, -1, 2, 3, 4, -1, -1, 5, 6, -1, -1, 7, 8, 9]
 
 
+def test_batch_dropout_masks_equal_the_per_sample_reference():
+    ids, lay = small_layout()
+    ids2 = build_block_prompt([[1, 2], [4, 5, 6, 12], [9, 10]], SETTINGS, prefix=[7])
+    lay2 = parse_block_prompt(ids2, SETTINGS)
+    layouts = [lay, lay2, lay]
+    L = max(x.num_tokens for x in layouts) + 2  # padding on every row
+    block = masks.pad_attention_masks([block_attention_mask(x) for x in layouts], L)
+    for dropped in ([(), (1, 2), (0, 1, 2)], [(2,), (), (1,)]):
+        ref = masks.pad_attention_masks([masks.dropout_attention_mask(x, d) for x, d in zip(layouts, dropped)], L)
+        assert torch.equal(masks.batch_dropout_attention_masks(block, layouts, dropped), ref)
+    with pytest.raises(ValueError, match="not a context block"):
+        masks.batch_dropout_attention_masks(block, layouts, [(), (3,), ()])
+    with pytest.raises(ValueError, match="3 block masks"):
+        masks.batch_dropout_attention_masks(block, layouts[:2], [(), ()])
+
 def test_pad_attention_masks():
     _, lay = small_layout()
     out = masks.pad_attention_masks([block_attention_mask(lay), full_attention_mask(3)], 16)

@@ -110,3 +110,27 @@ def pad_attention_masks(masks: Sequence[torch.Tensor], length: int) -> torch.Ten
         out[i, 0, :n, :n] = m[0, 0]
         out[i, 0, diag[n:], diag[n:]] = 0
     return out
+
+
+def batch_dropout_attention_masks(block_masks: torch.Tensor, layouts: Sequence[BlockLayout],
+                                  dropped: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The batch's dropout masks from its already padded block masks, without rebuilding any mask.
+
+    Equals ``pad_attention_masks([dropout_attention_mask(lay, d) ...], L)`` (tested): rows of dropped
+    blocks and pad rows come from ``block_masks`` ``[B, 1, L, L]`` (:func:`pad_attention_masks` of the
+    reference block masks); all other rows are full causal rows.
+    """
+    B, _, L, _ = block_masks.shape
+    if len(layouts) != B or len(dropped) != B:
+        raise ValueError(f"{B} block masks but {len(layouts)} layouts and {len(dropped)} dropout draws")
+    rows = torch.ones(B, L, dtype=torch.bool)
+    for i, (lay, d) in enumerate(zip(layouts, dropped)):
+        _check_unpadded(lay)
+        final = len(lay.blocks) - 1
+        rows[i, : lay.num_tokens] = False
+        for b in d:
+            if not 0 <= b < final:
+                raise ValueError(f"dropped block index {b} is not a context block (0..{final - 1})")
+            rows[i, lay.blocks[b].start : lay.blocks[b].end] = True
+    causal = full_attention_mask(L, dtype=block_masks.dtype, device=block_masks.device)
+    return torch.where(rows.to(block_masks.device)[:, None, :, None], block_masks, causal)

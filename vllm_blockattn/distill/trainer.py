@@ -28,7 +28,7 @@ from ..reference import block_attention_mask, full_attention_mask
 from .config import BlockDistillationConfig
 from .data import BlockDataCollator
 from .losses import block_finetune_loss, block_kl_loss, token_nll, token_weights, weighted_ce_loss
-from .masks import dropout_attention_mask, kl_query_mask, pad_attention_masks, sample_dropped_blocks
+from .masks import batch_dropout_attention_masks, kl_query_mask, pad_attention_masks, sample_dropped_blocks
 from .sinks import add_sink_token, apply_sink_peft, write_block_config
 
 
@@ -226,8 +226,7 @@ class BlockDistillationTrainer(SFTTrainer):
         if self.args.kl_weight > 0:
             dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
                        for lay in layouts]
-            drop_mask = pad_attention_masks([dropout_attention_mask(lay, d, dtype, ids.device)
-                                             for lay, d in zip(layouts, dropped)], ids.shape[1])
+            drop_mask = batch_dropout_attention_masks(block[1], layouts, dropped)
             s_block, s_drop = self._logits(model, [block, (ids, drop_mask, block[2])])
             kl_q = torch.zeros_like(ids, dtype=torch.bool)
             for i, (lay, d) in enumerate(zip(layouts, dropped)):
