@@ -3,19 +3,26 @@
 1. Train a small Qwen3-style teacher (word-level tokenizer, no sink token) under *full* attention on the
    synthetic multi-document retrieval set until it answers well.
 2. Add ``<|block_sink|>`` (mean-initialised) and measure the teacher under block attention ("untrained").
-3. Distil a block student from it (``BlockDistillationTrainer``), and, from the same start, train the
-   block fine-tuning baseline (``BlockFinetuneTrainer``) for the same number of steps.
+3. Distil a block student from it (``BlockDistillationTrainer`` with ``teacher_cache=True``: the frozen
+   teacher's outputs are computed once per training sample before training, timed separately), and, from
+   the same start and on the same samples, train the block fine-tuning baseline (``BlockFinetuneTrainer``)
+   for the same number of steps; a short live-teacher distillation run is timed too.
 4. Print held-out answer accuracy (first answer token, greedy) and seconds per training step.
 
-The synthetic set: 8 documents (one context block each) of one fact ``"<name> <attribute> <value> ."``
-with a different attribute each; the question ``"<name> <attribute>"`` asks for one value. The chat
-template starts with a BOS token, which a full-attention model can lean on and which block attention
-hides from the documents.
+The synthetic set: 8 documents (one context block each) of one fact ``"<name> <attribute> <value> ."``.
+The asked fact (question ``"<name> <attribute>"``) is stated twice, in an earlier and in a later
+document with different values, and the answer is the later value (``--updates 1.0``: the latest
+statement wins; ``make_retrieval_records(updates=...)``); the other documents have one attribute each.
+A full-attention model can mark the later statement while reading it (it sees the earlier one);
+under block attention every document is read alone, so both statements look alike and only their
+order, seen from the question, tells them apart. The chat template starts with a BOS token, which a
+full-attention model can lean on and which block attention hides from the documents.
 
 Usage (about 5 minutes on 2 shared cores, one thread)::
 
     python train/demo_cpu.py                       # the measured table in docs/distillation.md
     python train/demo_cpu.py --student-steps 60    # a quicker, rougher run
+    python train/demo_cpu.py --updates 0           # the earlier, easier task (no restated facts)
 """
 
 from __future__ import annotations
