@@ -177,7 +177,26 @@ def train_student(kind, teacher, tokenizer, train_ds, *, steps, batch_size, lr, 
     student = copy.deepcopy(teacher)
     trainer = cls(student, args, train_dataset=train_ds, processing_class=tokenizer, callbacks=[timer.callback])
     trainer.train()
-    return trainer.model, timer.seconds_per_step, getattr(trainer, "teacher_cache_seconds", 0.0)
+    return trainer, timer
+
+
+def interleaved_timing(runs, *, rounds: int, steps: int) -> list[float]:
+    """Median s/step of each ``(trainer, timer)`` over ``rounds`` rounds of ``steps`` more steps, the
+    trainers taking turns inside every round (so that load from other jobs on a shared machine hits them
+    alike). Each round trains the already trained model further with a fresh optimizer; the first step of
+    every round is left out (warm-up)."""
+    import statistics
+
+    per_run = [[] for _ in runs]
+    for _ in range(rounds):
+        for k, (trainer, timer) in enumerate(runs):
+            trainer.args.max_steps = steps  # train() starts again at step 0, with a fresh optimizer
+            timer.times = []
+            trainer.train()
+            if len(timer.times) != steps:
+                raise RuntimeError(f"timing round ran {len(timer.times)} steps, expected {steps}")
+            per_run[k].extend(timer.times[1:])
+    return [statistics.median(t) for t in per_run]
 
 
 def main(argv=None):
@@ -197,6 +216,9 @@ def main(argv=None):
                     help="training samples of the students (the first ones of the teacher's set)")
     ap.add_argument("--live-timing-steps", type=int, default=20,
                     help="steps of a live-teacher distillation run, timed only (0: skip)")
+    ap.add_argument("--timing-rounds", type=int, default=3,
+                    help="rounds of interleaved timing of the three student runs after training (0: skip)")
+    ap.add_argument("--timing-steps", type=int, default=10, help="steps per run and timing round")
     ap.add_argument("--updates", type=float, default=1.0,
                     help="share of samples whose asked fact is restated later with a new value (latest wins)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -244,25 +266,33 @@ def main(argv=None):
     acc_block0 = accuracy(model, held_out, collator, settings, block=True)
 
     train_ds = Dataset.from_list(train[: a.student_train_samples])
-    rows = [("full attention (teacher)", acc_full, None), ("block attention, untrained", acc_block0, None)]
+    rows = [("full attention (teacher)", acc_full, None, None), ("block attention, untrained", acc_block0, None, None)]
     runs = [("distill", True, a.student_steps, "block distillation (cached teacher)"),
             ("block_finetune", False, a.student_steps, "block fine-tuning (Ma et al.)")]
     if a.live_timing_steps > 0:
         runs.append(("distill", False, a.live_timing_steps, "block distillation (live teacher, timing only)"))
-    cache_seconds = 0.0
+    cache_seconds, trained = 0.0, []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (kind, cache, steps_i, label) in enumerate(runs):
-            student, sps, secs = train_student(kind, model, tokenizer, train_ds, steps=steps_i,
-                                               batch_size=a.batch_size, lr=a.student_lr, out=f"{tmp}/{i}",
-                                               seed=a.seed, teacher_cache=cache)
-            cache_seconds += secs
+            trainer, timer = train_student(kind, model, tokenizer, train_ds, steps=steps_i, batch_size=a.batch_size,
+                                           lr=a.student_lr, out=f"{tmp}/{i}", seed=a.seed, teacher_cache=cache)
+            cache_seconds += trainer.teacher_cache_seconds
+            trained.append((trainer, timer))
+            student, sps = trainer.model, timer.seconds_per_step
             if not cache and kind == "distill":  # the live-teacher run: timing only
-                rows.append((f"{label}, {steps_i} steps", None, sps))
+                rows.append((f"{label}, {steps_i} steps", None, sps, None))
                 continue
             rows.append((f"{label}, {steps_i} steps", accuracy(student, held_out, collator, settings, block=True),
-                         sps))
+                         sps, None))
             rows.append(("  ... same model under full attention", accuracy(student, held_out, collator, settings,
-                                                                          block=False), None))
+                                                                          block=False), None, None))
+        if a.timing_rounds > 0:
+            medians = interleaved_timing(trained, rounds=a.timing_rounds, steps=a.timing_steps)
+            k = 0
+            for j, row in enumerate(rows):
+                if row[2] is not None:
+                    rows[j] = (*row[:3], medians[k])
+                    k += 1
     total = time.perf_counter() - t_start
 
     print(f"\nteacher: {steps} full-attention steps in {t_teacher:.0f} s; held-out questions: {len(held_out)}; "
@@ -270,10 +300,15 @@ def main(argv=None):
           f"x {a.hidden_size}; students: {a.student_train_samples} training samples")
     print(f"teacher cache: built once for {len(train_ds)} samples in {cache_seconds:.1f} s "
           f"({cache_seconds / max(1, -(-len(train_ds) // a.batch_size)):.3f} s per batch of {a.batch_size})")
-    print("| model | held-out accuracy | s/step (batch %d) |" % a.batch_size)
-    print("|---|---|---|")
-    for name, acc, sps in rows:
-        print(f"| {name} | {'' if acc is None else f'{100 * acc:.1f}%'} | {'' if sps is None else f'{sps:.3f}'} |")
+    print(f"| model | held-out accuracy | s/step (batch {a.batch_size}), training run | s/step, interleaved "
+          f"({a.timing_rounds} rounds x {a.timing_steps} steps, median) |")
+    print("|---|---|---|---|")
+
+    def fmt_s(x):
+        return "" if x is None else f"{x:.3f}"
+
+    for name, acc, sps, med in rows:
+        print(f"| {name} | {'' if acc is None else f'{100 * acc:.1f}%'} | {fmt_s(sps)} | {fmt_s(med)} |")
     print(f"\ntotal runtime {total:.0f} s")
 
 
