@@ -180,6 +180,21 @@ def test_malformed_prompt_rejected_engine_keeps_serving(llm, hf, bad, message):
     check(run(llm, ids), reference(hf, ids))
 
 
+def test_ordinary_prompts_equal_vllm_stock_backend(llm, tiny_qwen3, hf):
+    # The last test that uses the module's engine: vLLM's in-process engines share global distributed
+    # state, so once another engine is torn down the module's engine cannot run again.
+    _, tok, _ = hf
+    prompts = [tok.encode(PREFIX + d + QUESTION) for d in DOCS]
+    ours = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    stock = make_llm(tiny_qwen3, attention_backend=None)
+    try:
+        theirs = stock.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    finally:
+        del stock
+        gc.collect()
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+
+
 def test_prompt_too_long_once_padded_is_rejected(tiny_qwen3, hf):
     small = make_llm(tiny_qwen3, max_model_len=160)
     try:
@@ -248,3 +263,4 @@ def test_triton_kernels_inside_vllm_under_the_interpreter(tiny_qwen3, hf, monkey
     finally:
         del engine
         gc.collect()
+

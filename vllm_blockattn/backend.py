@@ -22,7 +22,7 @@ Length terms (per request row i, slots are KV positions in the padded, reordered
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,27 +37,32 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from .config import get_block_config
 from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
-from .reference import inv_freq_from_config, rotate_keys
+from .reference import apply_rotation, inv_freq_from_config, rope_cos_sin
 from .worker import batch_layouts, current_runner
 
 
 @dataclass
 class FinalQueries:
-    """Final-block queries of one request: rows ``[q_start, q_end)`` of the query tensor."""
+    """Final-block queries of every block request in the batch, padded to one batch for SDPA.
 
-    q_start: int
-    q_end: int
-    pages: torch.Tensor  # [n_keys] physical page of every real key slot
-    offsets: torch.Tensor  # [n_keys] offset of the slot inside its page
-    delta: torch.Tensor  # [n_keys] RoPE shift for the key (the block's logical offset; 0 in the final block)
-    key_slot: torch.Tensor  # [n_keys] slot index, for the causal mask
-    query_slot: torch.Tensor  # [n_queries] slot index of every query
+    Built once per step and shared by all layers: which cache slots each request's final queries
+    read (every real slot: the context blocks' and the final block's own), the RoPE rotation of each
+    key (its block's logical offset; 0 in the final block), and the additive mask (pad keys, and
+    causality inside the final block).
+    """
+
+    q_index: torch.Tensor  # [B, M] row of the query tensor (padding rows repeat a valid row)
+    q_valid: torch.Tensor  # [B, M] bool, False for padding rows
+    pages: torch.Tensor  # [B, N, 1, 1] physical page of every key slot (0 for pad keys)
+    offsets: torch.Tensor  # [B, N] offset of the slot inside its page
+    cos: torch.Tensor  # [B, N, 1, D] cos of delta * inv_freq (float32)
+    sin: torch.Tensor  # [B, N, 1, D]
+    mask: torch.Tensor  # [B, 1, M, N] additive float mask
 
 
 @dataclass
 class BlockAttnCPUMetadata(CPUAttentionMetadata):
-    final_queries: list[FinalQueries] = field(default_factory=list)
-    inv_freq: torch.Tensor | None = None  # [D / 2] RoPE inverse frequencies, for the key rotation
+    final_queries: FinalQueries | None = None
     triton: BlockKernelMetadata | None = None  # set when the Triton kernels run the whole batch
 
 
@@ -69,7 +74,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        runner = current_runner()
+        runner = current_runner(self.vllm_config)
         layouts = batch_layouts(runner, cm.num_reqs) if runner is not None else []
         if not any(layouts):
             return super().build(common_prefix_len, cm, fast_build)
@@ -83,7 +88,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             meta.triton = build_kernel_metadata(layouts, qsl, seq_lens, table.shape[1], page, cm.num_actual_tokens,
                                                 self.inv_freq, "cpu")
             return meta
-        sub_qsl, sub_seq, sub_rows, finals = [0], [], [], []
+        sub_qsl, sub_seq, sub_rows, finals = [0], [], [], []  # finals: (q_start, first_slot, end, layout, row)
 
         def add(row: int, first_page: int, seq_len: int, q_len: int):
             sub_rows.append(table[row, first_page:])
@@ -105,7 +110,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 else:
                     end = seq
                     add(i, lay.final_start // page, end - lay.final_start, end - slot)
-                    finals.append(self._final_queries(i, qsl[i] + slot - (seq - n), slot, end, lay, table))
+                    finals.append((qsl[i] + slot - (seq - n), slot, end, lay, i))
                 slot = end
 
         width = table.shape[1]
@@ -123,20 +128,35 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return BlockAttnCPUMetadata(
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=sub_qsl_t,
             max_seq_len=max(sub_seq), seq_lens=sub_seq_t, block_table=sub_table, slot_mapping=cm.slot_mapping,
-            scheduler_metadata=scheduler_metadata, causal=True, final_queries=finals, inv_freq=self.inv_freq,
+            scheduler_metadata=scheduler_metadata, causal=True,
+            final_queries=self._final_queries(finals, table) if finals else None,
         )
 
-    def _final_queries(self, row, q_start, first_slot, end_slot, lay, table) -> FinalQueries:
-        spans = [(s, e, o) for s, e, o in zip(lay.starts, lay.ends, lay.offsets)]
-        spans.append((lay.final_start, end_slot, 0))
-        slots = torch.cat([torch.arange(s, e) for s, e, _ in spans])
-        delta = torch.cat([torch.full((e - s,), o) for s, e, o in spans])
+    def _final_queries(self, finals, table) -> FinalQueries:
         page = self.block_size
-        return FinalQueries(
-            q_start=q_start, q_end=q_start + end_slot - first_slot,
-            pages=table[row, slots // page].long(), offsets=slots % page, delta=delta,
-            key_slot=slots, query_slot=torch.arange(first_slot, end_slot),
-        )
+        keys, queries = [], []
+        for q_start, first_slot, end_slot, lay, row in finals:
+            spans = list(zip(lay.starts, lay.ends, lay.offsets)) + [(lay.final_start, end_slot, 0)]
+            slots = torch.cat([torch.arange(s, e) for s, e, _ in spans])
+            delta = torch.cat([torch.full((e - s,), o, dtype=torch.float32) for s, e, o in spans])
+            keys.append((table[row, slots // page].long(), slots % page, delta, slots))
+            queries.append((torch.arange(q_start, q_start + end_slot - first_slot), torch.arange(first_slot, end_slot)))
+        b, n, m = len(finals), max(k[0].numel() for k in keys), max(q[0].numel() for q in queries)
+        pages = torch.zeros(b, n, dtype=torch.long)
+        offsets = torch.zeros(b, n, dtype=torch.long)
+        delta = torch.zeros(b, n)
+        key_slot = torch.full((b, n), 1 << 40, dtype=torch.long)  # pad keys sit after every query
+        q_index = torch.zeros(b, m, dtype=torch.long)
+        q_slot = torch.full((b, m), -1, dtype=torch.long)
+        for i, ((p, o, d, sl), (qi, qs)) in enumerate(zip(keys, queries)):
+            pages[i, : p.numel()], offsets[i, : o.numel()], delta[i, : d.numel()], key_slot[i, : sl.numel()] = p, o, d, sl
+            q_index[i], q_index[i, : qi.numel()], q_slot[i, : qs.numel()] = qi[0], qi, qs
+        cos, sin = rope_cos_sin(delta[:, :, None], self.inv_freq)  # [B, N, 1, D]
+        allowed = key_slot[:, None, :] <= q_slot[:, :, None]
+        mask = torch.zeros(b, 1, m, n).masked_fill_(~allowed[:, None], float("-inf"))
+        mask[:, :, :, 0].masked_fill_((q_slot < 0)[:, None], 0.0)  # padding query rows: keep softmax finite
+        return FinalQueries(q_index=q_index, q_valid=q_slot >= 0, pages=pages[:, :, None, None], offsets=offsets,
+                            cos=cos, sin=sin, mask=mask)
 
 
 class BlockAttnCPUBackend(CPUAttentionBackend):
@@ -167,28 +187,22 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
             return self._forward_triton(layer, query, kv_cache, attn_metadata, output)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
-        finals = getattr(attn_metadata, "final_queries", None)
-        if not finals:
+        fq = getattr(attn_metadata, "final_queries", None)
+        if fq is None:
             return out
-        inv_freq = attn_metadata.inv_freq
         kidx, vidx = self._cache_index(layer, kv_cache)
-        pages, kvh, page_size, _ = kv_cache.shape
+        pages, kvh, _, _ = kv_cache.shape
         flat = kv_cache.view(pages, kvh, -1)
-        heads = torch.arange(kvh)[None, :, None]
+        heads = torch.arange(kvh)[None, None, :, None]
+        k = flat[fq.pages, heads, kidx[fq.offsets][:, :, None, :]].float()  # [B, N, Hkv, D]
+        v = flat[fq.pages, heads, vidx[fq.offsets][:, :, None, :]].float()
+        k = apply_rotation(k, fq.cos, fq.sin)
+        q = query[fq.q_index].float()  # [B, M, Hq, D]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=fq.mask, scale=self.scale,
+            enable_gqa=self.num_queries_per_kv > 1)  # [B, Hq, M, D]
         out3 = output.view(output.shape[0], self.num_heads, self.head_size)
-        for fq in finals:
-            p = fq.pages[:, None, None]
-            k = flat[p, heads, kidx[fq.offsets][:, None, :]].transpose(0, 1)  # [Hkv, n, D]
-            v = flat[p, heads, vidx[fq.offsets][:, None, :]].transpose(0, 1)
-            k = rotate_keys(k.float(), fq.delta, inv_freq)
-            q = query[fq.q_start : fq.q_end].transpose(0, 1).float()  # [Hq, m, D]
-            if self.num_queries_per_kv > 1:
-                k = k.repeat_interleave(self.num_queries_per_kv, dim=0)
-                v = v.repeat_interleave(self.num_queries_per_kv, dim=0)
-            mask = torch.zeros(q.shape[1], k.shape[1])
-            mask.masked_fill_(fq.key_slot[None, :] > fq.query_slot[:, None], float("-inf"))
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v.float(), attn_mask=mask, scale=self.scale)
-            out3[fq.q_start : fq.q_end] = o.transpose(0, 1).to(out3.dtype)
+        out3[fq.q_index[fq.q_valid]] = o.transpose(1, 2)[fq.q_valid].to(out3.dtype)
         return out
 
     def _forward_triton(self, layer, query, kv_cache, meta, output):

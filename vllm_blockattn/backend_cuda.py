@@ -43,7 +43,7 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
-        runner = current_runner()
+        runner = current_runner(self.vllm_config)
         layouts = batch_layouts(runner, cm.num_reqs) if runner is not None else []
         if not any(layouts):
             return meta

@@ -104,18 +104,28 @@ def rope_inv_freq(model) -> torch.Tensor:
     return rotary.inv_freq
 
 
+def rope_cos_sin(delta: int | torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[..., head_dim]`` (float32) of a RoPE rotation by ``delta`` positions (HF's layout)."""
+    delta = torch.as_tensor(delta, dtype=torch.float32, device=inv_freq.device)
+    freqs = delta[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin``: rotate RoPE'd vectors ``[..., head_dim]`` further."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 def rotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate RoPE'd keys ``[..., seq, head_dim]`` by ``delta`` positions (HF's rotate_half layout).
 
-    ``delta`` is a scalar or a ``[seq]`` tensor of per-token shifts.
+    ``delta`` is a scalar or a ``[seq]`` tensor of per-token shifts. Exact because RoPE rotations
+    compose: R(p + d) = R(d) R(p).
     """
-    delta = torch.as_tensor(delta, device=keys.device, dtype=torch.float32)
-    freqs = delta[..., None] * inv_freq.to(keys.device, torch.float32)  # [seq | 1, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
-    half = keys.shape[-1] // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos + rotated * sin
+    cos, sin = rope_cos_sin(delta, inv_freq.to(keys.device))
+    return apply_rotation(keys, cos.to(keys.dtype), sin.to(keys.dtype))
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ import torch
 
 from .paged import EXTRA_ARGS_KEY, PagedLayout
 
-_RUNNER: weakref.ref | None = None
+# Model runners of this process, by their vLLM config (two engines may live in one process).
+_RUNNERS: dict[int, weakref.ref] = {}
 
 
 class RowLayouts:
@@ -41,9 +42,11 @@ class RowLayouts:
             del self._cache[rid]
 
 
-def current_runner():
-    """The model runner of this process, once a blockattn worker has started."""
-    return None if _RUNNER is None else _RUNNER()
+def current_runner(vllm_config):
+    """The model runner that owns ``vllm_config``, once its blockattn worker has started."""
+    ref = _RUNNERS.get(id(vllm_config))
+    runner = None if ref is None else ref()
+    return runner if runner is not None and runner.vllm_config is vllm_config else None
 
 
 def batch_layouts(runner, num_reqs: int) -> list[PagedLayout | None]:
@@ -56,7 +59,6 @@ def batch_layouts(runner, num_reqs: int) -> list[PagedLayout | None]:
 
 
 def _install(runner) -> None:
-    global _RUNNER
     if getattr(runner, "_blockattn_layouts", None) is not None:
         return
     if not hasattr(runner, "_prepare_inputs") or not hasattr(runner, "input_batch"):
@@ -81,7 +83,9 @@ def _install(runner) -> None:
         return result
 
     runner._prepare_inputs = _prepare_inputs
-    _RUNNER = weakref.ref(runner)
+    for key in [k for k, ref in _RUNNERS.items() if ref() is None]:
+        del _RUNNERS[key]
+    _RUNNERS[id(runner.vllm_config)] = weakref.ref(runner)
 
 
 def _worker_classes():
