@@ -25,3 +25,14 @@ def tiny_llama(tmp_path_factory):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", sharpen=4.0, rope_scaling=rope)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small CPU models run several times faster with one thread on the shared 2-core machines."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

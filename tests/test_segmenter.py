@@ -51,13 +51,7 @@ def encoder_seg(tiny_bert):
     return Segmenter.from_backbone(tiny_bert, window=64, overlap=16, seed=1).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU models run several times faster with one thread on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----- read-out positions -------------------------------------------------------------------------

@@ -19,13 +19,7 @@ from vllm_blockattn.segmenter.data import (
 )
 from vllm_blockattn.segmenter.metrics import boundary_counts, evaluate, pk_windowdiff, prf
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU models run several times faster with one thread on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----- candidates ---------------------------------------------------------------------------------
