@@ -5,7 +5,7 @@ can be hashed by that block's tokens alone) and may move cached blocks to the fr
 a leading run of cached pages). Non-final blocks are order-independent under block attention, so the
 physical order changes nothing as long as every block keeps its *logical* offset: the position it has
 in the user's unpadded prompt. :class:`PagedLayout` carries that mapping from the scheduler to the
-worker (inside ``sampling_params.extra_args``)::
+worker (attached to vLLM's ``SchedulerOutput``, where no client can write; see ``scheduler.py``)::
 
     physical slots:  | blk A (+pads) | blk B (+pads) | final block ... generated tokens
     logical offsets:   o_A             o_B             final_offset = sum of real block lengths
@@ -23,7 +23,11 @@ import numpy as np
 
 from .layout import BlockLayout
 
-EXTRA_ARGS_KEY = "_blockattn_layout"
+# Attribute of vLLM's ``SchedulerOutput`` that carries {request id: PagedLayout} for the block requests
+# the worker has not seen yet (new or resumed). Requests never carry a layout themselves.
+SCHEDULER_OUTPUT_ATTR = "blockattn_layouts"
+# ``extra_args`` keys with this prefix are reserved: the frontend rejects them on every request.
+RESERVED_PREFIX = "_blockattn"
 
 
 @dataclass(frozen=True)
@@ -41,18 +45,30 @@ class PagedLayout:
     def num_blocks(self) -> int:
         return len(self.starts)
 
-    def encode(self) -> list[int]:
-        """Flat ints, so the layout travels in ``extra_args`` (msgpack/JSON safe)."""
-        flat = [self.num_blocks, self.final_start, self.final_offset]
-        for row in zip(self.starts, self.ends, self.padded_ends, self.offsets):
-            flat.extend(row)
-        return flat
+    def validate(self, num_prompt_tokens: int, page_size: int) -> None:
+        """Check the invariants every consumer relies on; raises ValueError naming the broken one.
 
-    @classmethod
-    def decode(cls, flat: Sequence[int]) -> PagedLayout:
-        n, final_start, final_offset = (int(x) for x in flat[:3])
-        rows = np.asarray(flat[3:], dtype=np.int64).reshape(n, 4) if n else np.zeros((0, 4), np.int64)
-        return cls(*(tuple(int(v) for v in rows[:, c]) for c in range(4)), final_start, final_offset)
+        Blocks tile ``[0, final_start)`` in order, each starting on a page boundary with at least one
+        real token, pads only at its end (fewer than a page); the final block is non-empty; logical
+        offsets are distinct, and each block's logical span lies before the final offset.
+        """
+        n = self.num_blocks
+        if not (len(self.ends) == len(self.padded_ends) == len(self.offsets) == n):
+            raise ValueError("paged layout: ragged block fields")
+        slot = 0
+        for b in range(n):
+            s, e, pe, o = self.starts[b], self.ends[b], self.padded_ends[b], self.offsets[b]
+            if s != slot or s % page_size or not s < e <= pe or pe % page_size or pe - e >= page_size:
+                raise ValueError(f"paged layout: block {b} spans [{s}, {e}) padded to {pe}, "
+                                 f"expected to start at {slot} on a page of {page_size}")
+            if not 0 <= o or o + (e - s) > self.final_offset:
+                raise ValueError(f"paged layout: block {b} has logical offset {o} beyond the final block")
+            slot = pe
+        if self.final_start != slot or not self.final_start < num_prompt_tokens:
+            raise ValueError(f"paged layout: final block starts at {self.final_start}, expected {slot} "
+                             f"before the prompt's end ({num_prompt_tokens})")
+        if len(set(self.offsets)) != n or sum(e - s for s, e in zip(self.starts, self.ends)) != self.final_offset:
+            raise ValueError("paged layout: logical offsets do not tile the context blocks")
 
     def positions(self, slots: np.ndarray) -> np.ndarray:
         """Positions for the tokens at ``slots``: block-local in non-final blocks, logical in the final

