@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm import _custom_ops as ops
@@ -35,8 +36,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from . import cpu_kernels
 from .config import get_block_config
 from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
+from .paged import PagedLayout
 from .reference import apply_rotation, inv_freq_from_config, rope_cos_sin
 from .worker import batch_layouts, current_runner
 
@@ -61,8 +64,27 @@ class FinalQueries:
 
 
 @dataclass
+class KernelFinals:
+    """Final-block queries for the native kernel (``csrc/final_attention.cpp``): built once per step,
+    shared by all layers. Segments are each request's context blocks (physical order) and then its
+    final block; the kernel rotates the query by minus each block's logical offset."""
+
+    block_table: torch.Tensor  # [S, W] int32, vLLM's block table
+    q_rows: torch.Tensor  # [R] int64 row of each final query in the query/output tensors
+    q_req: torch.Tensor  # [R] int32 its block-table row
+    q_final_len: torch.Tensor  # [R] int32 final-block keys it sees (causal)
+    seg_ptr: torch.Tensor  # [S + 1] int32 segments of block-table row s: seg_ptr[s]:seg_ptr[s+1]
+    seg_page: torch.Tensor  # [NS] int32 first page of the segment (index into the row)
+    seg_len: torch.Tensor  # [NS] int32 real slots of the segment (final segments: per query instead)
+    seg_cos: torch.Tensor  # [NS, D] float32 cos of the query rotation (-offset)
+    seg_sin: torch.Tensor  # [NS, D] float32
+    k_col_major: bool
+    v_col_major: bool
+
+
+@dataclass
 class BlockAttnCPUMetadata(CPUAttentionMetadata):
-    final_queries: FinalQueries | None = None
+    final_queries: FinalQueries | KernelFinals | None = None
     triton: BlockKernelMetadata | None = None  # set when the Triton kernels run the whole batch
 
 
@@ -71,6 +93,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, self.head_dim)
         self.use_triton = get_block_config(vllm_config).kernel == "triton"
+        self._segments: dict[PagedLayout, tuple] = {}  # per-request kernel constants, by layout
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -129,8 +152,54 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=sub_qsl_t,
             max_seq_len=max(sub_seq), seq_lens=sub_seq_t, block_table=sub_table, slot_mapping=cm.slot_mapping,
             scheduler_metadata=scheduler_metadata, causal=True,
-            final_queries=self._final_queries(finals, table) if finals else None,
+            final_queries=self._finals(finals, table, cm.num_reqs) if finals else None,
         )
+
+    def _finals(self, finals, table, num_rows):
+        layout = kernel_layout(self.isa, self.dtype, self.block_size, 2 * self.head_dim)
+        if layout is None or cpu_kernels.load() is None:
+            return self._final_queries(finals, table)
+        return self._kernel_finals(finals, table, num_rows, *layout)
+
+    def _block_segments(self, lay: PagedLayout):
+        """Per-request constants: (first page, real length, cos, sin) of its context blocks."""
+        hit = self._segments.get(lay)
+        if hit is None:
+            page = self.block_size
+            starts = np.asarray(lay.starts, dtype=np.int32)
+            lens = np.asarray(lay.ends, dtype=np.int32) - starts
+            cos, sin = rope_cos_sin(-torch.tensor(lay.offsets, dtype=torch.float32), self.inv_freq)
+            hit = (starts // page, lens, cos, sin)
+            if len(self._segments) > 4096:
+                self._segments.clear()
+            self._segments[lay] = hit
+        return hit
+
+    def _kernel_finals(self, finals, table, num_rows, k_col_major, v_col_major) -> KernelFinals:
+        page = self.block_size
+        counts = np.zeros(num_rows + 1, dtype=np.int32)
+        pages, lens, coss, sins = [], [], [], []
+        rows, reqs, final_lens = [], [], []
+        unit_cos = torch.ones(1, self.inv_freq.numel() * 2)
+        zero_sin = torch.zeros(1, self.inv_freq.numel() * 2)
+        for q_start, first_slot, end_slot, lay, row in finals:  # one entry per block request, in row order
+            p, n, c, sn = self._block_segments(lay)
+            pages += [p, np.asarray([lay.final_start // page], dtype=np.int32)]
+            lens += [n, np.zeros(1, dtype=np.int32)]
+            coss += [c, unit_cos]
+            sins += [sn, zero_sin]
+            counts[row + 1] = len(n) + 1
+            q = end_slot - first_slot
+            rows.append(np.arange(q_start, q_start + q, dtype=np.int64))
+            reqs.append(np.full(q, row, dtype=np.int32))
+            final_lens.append(np.arange(first_slot, end_slot, dtype=np.int32) - lay.final_start + 1)
+        return KernelFinals(
+            block_table=table.to(torch.int32).contiguous(), q_rows=torch.from_numpy(np.concatenate(rows)),
+            q_req=torch.from_numpy(np.concatenate(reqs)), q_final_len=torch.from_numpy(np.concatenate(final_lens)),
+            seg_ptr=torch.from_numpy(np.cumsum(counts, dtype=np.int32)),
+            seg_page=torch.from_numpy(np.concatenate(pages)), seg_len=torch.from_numpy(np.concatenate(lens)),
+            seg_cos=torch.cat(coss).contiguous(), seg_sin=torch.cat(sins).contiguous(),
+            k_col_major=k_col_major, v_col_major=v_col_major)
 
     def _final_queries(self, finals, table) -> FinalQueries:
         page = self.block_size
@@ -178,8 +247,6 @@ class BlockAttnCPUBackend(CPUAttentionBackend):
 
 
 class BlockAttnCPUImpl(CPUAttentionBackendImpl):
-    _layout_index: dict = {}
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query: [T, Hq, D]; kv_cache: [pages, Hkv, page_size, 2 * D]; output: [T, Hq * D] or [T, Hq, D]."""
@@ -189,6 +256,12 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
                               output_block_scale)
         fq = getattr(attn_metadata, "final_queries", None)
         if fq is None:
+            return out
+        if isinstance(fq, KernelFinals):
+            out3 = output.view(output.shape[0], self.num_heads, self.head_size)
+            cpu_kernels.load().final_attention(
+                query, kv_cache, fq.block_table, fq.q_rows, fq.q_req, fq.q_final_len, fq.seg_ptr, fq.seg_page,
+                fq.seg_len, fq.seg_cos, fq.seg_sin, self.scale, fq.k_col_major, fq.v_col_major, out3)
             return out
         kidx, vidx = self._cache_index(layer, kv_cache)
         pages, kvh, _, _ = kv_cache.shape
@@ -228,31 +301,60 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
         return output
 
     def _cache_index(self, layer, kv_cache):
-        """Where slot s, dim d of K and V live inside one (page, head) region of the cache.
-
-        The CPU kernels store pages in ISA-specific layouts (the "vec" kernel keeps K column-major);
-        rather than hard-code them, write known values with vLLM's own cache-write op and read back.
-        """
         _, _, page_size, two_d = kv_cache.shape
-        key = (layer.isa, kv_cache.dtype, page_size, two_d)
-        if key not in self._layout_index:
-            d = two_d // 2
-            probe = torch.zeros(1, 1, 2 * page_size, d, dtype=kv_cache.dtype)
-            kc, vc = probe.chunk(2, dim=2)
-            s_idx = torch.arange(page_size, dtype=torch.float32)[:, None, None].expand(page_size, 1, d)
-            d_idx = torch.arange(d, dtype=torch.float32)[None, None, :].expand(page_size, 1, d)
-            found = []
-            for values in (s_idx, d_idx % 128, d_idx // 128):
-                probe.zero_()
-                vals = values.to(kv_cache.dtype).contiguous()
-                ops.cpu_attn_reshape_and_cache(vals, vals, kc, vc, torch.arange(page_size), layer.isa,
-                                               k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-                found.append(probe.view(-1).float().round().long())
-            s_at, d_at = found[0], found[1] + 128 * found[2]
-            region = page_size * d
-            index = torch.empty(2, page_size, d, dtype=torch.long)
-            for half in (0, 1):
-                pos = torch.arange(region) + half * region
-                index[half, s_at[pos], d_at[pos]] = pos
-            self._layout_index[key] = (index[0], index[1])
-        return self._layout_index[key]
+        return cache_index(layer.isa, kv_cache.dtype, page_size, two_d)
+
+
+_LAYOUT_INDEX: dict = {}
+
+
+def cache_index(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where slot s, dim d of K and V live inside one (page, head) region of the cache.
+
+    The CPU kernels store pages in ISA-specific layouts (the "vec" kernel keeps K column-major);
+    rather than hard-code them, write known values with vLLM's own cache-write op and read back.
+    """
+    key = (isa, dtype, page_size, two_d)
+    if key not in _LAYOUT_INDEX:
+        d = two_d // 2
+        probe = torch.zeros(1, 1, 2 * page_size, d, dtype=dtype)
+        kc, vc = probe.chunk(2, dim=2)
+        s_idx = torch.arange(page_size, dtype=torch.float32)[:, None, None].expand(page_size, 1, d)
+        d_idx = torch.arange(d, dtype=torch.float32)[None, None, :].expand(page_size, 1, d)
+        found = []
+        for values in (s_idx, d_idx % 128, d_idx // 128):
+            probe.zero_()
+            vals = values.to(dtype).contiguous()
+            ops.cpu_attn_reshape_and_cache(vals, vals, kc, vc, torch.arange(page_size), isa,
+                                           k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+            found.append(probe.view(-1).float().round().long())
+        s_at, d_at = found[0], found[1] + 128 * found[2]
+        region = page_size * d
+        index = torch.empty(2, page_size, d, dtype=torch.long)
+        for half in (0, 1):
+            pos = torch.arange(region) + half * region
+            index[half, s_at[pos], d_at[pos]] = pos
+        _LAYOUT_INDEX[key] = (index[0], index[1])
+    return _LAYOUT_INDEX[key]
+
+
+_KERNEL_LAYOUT: dict = {}
+
+
+def kernel_layout(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> tuple[bool, bool] | None:
+    """(K column-major, V column-major) when the page layout is one the native kernel reads, else None."""
+    key = (isa, dtype, page_size, two_d)
+    if key not in _KERNEL_LAYOUT:
+        _KERNEL_LAYOUT[key] = _kernel_layout(*key)
+    return _KERNEL_LAYOUT[key]
+
+
+def _kernel_layout(isa, dtype, page_size, two_d):
+    kidx, vidx = cache_index(isa, dtype, page_size, two_d)
+    d = two_d // 2
+    s, dd = torch.arange(page_size)[:, None], torch.arange(d)[None, :]
+    region = page_size * d
+    k = True if torch.equal(kidx, dd * page_size + s) else False if torch.equal(kidx, s * d + dd) else None
+    v = True if torch.equal(vidx, region + dd * page_size + s) else \
+        False if torch.equal(vidx, region + s * d + dd) else None
+    return None if k is None or v is None else (k, v)

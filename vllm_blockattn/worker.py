@@ -80,6 +80,10 @@ def _install(runner) -> None:
     from ._vllm_api import ensure_compatible
 
     ensure_compatible(current_platform.is_cpu())  # worker processes may run another vLLM than the frontend
+    if current_platform.is_cpu():
+        from . import cpu_kernels
+
+        cpu_kernels.load()  # built once per machine; at start-up rather than inside the first request
     if not hasattr(runner, "_prepare_inputs") or not hasattr(runner, "input_batch"):
         raise RuntimeError("the blockattn backend needs vLLM's V1 model runner; it selects it by itself unless "
                            "VLLM_USE_V2_MODEL_RUNNER=1 is set: unset it or set it to 0")
