@@ -55,6 +55,12 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
 
 class BlockAttnTritonImpl(TritonAttentionImpl):
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        # The block kernels write unquantized output. Saying yes (the Triton parent does for static fp8)
+        # lets vLLM's attn+quant fusion pass (compilation pass_config.fuse_attn_quant, opt-in in 0.32)
+        # fuse the quant op away and hand forward an output_scale, which the block path can only refuse.
+        return False
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query: [T, Hq, D]; kv_cache: [pages, Hkv, page_size, 2 * D]; output: [T, Hq * D] or [T, Hq, D]."""

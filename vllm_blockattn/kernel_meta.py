@@ -23,7 +23,7 @@ class BlockKernelMetadata:
     page_delta: torch.Tensor  # [S, max_pages] int32 logical offset of the page's block (0 for final pages)
     page_valid: torch.Tensor  # [S, max_pages] int32 real slots in the page (pads trail)
     inv_freq: torch.Tensor  # [D / 2] float32
-    decode_only: bool  # every row has exactly one final-block query
+    decode_only: bool  # every row has exactly one final-block query (the decode kernel's contract)
 
 
 def build_kernel_metadata(layouts: Sequence[PagedLayout | None], query_start_loc: Sequence[int],
@@ -39,7 +39,7 @@ def build_kernel_metadata(layouts: Sequence[PagedLayout | None], query_start_loc
         q0, q1, seq = query_start_loc[i], query_start_loc[i + 1], seq_lens[i]
         lay = layouts[i] if i < len(layouts) else None
         if lay is None or q1 == q0:
-            decode_only &= q1 - q0 <= 1
+            decode_only &= q1 - q0 == 1  # a row without a query (batch padding) needs the prefill kernel
             continue
         for b in range(lay.num_blocks):
             first, last = lay.starts[b] // page_size, lay.padded_ends[b] // page_size
