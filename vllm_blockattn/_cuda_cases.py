@@ -47,7 +47,7 @@ from .paged import PagedLayout, pad_and_order
 SINK_ID, PAD_ID, CONTENT_ID = 1, 2, 7
 SETTINGS = BlockSettings(sink_token_id=SINK_ID, num_sinks=4)
 PAD_BATCH_TOKENS = 3          # extra query rows past num_actual_tokens, as a CUDA-graph-padded batch has
-OUTPUT_SENTINEL = 1234.5      # written into the padded output rows; the backend must leave them alone
+OUTPUT_SENTINEL = 512.0       # in the padded output rows (exact in every dtype); the backend must leave them alone
 _VLLM_TRITON_MODULES = ("vllm.v1.attention.ops.triton_unified_attention",
                         "vllm.v1.attention.ops.triton_attention_helpers",
                         "vllm.v1.attention.ops.triton_reshape_and_cache_flash",
@@ -447,7 +447,8 @@ def tolerance(dtype: torch.dtype, device: torch.device, path: str) -> float:
     if dtype == torch.float32:
         # vLLM's unified_attention uses tl.dot's default precision: tf32 on a GPU
         return 5e-3 if (path == "stock" and device.type == "cuda") else 2e-4 if device.type == "cuda" else 1e-4
-    return 3e-2
+    # half precision: P is rounded to the storage dtype before P @ V (both backends), outputs are O(1)
+    return 5e-2 if dtype == torch.bfloat16 else 1e-2
 
 
 TAMPERS = ("no_rotation", "causal")
