@@ -24,6 +24,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SINK_TOKEN = "<|block_sink|>"
 DEFAULT_NUM_SINKS = 4
 CONFIG_KEY = "block_attention"
@@ -271,23 +273,24 @@ def parse_block_prompt(
         BlockLayoutError: a sink run whose length is not ``num_sinks``, a sink group with no content
             after it, or an empty prompt.
     """
-    ids = _check_ids(token_ids, "token_ids")
-    if not ids:
+    try:
+        arr = np.asarray(token_ids, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BlockLayoutError(f"token_ids must be a sequence of token ids: {e}") from None
+    if arr.ndim != 1:
+        raise BlockLayoutError(f"token_ids must be a flat sequence of token ids, got shape {arr.shape}")
+    n = int(arr.shape[0])
+    if not n:
         raise BlockLayoutError("empty prompt")
     if (page_size is None) != (pad_id is None):
         raise BlockLayoutError("pad parsing needs both `page_size` and `pad_id`")
     s, k = settings.sink_token_id, settings.num_sinks
 
-    # Sink group starts; every maximal run of sink ids must be exactly k long.
-    starts = []
-    i, n = 0, len(ids)
-    while i < n:
-        if ids[i] != s:
-            i += 1
-            continue
-        j = i
-        while j < n and ids[j] == s:
-            j += 1
+    # Sink group starts; every maximal run of sink ids must be exactly k long (vectorized: the parse
+    # runs on every prompt in the server's frontend and scheduler).
+    edges = np.diff(np.concatenate(([0], (arr == s).astype(np.int8), [0])))
+    run_starts, run_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    for i, j in zip(run_starts.tolist(), run_ends.tolist()):
         if j - i != k:
             raise BlockLayoutError(
                 f"sink run of length {j - i} at token {i}; every sink group must be exactly {k} "
@@ -295,8 +298,7 @@ def parse_block_prompt(
             )
         if j == n:
             raise BlockLayoutError(f"sink group at token {i} ends the prompt: the block after it is empty")
-        starts.append(i)
-        i = j
+    starts = run_starts.tolist()
     if not starts:
         return BlockLayout((Block(0, 0, n, n, True),), n, settings)
 
@@ -305,11 +307,11 @@ def parse_block_prompt(
     for b in range(len(bounds) - 1):
         start, stop = bounds[b], bounds[b + 1]
         is_final = b == len(bounds) - 2
-        content_start = start + k if ids[start] == s else start
+        content_start = start + k if arr[start] == s else start
         end = stop
         if not is_final and page_size is not None and (stop - start) % page_size == 0:
             # The builder adds fewer than page_size pads; content should not end with the pad id.
-            while stop - end < page_size - 1 and end > content_start + 1 and ids[end - 1] == pad_id:
+            while stop - end < page_size - 1 and end > content_start + 1 and arr[end - 1] == pad_id:
                 end -= 1
         blocks.append(Block(start, content_start, end, stop, is_final))
     return BlockLayout(tuple(blocks), n, settings)
