@@ -1,12 +1,7 @@
 """The OpenAI-compatible server with the blockattn backend (multi-process engine, loopback only)."""
 
 import concurrent.futures as cf
-import os
-import re
-import socket
-import subprocess
-import sys
-import time
+import functools
 
 import pytest
 import requests
@@ -16,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_blockattn import BlockSettings, parse_block_prompt
 from vllm_blockattn.client import block_chat_request, block_completion_request, block_prompt_text
 from vllm_blockattn.reference import block_generate
+
+from tests._server import completion, metric_value, serve
 
 DOCS = [
     "Alice moved to Paris in 2019 and works as a nurse at a large hospital near the river.",
@@ -27,44 +24,10 @@ QUESTION = "Question: Where does Alice live? Answer:"
 MAX_TOKENS = 5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cli = os.path.join(os.path.dirname(sys.executable), "vllm-blockattn")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [cli, "serve", tiny_qwen3, "--attention-backend", "blockattn", "--dtype", "float32", "--enforce-eager",
-             "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny"],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"server did not start:\n{log.read_text()[-4000:]}")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve(tiny_qwen3, tmp_path_factory.mktemp("server")) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +42,7 @@ def reference_tokens(hf, ids):
 
 
 def complete(base, prompt, **kw):
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True, **kw}
-    return requests.post(base + "/v1/completions", json=body, timeout=120)
+    return completion(base, prompt, MAX_TOKENS, **kw)
 
 
 def test_completion_with_block_text_matches_reference(server, hf):
@@ -125,11 +86,7 @@ def test_block_cache_metrics_on_prometheus(server):
     for _ in range(2):
         assert complete(server, prompt).status_code == 200
     text = requests.get(server + "/metrics", timeout=30).text
-
-    def value(name):
-        found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
-        return sum(float(v) for v in found)
-
+    value = functools.partial(metric_value, text)
     assert value("vllm_blockattn:context_blocks_total") >= 4
     assert value("vllm_blockattn:block_cache_hits_total") >= 2
     assert value("vllm_blockattn:reused_block_tokens_total") > 0
