@@ -114,8 +114,9 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
-    from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-    from vllm_blockattn.reference import block_generate
+    from vllm_blockattn import BlockSettings, build_block_prompt
+
+    from tests._reference import assert_matches, block_reference
 
     calls = []
 
@@ -138,8 +139,5 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
         del llm
         gc.collect()
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
-    tokens, lps = block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=8, return_logprobs=True)
-    assert list(out.outputs[0].token_ids) == tokens
-    got = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
-    assert max(abs(a - b) for a, b in zip(got, lps)) <= 1e-3
+    assert_matches(out, block_reference(model, settings, ids, 8))
     assert calls and all(c > 0 for c in calls)  # every layer of the prefill and each decode step

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn import BlockSettings, build_block_prompt
+
+from tests._reference import assert_matches, block_reference
 
 vllm = pytest.importorskip("vllm")
 
@@ -55,9 +56,4 @@ def test_decode_64_tokens_mixed_batch_equals_reference(tiny_qwen3, kernel, monke
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
     settings = BlockSettings.from_pretrained(tiny_qwen3)
     for p, out in zip(batch, outs):
-        tokens, lps = block_generate(model, p, parse_block_prompt(p, settings), max_new_tokens=NEW,
-                                     return_logprobs=True)
-        got = list(out.outputs[0].token_ids)
-        assert got == tokens
-        got_lps = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, got)]
-        assert max(abs(a - b) for a, b in zip(got_lps, lps)) <= 1e-3
+        assert_matches(out, block_reference(model, settings, p, NEW))

@@ -8,7 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_forward, block_generate, full_forward
+from vllm_blockattn.reference import block_forward, full_forward
+
+from tests._reference import assert_matches, block_reference
 
 vllm = pytest.importorskip("vllm")
 
@@ -60,16 +62,10 @@ def block_ids(hf, docs, prefix=PREFIX, question=QUESTION):
 def reference(hf, ids, max_tokens=MAX_TOKENS):
     """Greedy tokens and their log-probabilities under block attention (HF reference)."""
     model, _, settings = hf
-    return block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=max_tokens,
-                          return_logprobs=True)
+    return block_reference(model, settings, ids, max_tokens)
 
 
-def check(output, ref):
-    tokens, lps = ref
-    got = list(output.outputs[0].token_ids)
-    assert got == tokens
-    got_lps = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, got)]
-    assert max(abs(a - b) for a, b in zip(got_lps, lps)) <= 1e-3
+check = assert_matches
 
 
 def run(llm, ids, **kw):

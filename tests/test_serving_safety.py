@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_generate, full_forward
+from vllm_blockattn import BlockSettings, build_block_prompt
+from vllm_blockattn.reference import full_forward
+
+from tests._reference import assert_matches, block_reference
 
 vllm = pytest.importorskip("vllm")
 
@@ -49,16 +51,10 @@ def run(llm, ids, **extra):
 
 def reference(hf, ids):
     model, _, settings = hf
-    return block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=MAX_TOKENS,
-                          return_logprobs=True)
+    return block_reference(model, settings, ids, MAX_TOKENS)
 
 
-def check(out, ref):
-    tokens, lps = ref
-    got = list(out.outputs[0].token_ids)
-    assert got == tokens
-    got_lps = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, got)]
-    assert max(abs(a - b) for a, b in zip(got_lps, lps)) <= 1e-3
+check = assert_matches
 
 
 def plain_reference(hf, ids):
