@@ -73,8 +73,8 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
     assert layout is not None
     args = dict(
         query=q, kv_cache=cache, block_table=perm[None, :].contiguous(),
-        q_rows=torch.arange(q_len, dtype=torch.int64), q_req=torch.zeros(q_len, dtype=torch.int32),
-        q_final_len=torch.arange(final - q_len + 1, final + 1, dtype=torch.int32),
+        e_row0=torch.tensor([0], dtype=torch.int64), e_nq=torch.tensor([q_len], dtype=torch.int32),
+        e_bt_row=torch.tensor([0], dtype=torch.int32), e_final0=torch.tensor([final - q_len + 1], dtype=torch.int32),
         seg_ptr=torch.tensor([0, len(blocks) + 1], dtype=torch.int32),
         seg_page=torch.tensor([s // page for s, _, _ in spans] + [final_start // page], dtype=torch.int32),
         seg_len=torch.tensor([n for _, n, _ in spans] + [0], dtype=torch.int32),
@@ -97,7 +97,7 @@ def test_kernel_decode_single_query_and_no_context(kernel):
     out = torch.empty_like(args["query"])
     kernel.final_attention(*args.values(), out)
     assert (out - ref).abs().max().item() < 1e-4
-    args, ref = make_case(torch.float32, 8, blocks=(), final=20, q_len=20)  # prefix-free: plain causal
+    args, ref = make_case(torch.float32, 8, blocks=(), final=45, q_len=45)  # no context: plain causal, 6 tiles
     out = torch.empty_like(args["query"])
     kernel.final_attention(*args.values(), out)
     assert (out - ref).abs().max().item() < 1e-4

