@@ -30,25 +30,7 @@ import random
 import statistics
 import time
 
-
-def default_model(path: str) -> str:
-    from vllm_blockattn.tiny import build_tiny_model
-
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_tiny_model(path, "qwen3", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-                         intermediate_size=1536, max_position_embeddings=40960)
-    return path
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from vllm_blockattn.eval.benchkit import cpu_model, default_bench_model
 
 
 def timed(llm, prompts: list[list[int]], max_tokens: int) -> float:
@@ -115,7 +97,7 @@ def run(args) -> dict:
 
     from vllm_blockattn import BlockSettings
 
-    model = args.model or default_model(os.path.join(args.out, "model"))
+    model = args.model or default_bench_model(os.path.join(args.out, "model"))
     tok = AutoTokenizer.from_pretrained(model)
     settings = BlockSettings.from_pretrained(model) or BlockSettings.from_tokenizer(tok)
     special = set(tok.all_special_ids)

@@ -99,6 +99,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from vllm_blockattn.eval.benchkit import cpu_model, default_bench_model
+
 MODEL_NAME = "bench"
 SYSTEMS = ("stock", "stock-sorted", "blockattn")
 WORKLOADS = ("rag", "chat")
@@ -112,26 +114,6 @@ METRICS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "v
 
 
 # ---------------------------------------------------------------------------------------------- setup
-
-def default_model(path: str) -> str:
-    from vllm_blockattn.tiny import build_tiny_model
-
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_tiny_model(path, "qwen3", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-                         intermediate_size=1536, max_position_embeddings=40960)
-    return path
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def package_version(*names: str) -> str | None:
     for name in names:
@@ -695,7 +677,7 @@ def run(args) -> dict:
 
     from vllm_blockattn import BlockSettings
 
-    model = args.model or default_model(os.path.join(args.out, "model"))
+    model = args.model or default_bench_model(os.path.join(args.out, "model"))
     tok = AutoTokenizer.from_pretrained(model)
     settings = BlockSettings.from_pretrained(model) if os.path.isdir(model) else None
     settings = settings or BlockSettings.from_tokenizer(tok)

@@ -28,14 +28,7 @@ import random
 import statistics
 import time
 
-
-def default_model(path: str) -> str:
-    from vllm_blockattn.tiny import build_tiny_model
-
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_tiny_model(path, "qwen3", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
-                         intermediate_size=1536, max_position_embeddings=40960)
-    return path
+from vllm_blockattn.eval.benchkit import default_bench_model
 
 
 def make_docs(rng: random.Random, vocab: list[int], n_docs: int, doc_len: int) -> list[list[int]]:
@@ -65,7 +58,7 @@ def run(args) -> dict:
 
     from vllm_blockattn import BlockSettings, build_block_prompt
 
-    model = args.model or default_model(os.path.join(args.out, "ttft-model"))
+    model = args.model or default_bench_model(os.path.join(args.out, "ttft-model"))
     tok = AutoTokenizer.from_pretrained(model)
     settings = BlockSettings.from_pretrained(model) or BlockSettings.from_tokenizer(tok)
     special = set(tok.all_special_ids)

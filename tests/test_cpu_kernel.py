@@ -46,7 +46,6 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
     slots = (perm.long()[torch.arange(total) // page] * page + torch.arange(total) % page)
     ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), key_cache, value_cache, slots, isa,
                                    k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    final_off = sum(n for n, _ in blocks)
     q = torch.randn(q_len, hq, d, generator=g).to(dtype)
 
     # Reference: keys of block b rotated by its offset, final keys as stored; causal in the final block.
