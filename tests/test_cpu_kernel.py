@@ -140,3 +140,14 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
     assert_matches(out, block_reference(model, settings, ids, 8))
     assert calls and all(c > 0 for c in calls)  # every layer of the prefill and each decode step
+
+
+@pytest.mark.parametrize("hkv, group, d", [(4, 1, 64), (1, 4, 128), (2, 8, 64), (2, 3, 64), (1, 2, 96)])
+def test_kernel_head_shapes(kernel, hkv, group, d):
+    """Compile-time fast paths (page 32; head_dim 64/128; 1, 2, 4 or 8 query heads per KV head) and the
+    generic path (other shapes) give the same result as the reference."""
+    for q_len in (1, 11):
+        args, ref = make_case(torch.float32, 10 + q_len, hkv=hkv, group=group, d=d, q_len=q_len)
+        out = torch.empty_like(args["query"])
+        kernel.final_attention(*args.values(), out)
+        assert (out - ref).abs().max().item() < 1e-4, (hkv, group, d, q_len)

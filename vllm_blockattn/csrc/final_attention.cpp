@@ -49,7 +49,57 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
-template <typename scalar_t, int64_t PAGE, int64_t HD>
+// One query's G heads (the query heads of one KV head) against one page, everything in registers:
+// each key and value row is loaded once for the G heads.
+template <int64_t PAGE, int64_t HD, int64_t G>
+inline void page_step(const float* __restrict__ qr, const float* __restrict__ kf, const float* __restrict__ vf,
+                      int64_t limit, float fscale, float* __restrict__ m, float* __restrict__ l,
+                      float* __restrict__ acc) {
+  float s_loc[G][PAGE] = {};
+  for (int64_t d = 0; d < HD; ++d) {
+    const float* __restrict__ kd = kf + d * PAGE;
+    for (int64_t g = 0; g < G; ++g) {
+      const float yd = qr[g * HD + d];
+#pragma omp simd
+      for (int64_t j = 0; j < PAGE; ++j) s_loc[g][j] += yd * kd[j];
+    }
+  }
+  float corr[G];
+  for (int64_t g = 0; g < G; ++g) {
+    float mx = m[g];
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < limit; ++j) {
+      s_loc[g][j] *= fscale;
+      mx = std::max(mx, s_loc[g][j]);
+    }
+    corr[g] = exp_neg(m[g] - mx);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < limit; ++j) {
+      s_loc[g][j] = exp_neg(s_loc[g][j] - mx);
+      sum += s_loc[g][j];
+    }
+    l[g] = l[g] * corr[g] + sum;
+    m[g] = mx;
+  }
+  float a_loc[G][HD];
+  for (int64_t g = 0; g < G; ++g)
+#pragma omp simd
+    for (int64_t d = 0; d < HD; ++d) a_loc[g][d] = acc[g * HD + d] * corr[g];
+  for (int64_t j = 0; j < limit; ++j) {
+    const float* __restrict__ vj = vf + j * HD;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = s_loc[g][j];
+#pragma omp simd
+      for (int64_t d = 0; d < HD; ++d) a_loc[g][d] += p * vj[d];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+#pragma omp simd
+    for (int64_t d = 0; d < HD; ++d) acc[g * HD + d] = a_loc[g][d];
+}
+
+template <typename scalar_t, int64_t PAGE, int64_t HD, int64_t G>
 void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
          const torch::Tensor& e_row0, const torch::Tensor& e_nq, const torch::Tensor& e_bt_row,
          const torch::Tensor& e_final0, const torch::Tensor& seg_ptr, const torch::Tensor& seg_page,
@@ -62,7 +112,7 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
   const int64_t D = HD ? HD : query.size(2);
   const int64_t Hkv = kv_cache.size(1);
   const int64_t page = PAGE ? PAGE : kv_cache.size(2);
-  const int64_t group = Hq / Hkv;
+  const int64_t group = G ? G : Hq / Hkv;
   const int64_t half = D / 2;
   const int64_t bt_stride = block_table.stride(0);
   const int64_t q_stride_t = query.stride(0), q_stride_h = query.stride(1);
@@ -157,6 +207,15 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
                 for (int64_t j = 0; j < page; ++j) vpage[j * D + d] = static_cast<float>(vp[d * page + j]);
             }
             vf = vpage.data();
+          }
+          if constexpr (PAGE > 0 && HD > 0 && G > 0) {
+            for (int64_t t = 0; t < nt; ++t) {
+              const int64_t limit = is_final ? std::min<int64_t>(valid, final0[e] + t0 + t - pi * page) : valid;
+              if (limit > 0)
+                page_step<PAGE, HD, G>(qr.data() + t * G * HD, kf, vf, limit, fscale, m.data() + t * G,
+                                       l.data() + t * G, acc.data() + t * G * HD);
+            }
+            continue;
           }
           for (int64_t r = 0; r < rows; ++r) {
             // Keys this row's query sees on this page (the final block is causal).
@@ -257,11 +316,25 @@ void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor 
               "block_table rows and cos/sin tables must be contiguous");
   const int64_t page = kv_cache.size(2), head_dim = query.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "final_attention", [&] {
-    auto go = [&](auto page_c, auto dim_c) {
-      run<scalar_t, decltype(page_c)::value, decltype(dim_c)::value>(
+    const int64_t group = query.size(1) / kv_cache.size(1);
+    auto go3 = [&](auto page_c, auto dim_c, auto group_c) {
+      run<scalar_t, decltype(page_c)::value, decltype(dim_c)::value, decltype(group_c)::value>(
           query, kv_cache, block_table, e_row0.contiguous(), e_nq.contiguous(), e_bt_row.contiguous(),
           e_final0.contiguous(), seg_ptr.contiguous(), seg_page.contiguous(), seg_len.contiguous(), seg_cos,
           seg_sin, scale, k_col_major, v_col_major, out);
+    };
+    using G0 = std::integral_constant<int64_t, 0>;
+    auto go = [&](auto page_c, auto dim_c) {
+      if constexpr (decltype(page_c)::value > 0 && decltype(dim_c)::value > 0) {
+        switch (group) {
+          case 1: return go3(page_c, dim_c, std::integral_constant<int64_t, 1>{});
+          case 2: return go3(page_c, dim_c, std::integral_constant<int64_t, 2>{});
+          case 4: return go3(page_c, dim_c, std::integral_constant<int64_t, 4>{});
+          case 8: return go3(page_c, dim_c, std::integral_constant<int64_t, 8>{});
+          default: break;
+        }
+      }
+      go3(page_c, dim_c, G0{});
     };
     using P32 = std::integral_constant<int64_t, 32>;
     using Any = std::integral_constant<int64_t, 0>;
