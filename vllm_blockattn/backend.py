@@ -154,23 +154,25 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=sub_qsl_t,
             max_seq_len=max(sub_seq), seq_lens=sub_seq_t, block_table=sub_table, slot_mapping=cm.slot_mapping,
             scheduler_metadata=scheduler_metadata, causal=True,
-            final_queries=self._finals(finals, table, cm.num_reqs) if finals else None,
+            final_queries=self._finals(finals, table) if finals else None,
         )
 
-    def _finals(self, finals, table, num_rows):
+    def _finals(self, finals, table):
         layout = kernel_layout(self.isa, self.dtype, self.block_size, 2 * self.head_dim)
         if layout is None or cpu_kernels.load() is None:
             return self._final_queries(finals, table)
         return self._kernel_finals(finals, table, *layout)
 
     def _block_segments(self, lay: PagedLayout):
-        """Per-request constants: (first page, real length, cos, sin) of its context blocks."""
+        """Per-request constants, computed once: every segment's (first page, real length, cos, sin) of
+        the query rotation, context blocks in physical order and then the final block (no rotation;
+        its length is per query)."""
         hit = self._segments.get(lay)
         if hit is None:
             page = self.block_size
-            starts = np.asarray(lay.starts, dtype=np.int32)
-            lens = np.asarray(lay.ends, dtype=np.int32) - starts
-            cos, sin = rope_cos_sin(-torch.tensor(lay.offsets, dtype=torch.float32), self.inv_freq)
+            starts = np.asarray([*lay.starts, lay.final_start], dtype=np.int32)
+            lens = np.asarray([*lay.ends, lay.final_start], dtype=np.int32) - starts
+            cos, sin = rope_cos_sin(-torch.tensor([*lay.offsets, 0], dtype=torch.float32), self.inv_freq)
             hit = (starts // page, lens, cos, sin)
             if len(self._segments) > 4096:
                 self._segments.clear()
@@ -178,19 +180,16 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return hit
 
     def _kernel_finals(self, finals, table, k_col_major, v_col_major) -> KernelFinals:
-        page = self.block_size
         counts = np.zeros(len(finals) + 1, dtype=np.int32)
         pages, lens, coss, sins = [], [], [], []
         row0, nq, bt_row, final0 = [], [], [], []
-        unit_cos = torch.ones(1, self.inv_freq.numel() * 2)
-        zero_sin = torch.zeros(1, self.inv_freq.numel() * 2)
         for e, (q_start, first_slot, end_slot, lay, row) in enumerate(finals):
             p, n, c, sn = self._block_segments(lay)
-            pages += [p, np.asarray([lay.final_start // page], dtype=np.int32)]
-            lens += [n, np.zeros(1, dtype=np.int32)]
-            coss += [c, unit_cos]
-            sins += [sn, zero_sin]
-            counts[e + 1] = len(n) + 1
+            pages.append(p)
+            lens.append(n)
+            coss.append(c)
+            sins.append(sn)
+            counts[e + 1] = len(n)
             row0.append(q_start)
             nq.append(end_slot - first_slot)
             bt_row.append(row)
