@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .candidates import DEFAULT_PATTERN, SegmenterInputError, compile_pattern, find_candidates, split_at
+from .layout_features import NUM_LAYOUT_FEATURES, layout_features
 
 CONFIG_NAME = "segmenter_config.json"
 HEAD_NAME = "head.safetensors"
@@ -74,6 +75,8 @@ class SegmenterConfig:
         overlap: tokens shared by consecutive windows.
         head_hidden: width of the cut head's hidden layer.
         threshold: default cut probability threshold (first level).
+        layout: append the layout features of :mod:`.layout_features` (newline counts, indentation,
+            headings, speakers) to the state the head reads; off in checkpoints that predate it.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -84,6 +87,7 @@ class SegmenterConfig:
     overlap: int = 128
     head_hidden: int = 256
     threshold: float = 0.5
+    layout: bool = False
 
     def __post_init__(self):
         if self.kind not in ("auto", "causal", "encoder"):
@@ -151,7 +155,9 @@ class Segmenter(nn.Module):
         else:
             self.causal = config.kind == "causal"
         hidden = backbone.config.hidden_size
-        self.head = nn.Sequential(nn.Linear(hidden, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, 2))
+        extra = NUM_LAYOUT_FEATURES if config.layout else 0
+        self.head = nn.Sequential(nn.Linear(hidden + extra, config.head_hidden), nn.ReLU(),
+                                  nn.Linear(config.head_hidden, 2))
         self.marker_id = self._marker_id()
         limit = getattr(backbone.config, "max_position_embeddings", None)
         self.window = min(config.window, limit) if limit else config.window
@@ -297,9 +303,23 @@ class Segmenter(nn.Module):
                 out = out.index_copy(0, sel, h[j, readout_pos[sel]].to(out.dtype))
         return out
 
-    def forward(self, input_ids, attention_mask, readout_window, readout_pos):
-        """Cut logits ``[num_candidates, 2]`` (class 1 = cut)."""
-        return self.head(self.features(input_ids, attention_mask, readout_window, readout_pos))
+    def head_input(self, features: torch.Tensor, text: str | None = None, candidates=None,
+                   layout: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head reads: the backbone ``features``, followed by the layout features of
+        ``candidates`` in ``text`` (or the given ``layout``) when ``config.layout`` is on."""
+        if not self.config.layout:
+            return features
+        if layout is None:
+            if text is None or candidates is None:
+                raise ValueError("this segmenter reads layout features: pass the text and its candidates")
+            layout = layout_features(text, candidates)
+        return torch.cat([features, layout.to(features.device, features.dtype)], dim=-1)
+
+    def forward(self, input_ids, attention_mask, readout_window, readout_pos, layout=None):
+        """Cut logits ``[num_candidates, 2]`` (class 1 = cut). ``layout``: the candidates' layout
+        features (:func:`.layout_features.layout_features`), needed when ``config.layout`` is on."""
+        feats = self.features(input_ids, attention_mask, readout_window, readout_pos)
+        return self.head(self.head_input(feats, layout=layout) if self.config.layout else feats)
 
     @torch.no_grad()
     def candidate_probs(self, text: str) -> tuple[list[int], list[float]]:
@@ -311,8 +331,9 @@ class Segmenter(nn.Module):
         self.eval()
         try:
             dev = next(self.head.parameters()).device
+            layout = layout_features(text, enc.candidates) if self.config.layout else None
             logits = self(enc.input_ids.to(dev), enc.attention_mask.to(dev),
-                          enc.readout_window.to(dev), enc.readout_pos.to(dev))
+                          enc.readout_window.to(dev), enc.readout_pos.to(dev), layout)
         finally:
             self.train(was_training)
         return enc.candidates, torch.softmax(logits.float(), -1)[:, 1].cpu().tolist()
