@@ -1,0 +1,65 @@
+"""Parity with the official runners on fixtures produced by the official code itself.
+
+``tests/fixtures/parity/*.json`` hold (prediction, answers, expected score) cases scored once by
+THUDM/LongBench's ``metrics.py`` (through ``eval.py``'s row rule) and snap-research/LoCoMo's
+``task_eval/evaluation.py`` (see ``tests/fixtures/parity/README.md``); nothing official is imported here.
+"""
+
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from vllm_blockattn.eval import locomo_metrics as lm
+from vllm_blockattn.eval import longbench_metrics as lb
+
+PARITY = os.path.join(os.path.dirname(__file__), "fixtures", "parity")
+
+
+def _load(name):
+    with open(os.path.join(PARITY, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+LB_CASES = _load("longbench_metrics.json")
+LOCOMO_CASES = _load("locomo_metrics.json")
+
+
+def test_fixtures_cover_every_metric_with_at_least_20_cases():
+    counts = Counter(c["metric"] for c in LB_CASES)
+    assert set(counts) == set(lb.METRICS) and min(counts.values()) >= 20, counts
+    cats = Counter(c["category"] for c in LOCOMO_CASES)
+    assert len(LOCOMO_CASES) >= 40 and set(cats) == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("metric", sorted(lb.METRICS))
+def test_longbench_scores_equal_the_official_code(metric):
+    if metric in ("qa_f1_zh", "rouge_zh") and lb.ZH_TOKENIZER != "jieba":
+        pytest.skip("the official Chinese scores use jieba")
+    bad = []
+    for c in (c for c in LB_CASES if c["metric"] == metric):
+        got = lb.score_row(c["task"], metric, c["prediction"], c["answers"], c["all_classes"])
+        if got != pytest.approx(c["expected"], abs=1e-9):
+            bad.append((c["prediction"][:60], c["answers"][0][:40], c["note"], got, c["expected"]))
+    assert not bad, bad
+
+
+def test_rouge_recursion_option_scores_what_the_official_code_zeroes():
+    overflow = [c for c in LB_CASES if c["metric"] in ("rouge", "rouge_zh") and "RecursionError" in c["note"]]
+    assert len(overflow) >= 2
+    for c in overflow:
+        assert c["expected"] == 0.0
+        assert lb.score_row(c["task"], c["metric"], c["prediction"], c["answers"]) == 0.0
+        assert lb.score_row(c["task"], c["metric"], c["prediction"], c["answers"], rouge_recursion="score") > 0.99
+    with pytest.raises(ValueError, match="recursion"):
+        lb.rouge_l_score("a", "a", recursion="never")
+
+
+def test_locomo_scores_equal_the_official_code():
+    bad = []
+    for c in LOCOMO_CASES:
+        got = lm.score(c["prediction"], c["answer"], c["category"])
+        if got != pytest.approx(c["expected"], abs=1e-12):
+            bad.append((c, got))
+    assert not bad, bad
