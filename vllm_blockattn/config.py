@@ -2,7 +2,7 @@
 
 Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
-``pad_token_id``, ``kernel``). An untrained model has no sink token: name an existing token as the marker (the
+``pad_token_id``, ``kernel``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.server`). An untrained model has no sink token: name an existing token as the marker (the
 "training-free" baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
 
 ``kernel``: ``"auto"`` (CUDA: the Triton kernels; CPU: vLLM's native CPU kernel for block-diagonal
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
 from .paged import padded_length
 
-_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "kernel"}
+_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "kernel", "segment"}
 KERNELS = ("auto", "triton")
 
 
@@ -86,6 +86,10 @@ def _build(vllm_config) -> BlockEngineConfig:
         pad = 0 if settings.sink_token_id != 0 else 1
     model_config = vllm_config.model_config
     namespace = ("blockattn", str(model_config.model), settings.sink_token_id, settings.num_sinks)
+    if "segment" in override:  # the API server's segmenter settings (server.py); checked at start-up
+        from .server import ServerSegmentConfig
+
+        ServerSegmentConfig.from_additional_config(vllm_config.additional_config)
     kernel = override.get("kernel", "auto")
     if kernel not in KERNELS:
         raise ValueError(f"additional_config['blockattn']['kernel'] must be one of {KERNELS}, got {kernel!r}")

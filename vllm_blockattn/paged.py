@@ -82,6 +82,16 @@ class PagedLayout:
             out[ctx] = slots[ctx] - starts[blk]
         return out
 
+    def real_tokens_before(self, slot: int) -> int:
+        """Real (non-pad) prompt tokens in the physical slots ``[0, slot)``: what a count of cached or
+        computed slots means to a user, whose prompt has no pads."""
+        real = 0
+        for s, e in zip(self.starts, self.ends):
+            if slot <= s:
+                return real
+            real += min(slot, e) - s
+        return real + max(0, slot - self.final_start)
+
     def block_of_slot(self, slot: int) -> int:
         """Index of the physical block holding ``slot``; ``num_blocks`` for the final block."""
         if slot >= self.final_start:

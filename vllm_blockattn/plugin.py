@@ -154,6 +154,85 @@ def _patch_input_validation() -> None:
     InputProcessor.process_inputs = process_inputs
 
 
+def _patch_server_blocks() -> None:
+    """Documents and automatic segmentation in the OpenAI server (``server.py``): the API server's
+    renderer builds the block prompt before the request reaches the engine."""
+    try:
+        from vllm.renderers.online_renderer import OnlineRenderer
+    except ImportError:  # an API surface this vLLM lacks; the contract check names it
+        return
+
+    original_completion = OnlineRenderer.render_completion
+    if getattr(original_completion, _PATCHED, False):
+        return
+    original_chat = OnlineRenderer.render_chat
+
+    @functools.wraps(original_completion)
+    async def render_completion(self, request, *args, **kwargs):
+        vllm_config = getattr(self.renderer, "config", None)
+        if vllm_config is None or not is_blockattn_selected(vllm_config):
+            return await original_completion(self, request, *args, **kwargs)
+        from .server import BlockRequestError, completion_ids, server_blocks
+
+        extra = request.model_extra or {}
+        try:
+            ids = await completion_ids(server_blocks(vllm_config), self.renderer.tokenizer, request.prompt,
+                                       extra.get("documents"), extra.get("segment"),
+                                       add_special_tokens=getattr(request, "add_special_tokens", True))
+        except BlockRequestError as e:
+            return self.create_error_response(str(e), param=e.param)
+        if ids is not None:
+            request.prompt = ids
+        return await original_completion(self, request, *args, **kwargs)
+
+    @functools.wraps(original_chat)
+    async def render_chat(self, request, *args, **kwargs):
+        vllm_config = getattr(self.renderer, "config", None)
+        if vllm_config is None or not is_blockattn_selected(vllm_config):
+            return await original_chat(self, request, *args, **kwargs)
+        from .server import (BlockRequestError, chat_ids, chat_placeholder_messages, last_user_index,
+                             parse_documents, parse_segment, server_blocks)
+
+        tokenizer = self.renderer.tokenizer
+        try:
+            blocks = server_blocks(vllm_config)
+            documents = parse_documents(request.documents)
+            requested = parse_segment((request.model_extra or {}).get("segment"))
+            if documents is None and (requested == "off" or (requested is None and blocks.segment.default == "off")):
+                return await original_chat(self, request, *args, **kwargs)
+            sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.sink_token_id)
+            index = last_user_index(request.messages)
+            messages, text = chat_placeholder_messages(request.messages, index, sink_text)
+        except BlockRequestError as e:
+            return self.create_error_response(str(e), param=e.param)
+        placeholder = request.model_copy(update={"messages": messages, "documents": None})
+        result = await original_chat(self, placeholder, *args, **kwargs)
+        if not isinstance(result, tuple):
+            return result  # an ErrorResponse
+        conversation, engine_inputs = result
+        if len(engine_inputs) != 1 or "prompt_token_ids" not in engine_inputs[0]:
+            return self.create_error_response("block chat prompts need a token prompt", param="messages")
+        try:
+            ids = await chat_ids(blocks, tokenizer, list(engine_inputs[0]["prompt_token_ids"]), text, documents,
+                                 requested)
+        except LookupError:
+            return await original_chat(self, request, *args, **kwargs)
+        except BlockRequestError as e:
+            return self.create_error_response(str(e), param=e.param)
+        engine_input = {k: v for k, v in engine_inputs[0].items() if k != "prompt_token_offsets"}
+        engine_input["prompt_token_ids"] = ids
+        engine_input["prompt"] = tokenizer.decode(ids)
+        for message in conversation:
+            if isinstance(message, dict) and message.get("content") == sink_text:
+                message["content"] = text
+        return conversation, [engine_input]
+
+    setattr(render_completion, _PATCHED, True)
+    setattr(render_chat, _PATCHED, True)
+    OnlineRenderer.render_completion = render_completion
+    OnlineRenderer.render_chat = render_chat
+
+
 def _check_params(params, resumable: bool) -> None:
     from .paged import RESERVED_PREFIX
 
@@ -209,3 +288,4 @@ def apply_patches() -> None:
     _patch_config_hook()
     _patch_v2_runner_choice()
     _patch_input_validation()
+    _patch_server_blocks()

@@ -109,6 +109,7 @@ class BlockAttnSchedulerMixin:
             paged = getattr(request, _REQUEST_ATTR, None)
             if paged is not None:
                 layouts[rid] = paged
+                _report_real_tokens(request, paged)
         setattr(out, SCHEDULER_OUTPUT_ATTR, layouts)
         return out
 
@@ -172,6 +173,25 @@ class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
 
 class BlockAttnAsyncScheduler(BlockAttnSchedulerMixin, AsyncScheduler):
     """vLLM's async scheduler with block-prompt preparation."""
+
+
+def _report_real_tokens(request, paged) -> None:
+    """Restate the request's first-prefill statistics in real tokens: vLLM counts KV slots, pads
+    included, and the user's prompt has no pads. ``usage.prompt_tokens_details.cached_tokens`` then
+    counts the prompt tokens served from the block cache and the prefix cache, next to
+    ``usage.prompt_tokens`` of the same (unpadded) prompt."""
+    stats = getattr(request, "prefill_stats", None)
+    if stats is None or getattr(stats, "_blockattn_real", False) or not stats.num_prompt_tokens:
+        return
+    total = paged.real_tokens_before(request.num_prompt_tokens)
+    cached = paged.real_tokens_before(stats.num_cached_tokens)
+    local = paged.real_tokens_before(stats.num_local_cached_tokens)
+    stats.num_prompt_tokens, stats.num_cached_tokens = total, cached
+    stats.num_local_cached_tokens, stats.num_external_cached_tokens = local, cached - local
+    stats.num_computed_tokens = total - cached
+    stats._blockattn_real = True
+    finalize = type(stats).finalize  # called later with a slot count (the KV written for the prompt)
+    stats.finalize = lambda num_cached_slots: finalize(stats, paged.real_tokens_before(num_cached_slots))
 
 
 def _make_hasher(hash_fn, page, keys, layout, block_hashes, paged):
