@@ -47,11 +47,33 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
 
 
+class ModelConfigError(ValueError):
+    """The model's config (for its window and block settings) could not be read."""
+
+
+@functools.lru_cache(maxsize=8)
 def _model_config(name: str | None) -> dict:
-    if name and os.path.isfile(os.path.join(name, "config.json")):
+    """The model's config as a dict: ``name/config.json`` for a local folder, else transformers'
+    ``AutoConfig`` (hub name or cache). Raises :class:`ModelConfigError` when neither works."""
+    if not name:
+        return {}
+    if os.path.isfile(os.path.join(name, "config.json")):
         with open(os.path.join(name, "config.json")) as f:
             return json.load(f)
-    return {}
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name, trust_remote_code=True).to_dict()
+    except Exception as e:  # offline without a cached copy, a typo, a gated repository, ...
+        raise ModelConfigError(f"could not read the config of model {name!r}: {type(e).__name__}: {e}") from e
+
+
+def _window(config: dict) -> int | None:
+    """The model's context window: ``max_position_embeddings`` (top level or in ``text_config``)."""
+    for cfg in (config, config.get("text_config") or {}):
+        if isinstance(cfg, dict) and cfg.get("max_position_embeddings"):
+            return int(cfg["max_position_embeddings"])
+    return None
 
 
 def _int_option(value, what: str) -> int | None:
@@ -84,6 +106,19 @@ class FormOptions:
     def tokenizer(self):
         return load_tokenizer(self.tokenizer_name) if self.tokenizer_name else None
 
+    def special_tokens(self) -> tuple[int, int]:
+        """(leading, trailing) special tokens the tokenizer adds to an encoded text (e.g. Llama's BOS:
+        (1, 0)); LongBench's ``pred.py`` counts them in the prompt length."""
+        tok = self.tokenizer
+        if tok is None:
+            return 0, 0
+        plain = tok.encode("x", add_special_tokens=False)
+        full = tok.encode("x")
+        for i in range(len(full) - len(plain) + 1):
+            if full[i : i + len(plain)] == plain:
+                return i, len(full) - i - len(plain)
+        return 0, 0
+
     def count_tokens(self, text: str) -> int:
         """Token count with the model's tokenizer, or a word count when no tokenizer was named."""
         tok = self.tokenizer
@@ -106,15 +141,25 @@ class FormOptions:
 
         tok_name = kwargs.get("tokenizer") or kwargs.get("pretrained")
         tok_name = tok_name if isinstance(tok_name, str) and tok_name else None
-        config = _model_config(tok_name)
+        max_length = _int_option(get("max_length"), "max_length")
+        window = _int_option(kwargs.get("max_model_len"), "max_model_len")
+        model_name = kwargs.get("pretrained") if isinstance(kwargs.get("pretrained"), str) else None
+        try:
+            config = _model_config(model_name or tok_name)
+        except ModelConfigError as e:
+            if max_length is None and window is None:
+                raise ModelConfigError(
+                    f"{e}. The default prompt budget (max_length) is the model's max_position_embeddings less "
+                    f"the answer length; give it explicitly instead: --metadata '{{\"max_length\": N}}' or "
+                    f"max_model_len=N in --model_args") from e
+            config = {}  # the budget is given; block settings then come from options or defaults
         block_cfg = config.get(CONFIG_KEY) or {}
         sink_token = get("sink_token")
         if not sink_token and "sink_token_id" in block_cfg and tok_name:
             sink_token = load_tokenizer(tok_name).convert_ids_to_tokens(int(block_cfg["sink_token_id"]))
         sink_token = sink_token or SINK_TOKEN
         num_sinks = _int_option(get("num_sinks"), "num_sinks") or int(block_cfg.get("num_sinks", DEFAULT_NUM_SINKS))
-        max_length = _int_option(get("max_length"), "max_length")
-        window = _int_option(kwargs.get("max_model_len"), "max_model_len") or config.get("max_position_embeddings")
+        window = window or _window(config)
         if max_length is None and window:
             # LongBench truncates to the model's window less the answer (e.g. 31500 for 32k models);
             # vLLM's max_model_len (in --model_args) is the window when given.

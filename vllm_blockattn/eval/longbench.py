@@ -22,6 +22,7 @@ from .blocks import FormOptions, block_text, segment, split_before, truncate_mid
 
 HUB_DATASET = "THUDM/LongBench"
 ENV_DIR = "BLOCKATTN_LONGBENCH_DIR"
+ENV_ROUGE = "BLOCKATTN_ROUGE_RECURSION"
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,9 @@ def full_prompt(spec: LongBenchTask, context: str, question: str, opts: FormOpti
     tok = opts.tokenizer
     if tok is None or opts.max_length is None:
         return prompt
-    ids = tok.encode(prompt, add_special_tokens=False)
+    # pred.py: tokenizer(prompt) with its special tokens (a Llama BOS is one of the first half's
+    # tokens, then skipped when decoding), first and last max_length // 2 tokens
+    ids = tok.encode(prompt)
     if len(ids) <= opts.max_length:
         return prompt
     half = opts.max_length // 2
@@ -190,14 +193,15 @@ def block_blocks(spec: LongBenchTask, context: str, question: str, opts: FormOpt
     blocks = cut(context)
     if opts.max_length is None or opts.tokenizer is None:
         return blocks
-    n_head, n_tail = opts.count_tokens(head), opts.count_tokens(tail)
+    lead, trail = opts.special_tokens()  # counted like the full form (pred.py counts a BOS)
+    n_head, n_tail = opts.count_tokens(head) + lead, opts.count_tokens(tail) + trail
     n_ctx = opts.count_tokens(context)
     half = opts.max_length // 2
     keep_head, keep_tail = max(half - n_head, 0), max(half - n_tail, 0)  # the full form's cut
     for _ in range(32):  # then shave while the sink groups (or re-tokenisation) make it overflow
         if keep_head + keep_tail < n_ctx:
             blocks = cut(truncate_middle(context, keep_head, keep_tail, opts))
-        total = sum(opts.count_tokens(b) for b in blocks) + opts.num_sinks * len(blocks)
+        total = sum(opts.count_tokens(b) for b in blocks) + opts.num_sinks * len(blocks) + lead + trail
         if total <= opts.max_length or len(blocks) == 1:
             return blocks
         if keep_head + keep_tail >= n_ctx:
@@ -223,6 +227,10 @@ def load(longbench_task: str, block: bool = False, longbench_dir: str | None = N
     import datasets
 
     spec = task_spec(longbench_task)
+    rouge_recursion = metadata.get("rouge_recursion") or os.environ.get(ENV_ROUGE) or "official"
+    if rouge_recursion not in longbench_metrics.ROUGE_RECURSION_MODES:
+        raise ValueError(f"rouge_recursion must be one of {longbench_metrics.ROUGE_RECURSION_MODES}, "
+                         f"got {rouge_recursion!r}")
     opts = FormOptions.from_kwargs(metadata, max_gen_toks=spec.max_gen)
     docs = []
     for row in tqdm(read_rows(spec.name, longbench_dir), desc=f"longbench {spec.name} prompts", leave=False):
@@ -231,6 +239,7 @@ def load(longbench_task: str, block: bool = False, longbench_dir: str | None = N
             "prompt": prompt, "num_blocks": n_blocks, "task": spec.name,
             "answers": list(row["answers"]), "all_classes": list(row.get("all_classes") or []),
             "length": int(row.get("length") or 0), "_id": str(row.get("_id", "")),
+            "rouge_recursion": rouge_recursion,
         })
     return {"test": datasets.Dataset.from_list(docs)}
 
@@ -239,4 +248,5 @@ def process_results(doc: dict, results: list[str]) -> dict:
     """lm-eval ``process_results``: the row's LongBench score under the key ``score``."""
     spec = task_spec(doc["task"])
     return {"score": longbench_metrics.score_row(spec.name, spec.metric, results[0], doc["answers"],
-                                                 doc.get("all_classes"))}
+                                                 doc.get("all_classes"),
+                                                 rouge_recursion=doc.get("rouge_recursion") or "official")}
