@@ -6,6 +6,12 @@ every method is compared at the same granularity).
 - ``punctuation``: cuts after sentence ends (``.!?`` then whitespace), those nearest equal-length targets.
 - ``random_candidate`` / ``average_candidate``: the same two rules restricted to the segmenter's
   candidate points (newlines by default).
+- ``blank_line``: paragraph cuts, at the start of every line that follows a blank line (what a user
+  tries first); at ``k`` blocks, the blank lines nearest equal-length targets.
+- ``heading``: Markdown (``#`` lines, setext underlines) and reStructuredText (underlined or
+  overlined titles) headings outside code fences, the way a Markdown header splitter cuts; at ``k``
+  blocks the highest-level headings come first (spread when a level has more than needed), then
+  blank lines, then newlines.
 - ``loss_topk`` / ``entropy_topk``: a causal LM scores every token by its loss (surprise) or by the
   entropy of the prediction before it; the token range is split into k-1 equal chunks and the
   highest-scoring token of each chunk starts a block (chunking keeps the cuts from clustering).
@@ -25,7 +31,14 @@ import torch
 from .candidates import DEFAULT_PATTERN, SegmenterInputError, find_candidates, split_at, spread
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
-BASELINES = ("random", "average", "punctuation", "random_candidate", "average_candidate", "loss_topk", "entropy_topk")
+BASELINES = ("random", "average", "punctuation", "random_candidate", "average_candidate", "blank_line", "heading",
+             "loss_topk", "entropy_topk")
+# rules with a block count of their own (every point the rule finds), besides their k-block form
+NATURAL = ("blank_line", "heading")
+BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
+_UNDERLINE = re.compile(r"^([=\-~^*#\"+'`:.<>_])\1{2,}[ \t]*$")
+_ATX = re.compile(r"^#{1,6}[ \t]+\S")
+_FENCE = re.compile(r"^[ \t]*(```|~~~)")
 
 
 def token_units(text: str, tokenizer=None) -> tuple[list[int], list[int]]:
@@ -102,6 +115,86 @@ def average_candidate_blocks(text: str, k: int, *, tokenizer=None, pattern: str 
     return split_at(text, _fill(find_candidates(text, pattern), k - 1, units, len(text)))
 
 
+def blank_line_cuts(text: str) -> list[int]:
+    """Start of every non-blank line that follows at least one blank line."""
+    return sorted({m.end() for m in BLANK_LINE.finditer(text) if 0 < m.end() < len(text)})
+
+
+def heading_cuts(text: str) -> list[tuple[int, int]]:
+    """``(offset of the heading's first line, level)`` for Markdown ATX headings (``#`` count), setext
+    and reStructuredText headings (levels by first appearance of each underline style, after ATX
+    levels), outside code fences. Offset 0 is left out (no cut before the text)."""
+    lines = text.split("\n")
+    offs, pos = [], 0
+    for ln in lines:
+        offs.append(pos)
+        pos += len(ln) + 1
+    out: dict[int, int] = {}
+    styles: dict[tuple[str, bool], int] = {}
+    fence = False
+    skip = -1
+    for i, ln in enumerate(lines):
+        if _FENCE.match(ln):
+            fence = not fence
+            continue
+        if fence or i <= skip:
+            continue
+        if _ATX.match(ln):
+            out[offs[i]] = len(ln) - len(ln.lstrip("#"))
+            continue
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        m = _UNDERLINE.match(nxt)
+        if ln.strip() and not ln[0].isspace() and not _UNDERLINE.match(ln) and m and len(nxt.rstrip()) >= len(ln.strip()):
+            over = i > 0 and lines[i - 1].rstrip() == nxt.rstrip()
+            if i == 0 or over or not lines[i - 1].strip():
+                level = 6 + styles.setdefault((m.group(1), over), len(styles) + 1)
+                out[offs[i - 1] if over else offs[i]] = level
+                skip = i + 1
+    return sorted((o, lv) for o, lv in out.items() if 0 < o < len(text))
+
+
+def _fill_tiers(tiers: Sequence[Sequence[int]], need: int, n: int) -> list[int]:
+    """``need`` cuts taken tier by tier (a tier that does not fit is spread over the text)."""
+    chosen: list[int] = []
+    for tier in tiers:
+        rest = sorted(set(tier) - set(chosen))
+        if len(chosen) + len(rest) <= need:
+            chosen += rest
+        else:
+            chosen += spread(rest, need - len(chosen), n)
+        if len(chosen) == need:
+            break
+    if len(chosen) < need:
+        raise SegmenterInputError(f"text of {n} chars has only {len(chosen)} cut positions; cannot make {need + 1} blocks")
+    return sorted(chosen)
+
+
+def blank_line_blocks(text: str, k: int, *, tokenizer=None, pattern: str = DEFAULT_PATTERN, **_) -> list[str]:
+    _check_k(text, k)
+    units, _first = token_units(text, tokenizer)
+    return split_at(text, _fill_tiers([blank_line_cuts(text), find_candidates(text, pattern), units], k - 1, len(text)))
+
+
+def heading_blocks(text: str, k: int, *, tokenizer=None, pattern: str = DEFAULT_PATTERN, **_) -> list[str]:
+    _check_k(text, k)
+    units, _first = token_units(text, tokenizer)
+    heads = heading_cuts(text)
+    levels = sorted({lv for _o, lv in heads})
+    tiers = [[o for o, lv in heads if lv == level] for level in levels]
+    return split_at(text, _fill_tiers([*tiers, blank_line_cuts(text), find_candidates(text, pattern), units],
+                                      k - 1, len(text)))
+
+
+def natural_blocks(name: str, text: str) -> list[str]:
+    """Blocks of a rule at its own count: every blank line (``blank_line``) or every heading
+    (``heading``; no heading gives one block)."""
+    if name == "blank_line":
+        return split_at(text, blank_line_cuts(text))
+    if name == "heading":
+        return split_at(text, [o for o, _lv in heading_cuts(text)])
+    raise SegmenterInputError(f"baseline {name!r} has no natural block count; expected one of {NATURAL}")
+
+
 class LMScorer:
     """Per-token loss and predictive entropy from a causal LM, over overlapping windows so that long
     texts are scored whole (each token keeps at least ``overlap`` tokens of left context)."""
@@ -169,6 +262,7 @@ def entropy_topk_blocks(text: str, k: int, *, scorer: LMScorer, **_) -> list[str
 _FUNCS = {
     "random": random_blocks, "average": average_blocks, "punctuation": punctuation_blocks,
     "random_candidate": random_candidate_blocks, "average_candidate": average_candidate_blocks,
+    "blank_line": blank_line_blocks, "heading": heading_blocks,
     "loss_topk": loss_topk_blocks, "entropy_topk": entropy_topk_blocks,
 }
 

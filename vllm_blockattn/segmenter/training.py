@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from .data import read_records
 from .metrics import evaluate
+from .layout_features import layout_features
 from .model import DEFAULT_BACKBONE, Segmenter
 
 
@@ -62,6 +63,8 @@ class SegmenterTrainConfig:
     pattern: str = field(default=r"\n+", metadata={"help": "candidate regex (match ends are candidates)"})
     marker: str = field(default="auto", metadata={
         "help": "token read for each candidate: 'auto' (sep for encoders), 'none' (last token of the piece), or a token"})
+    layout: bool = field(default=False, metadata={
+        "help": "append layout features (newlines, indentation, headings, speakers) to the head's input"})
     max_seconds: float | None = field(default=None, metadata={
         "help": "stop optimising after this many seconds (the frozen-backbone feature pass is not counted)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -112,8 +115,59 @@ def record_probs(seg: Segmenter, rec: dict) -> list[float]:
     seg.eval()
     enc = seg.encode(rec["text"], rec["candidates"])
     dev = next(seg.head.parameters()).device
-    logits = seg(enc.input_ids.to(dev), enc.attention_mask.to(dev), enc.readout_window.to(dev), enc.readout_pos.to(dev))
+    layout = layout_features(rec["text"], rec["candidates"]) if seg.config.layout else None
+    logits = seg(enc.input_ids.to(dev), enc.attention_mask.to(dev), enc.readout_window.to(dev), enc.readout_pos.to(dev),
+                 layout)
     return torch.softmax(logits.float(), -1)[:, 1].cpu().tolist()
+
+
+@torch.no_grad()
+def record_features(seg: Segmenter, rec: dict) -> torch.Tensor:
+    """The frozen backbone's read-out states for a record's candidates, ``[n, hidden]`` (no layout)."""
+    seg.eval()
+    enc = seg.encode(rec["text"], rec["candidates"])
+    dev = next(seg.head.parameters()).device
+    return seg.features(*(t.to(dev) for t in (enc.input_ids, enc.attention_mask, enc.readout_window,
+                                              enc.readout_pos))).cpu()
+
+
+def fit_head(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: float = 3.0, batch_size: int = 128,
+             learning_rate: float = 1e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
+             class_weighting: bool = True, seed: int = 0, max_seconds: float | None = None,
+             progress: bool = False) -> list[float]:
+    """Train a cut head on cached inputs ``x [N, d]`` and labels ``y [N]`` on one CPU thread (no
+    accelerate); returns the loss history. The same loop as the frozen-backbone training."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    weight = class_weights(y) if class_weighting else None
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    total = max(1, math.ceil(len(dl) * epochs))
+    sched = cosine_schedule(opt, total, warmup_ratio)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start, history, step = time.monotonic(), [], 0
+    head.train()
+    try:
+        with tqdm(total=total, desc="training head", disable=not progress) as bar:
+            while step < total and not (max_seconds is not None and time.monotonic() - start > max_seconds):
+                for xb, yb in dl:
+                    loss = cut_loss(head(xb), yb, weight)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad()
+                    step += 1
+                    history.append(loss.item())
+                    bar.update(1)
+                    if step >= total or (max_seconds is not None and time.monotonic() - start > max_seconds):
+                        break
+    finally:
+        torch.set_num_threads(threads)
+        head.eval()
+    return history
 
 
 def scores_at(records: list[dict], probs: list[list[float]], threshold: float, tol: int = 3) -> dict:
@@ -157,7 +211,7 @@ def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tupl
         raise ValueError(f"{cfg.train_file} holds no records")
     seg = Segmenter.from_backbone(cfg.backbone, seed=cfg.seed, window=cfg.window, overlap=cfg.overlap,
                                   head_hidden=cfg.head_hidden, pattern=cfg.pattern, threshold=cfg.threshold,
-                                  marker=None if cfg.marker.lower() == "none" else cfg.marker)
+                                  layout=cfg.layout, marker=None if cfg.marker.lower() == "none" else cfg.marker)
     seg.to(acc.device)
     all_labels = torch.tensor([y for r in train for y in r["labels"]])
     if all_labels.numel() == 0:
@@ -176,8 +230,9 @@ def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tupl
                 if not rec["candidates"]:
                     continue
                 enc = seg.encode(rec["text"], rec["candidates"])
-                feats.append(seg.features(*(t.to(acc.device) for t in (enc.input_ids, enc.attention_mask,
-                                                                         enc.readout_window, enc.readout_pos))).cpu())
+                f = seg.features(*(t.to(acc.device) for t in (enc.input_ids, enc.attention_mask,
+                                                               enc.readout_window, enc.readout_pos))).cpu()
+                feats.append(seg.head_input(f, rec["text"], rec["candidates"]))
                 labels.append(torch.tensor(rec["labels"]))
         ds = torch.utils.data.TensorDataset(torch.cat(feats), torch.cat(labels))
         start = time.monotonic()  # max_seconds bounds the optimisation, not the feature pass
@@ -227,9 +282,10 @@ def train_segmenter(cfg: SegmenterTrainConfig, *, progress: bool = True) -> tupl
         while step < total and not out_of_time():
             for rec in dl:
                 enc = seg.encode(rec["text"], rec["candidates"])
+                layout = layout_features(rec["text"], rec["candidates"]).to(acc.device) if cfg.layout else None
                 with acc.accumulate(model):
                     logits = model(*(t.to(acc.device) for t in (enc.input_ids, enc.attention_mask,
-                                                                  enc.readout_window, enc.readout_pos)))
+                                                                  enc.readout_window, enc.readout_pos)), layout)
                     loss = cut_loss(logits, torch.tensor(rec["labels"], device=acc.device), weight)
                     acc.backward(loss)
                     opt.step()

@@ -1,0 +1,364 @@
+"""Real documents with human-authored structure, for segmentation data with semantic gold.
+
+Each reader turns one file into a :class:`StructuredDoc`: an ordered list of sections whose
+boundaries were authored by people (headings of the Python documentation, top-level definitions of a
+Python source file, sessions of a conversation), plus provenance (package, version, licence).
+:func:`build_section_records` then cuts long records (several thousand tokens, many sections) out of
+consecutive sections, continuing in another document of the same kind when one runs out; every
+section start inside a record is a gold cut, and so is every seam between two documents.
+
+One layout convention for every boundary: inside a record every run of blank lines is exactly one
+blank line, and sections (and documents) meet with the same separator as the paragraphs inside them
+(``"\\n\\n"``; ``"\\n"`` for chat, whose turns are single lines). The whitespace at a gold cut is
+therefore the whitespace at any paragraph break: a blank-line splitter finds every paragraph, not the
+sections. Markup that people write (a heading, a ``def`` at column 0, a speaker name) stays: it is
+part of the document a user would segment.
+
+Sources used by ``train/segmenter_demo.py`` (install with ``train/segmenter_data.sh``):
+
+- ``python3-doc`` (Debian): the reStructuredText sources of the Python documentation, PSF-2.0;
+  read as reStructuredText (``docs-rst``), converted to Markdown headings and code fences
+  (``docs-md``), or as plain prose with the headings removed (``prose``, sections only by topic);
+- the Python standard library's ``.py`` files (the interpreter running this), PSF-2.0 (``code``);
+- the Python FAQ turned into a user/assistant chat, one question per user turn, its answer as the
+  assistant's turn; gold cuts between FAQ sections (``chat-faq``, PSF-2.0);
+- LoCoMo conversations (``chat``), CC BY-NC 4.0: for evaluation only, never for a shipped model.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import random
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .candidates import DEFAULT_PATTERN, find_candidates
+from .data import make_record
+
+PERMISSIVE = {"PSF-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "Apache-2.0", "0BSD", "CC0-1.0", "CC-BY-4.0"}
+
+
+@dataclass
+class StructuredDoc:
+    """One document as its authored sections (each without leading/trailing blank lines)."""
+
+    sections: list[str]
+    source: str
+    category: str
+    sep: str = "\n\n"  # how sections (and paragraphs) meet
+    license: str = ""
+    package: str = ""
+    version: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=None)
+def deb_version(package: str) -> str:
+    """The installed version of a Debian package, or ``"not-installed"``."""
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "not-installed"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "not-installed"
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def normalize_blank_lines(text: str) -> str:
+    """Every run of blank lines (whitespace-only lines included) becomes one blank line; trailing
+    spaces go; no blank lines at either end."""
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    out: list[str] = []
+    for ln in lines:
+        if not ln and (not out or not out[-1]):
+            continue
+        out.append(ln)
+    while out and not out[-1]:
+        out.pop()
+    return "\n".join(out)
+
+
+def merge_small(sections: Sequence[str], min_chars: int, sep: str) -> list[str]:
+    """Join each section shorter than ``min_chars`` to the one after it (the last to the one before)."""
+    out: list[str] = []
+    carry = ""
+    for s in sections:
+        s = carry + sep + s if carry else s
+        carry = ""
+        if len(s) < min_chars:
+            carry = s
+        else:
+            out.append(s)
+    if carry:
+        if out:
+            out[-1] = out[-1] + sep + carry
+        else:
+            out.append(carry)
+    return out
+
+
+# ----- reStructuredText (the Python documentation) ---------------------------------------------
+
+_ADORN = re.compile(r"^([=\-~^*#\"+'`:.<>_])\1{2,}$")
+
+
+def rst_headings(lines: Sequence[str]) -> list[tuple[int, int, int, str]]:
+    """Section headings of reStructuredText ``lines``: ``(first line, lines used, level, title)``.
+    A heading is a title line underlined (optionally also overlined) by one repeated punctuation
+    character at least as long as the title; levels follow the order in which styles first appear."""
+    styles: dict[tuple[str, bool], int] = {}
+    out = []
+    i = 0
+    while i + 1 < len(lines):
+        title, under = lines[i].rstrip(), lines[i + 1].rstrip()
+        m = _ADORN.match(under)
+        if title.strip() and not _ADORN.match(title) and m and len(under) >= len(title.strip()) \
+                and not title.startswith((" ", "\t", "..")):
+            over = i > 0 and lines[i - 1].rstrip() == under
+            if i == 0 or not lines[i - 1].strip() or over:
+                key = (m.group(1), over)
+                level = styles.setdefault(key, len(styles) + 1)
+                first = i - 1 if over else i
+                out.append((first, (3 if over else 2), level, title.strip()))
+                i += 2
+                continue
+        i += 1
+    return out
+
+
+_CODE_DIRECTIVE = re.compile(r"^\.\. (code-block|sourcecode|code|testcode|doctest)::\s*(\S*)\s*$")
+
+
+def rst_to_markdown(lines: Sequence[str], headings: Sequence[tuple[int, int, int, str]]) -> list[str]:
+    """Headings become ``#`` lines; ``.. code-block:: lang`` and ``::`` literal blocks become fenced
+    code; everything else is kept."""
+    at = {first: (used, level, title) for first, used, level, title in headings}
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if i in at:
+            used, level, title = at[i]
+            out.append("#" * min(level, 6) + " " + title)
+            i += used
+            continue
+        ln = lines[i].rstrip()
+        m = _CODE_DIRECTIVE.match(ln)
+        literal = ln.endswith("::") and not ln.startswith("..") and ln.strip() != "::"
+        if m or literal or ln.strip() == "::":
+            if literal:
+                out.append(ln[:-1])  # "Example::" renders as "Example:"
+            lang = (m.group(2) if m else "") or ("python" if m else "")
+            j = i + 1
+            while j < len(lines) and (lines[j].strip().startswith(":") and m):  # directive options
+                j += 1
+            body = []
+            while j < len(lines) and (not lines[j].strip() or lines[j].startswith((" ", "\t"))):
+                body.append(lines[j].rstrip())
+                j += 1
+            while body and not body[-1]:
+                body.pop()
+            while body and not body[0]:
+                body.pop(0)
+            if body:
+                indent = min(len(b) - len(b.lstrip()) for b in body if b.strip())
+                out += ["", "```" + lang, *[b[indent:] for b in body], "```", ""]
+                i = j
+                continue
+            i += 1
+            continue
+        out.append(ln)
+        i += 1
+    return out
+
+
+def rst_document(text: str, source: str, *, style: str = "rst", min_section_chars: int = 300,
+                 **prov) -> StructuredDoc | None:
+    """A Python-docs page as sections split at every heading. ``style``: ``rst`` (as written),
+    ``md`` (Markdown headings and fences) or ``prose`` (headings and directives dropped: the sections
+    are then marked by topic alone)."""
+    lines = text.split("\n")
+    heads = rst_headings(lines)
+    if len(heads) < 2:
+        return None
+    if style == "md":
+        body_lines = rst_to_markdown(lines, heads)
+        starts, fence = [], False
+        for i, ln in enumerate(body_lines):
+            if ln.startswith("```"):
+                fence = not fence
+            elif not fence and re.match(r"^#{1,6} ", ln):
+                starts.append(i)
+    else:
+        body_lines = list(lines)
+        starts = [first for first, *_ in heads]
+        if style == "prose":
+            drop = {first + k for first, used, *_ in heads for k in range(used)}
+            keep = []
+            new_starts = set()
+            for i, ln in enumerate(body_lines):
+                if i in set(starts):
+                    new_starts.add(len(keep))
+                if i in drop or ln.startswith(".. ") or re.match(r"^\s+:\w[\w-]*:", ln):
+                    continue
+                keep.append(ln)
+            body_lines, starts = keep, sorted(new_starts)
+    bounds = sorted(set([0, *starts])) + [len(body_lines)]
+    sections = [normalize_blank_lines("\n".join(body_lines[a:b])) for a, b in zip(bounds, bounds[1:])]
+    sections = merge_small([s for s in sections if s.strip()], min_section_chars, "\n\n")
+    if len(sections) < 2:
+        return None
+    cat = {"rst": "docs-rst", "md": "docs-md", "prose": "prose"}[style]
+    return StructuredDoc(sections, source, cat, "\n\n", **prov)
+
+
+# ----- Python source files ----------------------------------------------------------------------
+
+
+def python_document(src: str, source: str, *, min_section_chars: int = 300, max_class_chars: int = 3000,
+                    **prov) -> StructuredDoc | None:
+    """A Python file as sections: each top-level ``def``/``class`` (with its decorators and the
+    comment lines right above it) is one, and each run of other top-level statements is one. A class
+    longer than ``max_class_chars`` is split further at its methods (the class line and anything
+    before its first method stay together)."""
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError):
+        return None
+    lines = src.split("\n")
+    starts: list[int] = []
+    prev_def = None
+    for node in tree.body:
+        is_def = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        if is_def or prev_def in (True, None):
+            first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))]) - 1
+            while first > 0 and lines[first - 1].startswith("#"):
+                first -= 1
+            starts.append(first)
+        if isinstance(node, ast.ClassDef) and sum(len(x) + 1 for x in lines[first:node.end_lineno]) > max_class_chars:
+            for sub in node.body[1:]:
+                if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    f = min([sub.lineno, *(d.lineno for d in sub.decorator_list)]) - 1
+                    while f > first and lines[f - 1].strip().startswith("#"):
+                        f -= 1
+                    starts.append(f)
+        prev_def = is_def
+    bounds = sorted(set([0, *starts])) + [len(lines)]
+    sections = [normalize_blank_lines("\n".join(lines[a:b])) for a, b in zip(bounds, bounds[1:])]
+    sections = merge_small([s for s in sections if s.strip()], min_section_chars, "\n\n")
+    if len(sections) < 2:
+        return None
+    return StructuredDoc(sections, source, "code", "\n\n", **prov)
+
+
+# ----- chat -------------------------------------------------------------------------------------
+
+
+def faq_chat_document(text: str, source: str, *, min_section_chars: int = 300, **prov) -> StructuredDoc | None:
+    """A Python FAQ page as a chat: each question (the deepest heading level) is a ``User:`` turn, its
+    answer an ``Assistant:`` turn (its lines kept, blank lines dropped); the FAQ's sections (the
+    levels between the title and the questions) are the gold blocks, a run of questions on one topic.
+    A page without such sections is one block (gold cuts then fall between pages)."""
+    lines = text.split("\n")
+    heads = rst_headings(lines)
+    if not heads:
+        return None
+    qlevel = max(level for *_, level, _t in heads)  # questions are the deepest headings
+    groups: list[list[str]] = [[]]
+    for n, (first, used, level, title) in enumerate(heads):
+        end = heads[n + 1][0] if n + 1 < len(heads) else len(lines)
+        body = [ln for ln in lines[first + used : end] if not ln.startswith(".. ") and ln.strip()]
+        if 1 < level < qlevel:
+            groups.append([])
+        elif level == qlevel > 1:
+            if body:
+                groups[-1] += [f"User: {title}", "Assistant: " + body[0].strip(), *(ln.rstrip() for ln in body[1:])]
+    sections = merge_small(["\n".join(g) for g in groups if g], min_section_chars, "\n")
+    if not sections:
+        return None
+    return StructuredDoc(sections, source, "chat-faq", "\n", **prov)
+
+
+def locomo_documents(conversations: Sequence[dict], **prov) -> list[StructuredDoc]:
+    """LoCoMo: one document per conversation, one section per session (``Speaker: text`` turns)."""
+    out = []
+    for conv in conversations:
+        c = conv["conversation"]
+        keys = sorted((k for k in c if re.fullmatch(r"session_\d+", k)), key=lambda k: int(k.split("_")[1]))
+        sections = ["\n".join(f"{t['speaker']}: {' '.join(t['text'].split())}" for t in c[k]) for k in keys]
+        sections = [s for s in sections if s]
+        if len(sections) >= 2:
+            out.append(StructuredDoc(sections, f"locomo:{conv['sample_id']}", "chat", "\n", **prov))
+    return out
+
+
+# ----- records ----------------------------------------------------------------------------------
+
+
+def build_section_records(docs: Sequence[StructuredDoc], n: int, *, min_chars: int = 6000, max_chars: int = 24000,
+                          seed: int = 0, pattern: str = DEFAULT_PATTERN, id_prefix: str = "") -> list[dict]:
+    """``n`` records per category present in ``docs`` (round robin), each a run of consecutive sections
+    from one document, continued in another document of the category (a seam) when it runs out, until
+    the text reaches a random length in ``[min_chars, max_chars]``. Gold cuts: every section start and
+    every seam. Records carry ``source`` (the documents, ``+``-joined), ``license``, ``package`` and
+    ``version`` (``+``-joined distinct values)."""
+    by_cat: dict[str, list[StructuredDoc]] = {}
+    for d in docs:
+        by_cat.setdefault(d.category, []).append(d)
+    rng = random.Random(seed)
+    out = []
+    for cat in sorted(by_cat):
+        pool = sorted(by_cat[cat], key=lambda d: d.source)
+        for i in range(n):
+            target = rng.randint(min_chars, max_chars)
+            doc = rng.choice(pool)
+            pos = rng.randrange(len(doc.sections))
+            parts: list[str] = []
+            used: list[StructuredDoc] = []
+            size = 0
+            while size < target:
+                if doc not in used:
+                    used.append(doc)
+                parts.append(doc.sections[pos])
+                size += len(doc.sections[pos]) + len(doc.sep)
+                pos += 1
+                if pos == len(doc.sections):  # continue in another document: a seam
+                    others = [d for d in pool if d is not doc]
+                    if not others:
+                        break
+                    doc, pos = rng.choice(others), 0
+                if len(parts) > 10000:
+                    break
+            if len(parts) < 2:
+                continue
+            sep = used[0].sep
+            text = sep.join(parts) + "\n"
+            gold, p = [], 0
+            for part in parts[:-1]:
+                p += len(part) + len(sep)
+                gold.append(p)
+            cands = find_candidates(text, pattern)
+            if not set(gold) <= set(cands):
+                raise ValueError(f"pattern {pattern!r} does not put a candidate at every section start")
+            uniq = lambda xs: "+".join(dict.fromkeys(x for x in xs if x))  # noqa: E731
+            out.append(make_record(text, cands, gold, cat, id=f"{id_prefix}{cat}-{i}",
+                                   source=uniq(d.source for d in used), license=uniq(d.license for d in used),
+                                   package=uniq(d.package for d in used), version=uniq(d.version for d in used)))
+    return out
+
+
+def licenses_of(records: Iterable[dict]) -> set[str]:
+    """Every licence named by ``records`` (``+``-joined values split)."""
+    return {lic for r in records for lic in str(r.get("license", "")).split("+") if lic}
+
+
+def stdlib_provenance() -> dict:
+    return {"license": "PSF-2.0", "package": "python-stdlib", "version": sys.version.split()[0]}
