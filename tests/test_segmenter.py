@@ -245,7 +245,8 @@ def test_training_learns_and_reports_per_category(tmp_path, tiny_bert):
                                learning_rate=3e-3, window=64, overlap=16, tune_threshold=True)
     seg, metrics = train_segmenter(cfg, progress=False)
     summary = json.loads((tmp_path / "ck" / "eval_results.json").read_text())
-    assert summary["train_loss_last"][0] < 0.5 * summary["train_loss_first"][0]
+    # content-defined windows (the default) give ~0.53 here, the old start-aligned windows ~0.45
+    assert summary["train_loss_last"][0] < 0.6 * summary["train_loss_first"][0]
     assert set(metrics) == {"toy", "all"} and metrics["toy"]["f1"] > 0.5
     assert 0.0 <= metrics["toy"]["pk"] < 0.5
     loaded = Segmenter.from_pretrained(tmp_path / "ck")

