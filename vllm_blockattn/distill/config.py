@@ -51,6 +51,15 @@ class BlockDistillationConfig(SFTConfig):
             neither output depends on the student or on the dropout draw. Memory: 4 bytes x vocabulary size x
             the sink-free length of every sample, so only for small vocabularies or small datasets. Samples not
             in the cache (e.g. the evaluation set) use the live teacher.
+        logit_chunk_size (`int`, *optional*, defaults to `1024`):
+            Memory-lean losses: the trainer takes the models' final hidden states and computes every loss term
+            (weighted CE, token weights, KL) through the output head `logit_chunk_size` rows at a time, only at
+            the rows that enter a loss, each chunk under activation checkpointing; no `[L, V]` logit tensor is
+            materialised. `0`: the reference path (full `[B, L, V]` logits of every forward). Both give the same
+            loss and gradients (tested).
+        flex_block_size (`int`, *optional*, defaults to `128`):
+            Tile size of the FlexAttention `BlockMask` built from block ids when the model runs with
+            `attn_implementation="flex_attention"` (otherwise dense additive masks are used).
     """
 
     mode: str = field(default="distill", metadata={"help": f"Training mode, one of {MODES}."})
@@ -75,6 +84,12 @@ class BlockDistillationConfig(SFTConfig):
         metadata={"help": "Precompute the teacher's full logits and CE token weights once per training sample."},
     )
 
+    logit_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Rows per chunk of the hidden-state losses through the output head; 0 = full logits."},
+    )
+    flex_block_size: int = field(default=128, metadata={"help": "Tile size of FlexAttention BlockMasks."})
+
     def __post_init__(self):
         # Block samples carry their own tokenisation and layout: SFTTrainer must not re-tokenise or drop columns.
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -96,5 +111,9 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"ce_beta must be in [0, 1], got {self.ce_beta}")
         if self.teacher_cache and self.mode != "distill":
             raise ValueError(f"teacher_cache needs mode='distill' (there is no teacher in {self.mode!r})")
+        if self.logit_chunk_size < 0:
+            raise ValueError(f"logit_chunk_size must be >= 0, got {self.logit_chunk_size}")
+        if self.flex_block_size < 16 or self.flex_block_size % 16:
+            raise ValueError(f"flex_block_size must be a positive multiple of 16, got {self.flex_block_size}")
         if self.padding_free or self.packing:
             raise ValueError("padding_free and packing are not supported: every sample carries its own 4D block mask")

@@ -111,3 +111,75 @@ def block_finetune_loss(block_nll: torch.Tensor, full_nll: torch.Tensor, block_r
     """
     total = (block_nll * block_response).sum() + (full_nll * full_response).sum()
     return total / (block_response.sum() + full_response.sum()).clamp(min=1)
+
+
+# --- chunked losses from hidden states (the memory-lean path) -----------------------------------------
+#
+# The full-logit path above needs [B, L, V] logits per forward (fp32 once upcast): at 8k tokens and a
+# 151k vocabulary that is ~5 GB per sequence. The functions below take final hidden states ``[N, H]``
+# and the output head (a module or any callable ``[n, H] -> [n, V]``) and go through the head ``chunk_size``
+# rows at a time. Each chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so its logits are freed
+# after the forward and recomputed in the backward: at most one ``[chunk_size, V]`` fp32 logit block (plus
+# its softmax) is alive at a time, whatever N is. Calling the head module (not its weight) keeps PEFT
+# wrappers, tied embeddings and ZeRO-3 parameter gathering working.
+
+def _checkpointed(fn, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def chunked_token_nll(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """``[N]`` float32 NLL of ``targets [N]`` under ``head(hidden) [N, V]``, ``chunk_size`` rows at a time.
+
+    Equals ``F.cross_entropy(head(hidden).float(), targets, reduction="none")`` in value and gradient
+    (tested); the caller picks the rows (e.g. the positions before the response tokens).
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, H] and targets {tuple(targets.shape)} [N]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def nll(h, y):
+        return F.cross_entropy(head(h).float(), y, reduction="none")
+
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0.0
+    return torch.cat([_checkpointed(nll, h, y) for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size))])
+
+
+def chunked_kl_loss(student_hidden: torch.Tensor, student_head, teacher: torch.Tensor, teacher_head=None,
+                    temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """KL(teacher || student) averaged over K positions, from hidden states, ``chunk_size`` rows at a time.
+
+    Args:
+        student_hidden: ``[K, H]`` the student's final hidden states at the KL positions.
+        student_head: the student's output head.
+        teacher: ``[K, H_t]`` the teacher's hidden states at the same positions (with ``teacher_head``), or
+            ``[K, V]`` teacher logits (``teacher_head=None``, e.g. the teacher cache).
+        teacher_head: the teacher's output head (run without gradient), or None.
+
+    Equals :func:`block_kl_loss` on the full logits (value and gradient; tested). Per chunk it reuses TRL's
+    ``generalized_jsd_loss`` (``beta=0``, ``reduction="sum"``); the teacher chunk is recomputed in the
+    backward with the student's (no teacher logits are kept across chunks).
+    """
+    K = student_hidden.shape[0]
+    if teacher.shape[0] != K:
+        raise ValueError(f"student has {K} positions but teacher {teacher.shape[0]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if K == 0:
+        return student_hidden.sum() * 0.0
+    jsd = _generalized_jsd_loss()
+    teacher = teacher.detach()
+
+    def kl(h, t):
+        s_logits = student_head(h).float()
+        with torch.no_grad():
+            t_logits = (teacher_head(t) if teacher_head is not None else t).float()
+        return jsd(s_logits[None], t_logits[None], beta=0.0, temperature=temperature, reduction="sum")
+
+    total = sum(_checkpointed(kl, h, t) for h, t in zip(student_hidden.split(chunk_size), teacher.split(chunk_size)))
+    return total / K

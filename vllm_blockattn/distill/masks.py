@@ -134,3 +134,104 @@ def batch_dropout_attention_masks(block_masks: torch.Tensor, layouts: Sequence[B
             rows[i, lay.blocks[b].start : lay.blocks[b].end] = True
     causal = full_attention_mask(L, dtype=block_masks.dtype, device=block_masks.device)
     return torch.where(rows.to(block_masks.device)[:, None, :, None], block_masks, causal)
+
+
+# --- block ids and FlexAttention BlockMasks (the memory-lean path) ------------------------------------
+#
+# A pattern row is described by two [L] vectors instead of an [L, L] mask:
+#   ``doc[t]``  the block id of token t (any id per block; pads get unique negative ids),
+#   ``glob[t]`` True when token t's row is a full causal row (sees every earlier real token).
+# Token q may attend to key k iff ``k <= q and (doc[q] == doc[k] or (glob[q] and doc[k] >= 0))``.
+# That is the reference rule: block rows see their own block, global rows see everything before them,
+# pads see themselves only and nobody sees a pad. The tests check the rule against the reference masks.
+
+def _pad_ids(L: int, n: int, device=None) -> torch.Tensor:
+    return -1 - torch.arange(n, L, device=device)  # unique negative ids: a pad sees only itself
+
+
+def block_pattern_ids(layout: BlockLayout, length: int, dropped: Sequence[int] | None = None,
+                      device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(doc [length] long, glob [length] bool)`` of one sample's block pattern (``dropped=None``: every
+    context block alone, the final block global) or dropout pattern (``dropped``: those context blocks
+    alone, every other row global), right-padded to ``length``."""
+    _check_unpadded(layout)
+    n = layout.num_tokens
+    if n > length:
+        raise ValueError(f"layout covers {n} tokens, more than length {length}")
+    bidx = torch.tensor(layout.block_index(), dtype=torch.long, device=device)
+    final = len(layout.blocks) - 1
+    if dropped is None:
+        glob = bidx == final
+    else:
+        glob = torch.ones(n, dtype=torch.bool, device=device)
+        for b in dropped:
+            if not 0 <= b < final:
+                raise ValueError(f"dropped block index {b} is not a context block (0..{final - 1})")
+            glob[layout.blocks[b].start : layout.blocks[b].end] = False
+    doc = torch.cat([bidx, _pad_ids(length, n, device)])
+    return doc, torch.cat([glob, torch.zeros(length - n, dtype=torch.bool, device=device)])
+
+
+def full_pattern_ids(n: int, length: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(doc, glob)`` of a plain causal sequence of ``n`` real tokens right-padded to ``length``."""
+    if n > length:
+        raise ValueError(f"{n} tokens, more than length {length}")
+    doc = torch.cat([torch.zeros(n, dtype=torch.long, device=device), _pad_ids(length, n, device)])
+    glob = torch.cat([torch.ones(n, dtype=torch.bool, device=device),
+                      torch.zeros(length - n, dtype=torch.bool, device=device)])
+    return doc, glob
+
+
+def dense_mask_from_ids(doc: torch.Tensor, glob: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive ``[B, 1, L, L]`` mask of ``(doc, glob)`` rows ``[B, L]``: the dense form of
+    :func:`flex_block_mask` (equal to the reference-built masks; tested)."""
+    L = doc.shape[1]
+    i = torch.arange(L, device=doc.device)
+    allowed = (i[None, None, :] <= i[None, :, None]) & (
+        (doc[:, :, None] == doc[:, None, :]) | (glob[:, :, None] & (doc[:, None, :] >= 0)))
+    out = torch.zeros(allowed.shape, dtype=dtype, device=doc.device)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def flex_block_mask(doc: torch.Tensor, glob: torch.Tensor, block_size: int = 128):
+    """A FlexAttention ``BlockMask`` for rows ``(doc, glob)`` ``[B, L]``, built without any ``[L, L]`` tensor.
+
+    The tile structure (which ``block_size`` x ``block_size`` tiles are empty, partial or full) is computed one
+    query tile at a time (``B x block_size x L`` booleans at most), then handed to ``BlockMask.from_kv_blocks``
+    together with the ``mask_mod`` that FlexAttention applies inside the partial tiles.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if doc.shape != glob.shape or doc.dim() != 2:
+        raise ValueError(f"doc {tuple(doc.shape)} and glob {tuple(glob.shape)} must be the same [B, L]")
+    B, L = doc.shape
+    device = doc.device
+    nb = -(-L // block_size)
+    Lp = nb * block_size
+    # Keys past L never attend: a sentinel id that no query has and that is negative (not a real key).
+    dk = torch.cat([doc, torch.full((B, Lp - L), torch.iinfo(torch.long).min, dtype=doc.dtype, device=device)], 1)
+    kpos = torch.arange(Lp, device=device)
+    partial = torch.zeros(B, nb, nb, dtype=torch.bool, device=device)
+    full = torch.zeros(B, nb, nb, dtype=torch.bool, device=device)
+    for qi in range(nb):
+        q = torch.arange(qi * block_size, min((qi + 1) * block_size, L), device=device)
+        m = (kpos[None, None, :] <= q[None, :, None]) & (
+            (doc[:, q, None] == dk[:, None, :]) | (glob[:, q, None] & (dk[:, None, :] >= 0)))
+        m = m.view(B, q.numel(), nb, block_size)
+        some, every = m.any(dim=(1, 3)), m.all(dim=(1, 3))
+        full[:, qi] = every if q.numel() == block_size else False
+        partial[:, qi] = some & ~full[:, qi]
+
+    def indices(sel):
+        num = sel.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num[:, None], order[:, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        dq, dkv = doc[b, q_idx], doc[b, kv_idx]
+        return (kv_idx <= q_idx) & ((dq == dkv) | (glob[b, q_idx] & (dkv >= 0)))
+
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(L, L))

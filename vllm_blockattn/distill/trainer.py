@@ -16,9 +16,12 @@ One training step in ``mode="distill"`` (paper eq. (3); see docs/distillation.md
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from trl import SFTTrainer
@@ -27,8 +30,10 @@ from ..layout import parse_block_prompt
 from ..reference import block_attention_mask, full_attention_mask
 from .config import BlockDistillationConfig
 from .data import BlockDataCollator
-from .losses import block_finetune_loss, block_kl_loss, token_nll, token_weights, weighted_ce_loss
-from .masks import batch_dropout_attention_masks, kl_query_mask, pad_attention_masks, sample_dropped_blocks
+from .losses import (block_finetune_loss, block_kl_loss, chunked_kl_loss, chunked_token_nll, token_nll,
+                     token_weights, weighted_ce_loss)
+from .masks import (batch_dropout_attention_masks, block_pattern_ids, flex_block_mask, full_pattern_ids,
+                    kl_query_mask, pad_attention_masks, sample_dropped_blocks)
 from .sinks import add_sink_token, apply_sink_peft, write_block_config
 
 
@@ -38,6 +43,47 @@ def _load(model_or_path, init_kwargs: dict | None):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_or_path, **(init_kwargs or {}))
+
+
+@dataclass
+class Pattern:
+    """One attention pattern of a batch: token ids, positions, and the mask in both forms.
+
+    ``doc``/``glob`` (``[B, L]``, see :mod:`.masks`) describe the mask without an ``[L, L]`` tensor and feed
+    FlexAttention's ``BlockMask``; ``dense(dtype)`` builds the additive ``[B, 1, L, L]`` mask from the
+    reference masks (eager/sdpa, and the reference the Flex path is tested against).
+    """
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    doc: torch.Tensor
+    glob: torch.Tensor
+    build_dense: object = field(repr=False)
+    _dense: dict = field(default_factory=dict, repr=False)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._dense:
+            self._dense[dtype] = self.build_dense(dtype)
+        return self._dense[dtype]
+
+
+def causal_lm(model):
+    """The ``*ForCausalLM`` module under DDP/DeepSpeed (already unwrapped by the caller) and PEFT wrappers."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head(model):
+    """The output head of a causal LM as a callable ``[n, H] -> [n, V]`` (final logit soft-capping included)."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        return lambda h: torch.tanh(head(h) / cap) * cap
+    return head
+
+
+def uses_flex(model) -> bool:
+    return getattr(causal_lm(model).config, "_attn_implementation", None) == "flex_attention"
 
 
 class BlockDistillationTrainer(SFTTrainer):
@@ -100,28 +146,76 @@ class BlockDistillationTrainer(SFTTrainer):
 
     # --- helpers --------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _logits(model, patterns) -> list[torch.Tensor]:
+    def _model_inputs(self, model, patterns: list[Pattern], dtype):
+        ids = torch.cat([p.ids for p in patterns])
+        pos = torch.cat([p.pos for p in patterns])
+        if uses_flex(model):
+            mask = flex_block_mask(torch.cat([p.doc for p in patterns]), torch.cat([p.glob for p in patterns]),
+                                   self.args.flex_block_size)
+        else:
+            mask = torch.cat([p.dense(dtype) for p in patterns])
+        return dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+
+    def _logits(self, model, patterns: list[Pattern]) -> list[torch.Tensor]:
         """One forward over several attention patterns stacked on the batch axis (one call keeps DDP's
         reducer happy: a second forward of the wrapped model before backward is not allowed).
 
-        ``patterns``: ``(input_ids [B, L], mask [B, 1, L, L], position_ids [B, L])`` triples of one length.
-        Returns the logits ``[B, L, V]`` of each pattern.
+        Returns the logits ``[B, L, V]`` of each pattern (the full-logit reference path).
         """
-        ids, mask, pos = (torch.cat(x) for x in zip(*patterns))
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        return list(logits.split([p[0].shape[0] for p in patterns]))
+        dtype = self.accelerator.unwrap_model(model).dtype
+        logits = model(**self._model_inputs(self.accelerator.unwrap_model(model), patterns, dtype)).logits
+        return list(logits.split([p.ids.shape[0] for p in patterns]))
+
+    def _hidden(self, model, patterns: list[Pattern]) -> list[torch.Tensor]:
+        """Like :meth:`_logits` but returns the final hidden states ``[B, L, H]`` of each pattern: the decoder's
+        output is taken by a forward hook and the wrapped model computes the logits of one position only
+        (``logits_to_keep=1``), so no ``[L, V]`` logits exist. The forward still goes through the wrapper
+        (DDP, DeepSpeed, PEFT), so their hooks see it."""
+        base = self.accelerator.unwrap_model(model)
+        captured = []
+
+        def hook(_module, _args, out):
+            captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+        handle = causal_lm(base).get_decoder().register_forward_hook(hook)
+        try:
+            model(**self._model_inputs(base, patterns, base.dtype), logits_to_keep=1)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"expected one decoder output, captured {len(captured)}")
+        return list(captured[0].split([p.ids.shape[0] for p in patterns]))
+
+    def _teacher_context(self, model):
+        """``(model to call, context manager)`` of the teacher: the separate frozen teacher, or the student's
+        base model with its adapter disabled (PEFT)."""
+        if self.teacher_model is not None:
+            return self.teacher_model, contextlib.nullcontext
+        base = self.accelerator.unwrap_model(model)
+        return model, base.disable_adapter
 
     def _teacher_logits(self, model, patterns) -> list[torch.Tensor]:
-        with torch.no_grad():
-            if self.teacher_model is not None:
-                return self._logits(self.teacher_model, patterns)
-            base = self.accelerator.unwrap_model(model)
-            with base.disable_adapter():
-                return self._logits(base, patterns)
+        teacher, ctx = self._teacher_context(model)
+        with torch.no_grad(), ctx():
+            return self._logits(teacher, patterns)
 
-    def _patterns(self, inputs, dtype):
-        """Layouts plus the block and full patterns of a batch, all at the block sequence's length L
+    def _teacher_hidden(self, model, patterns):
+        """Teacher hidden states of ``patterns`` and the teacher's output head (a callable that runs without
+        gradient; under PEFT it disables the adapter around every call, since it is also called again while
+        the student's chunked KL recomputes in the backward)."""
+        teacher, ctx = self._teacher_context(model)
+        with torch.no_grad(), ctx():
+            hidden = self._hidden(teacher, patterns)
+        head = output_head(self.accelerator.unwrap_model(teacher))
+
+        def t_head(h):
+            with torch.no_grad(), ctx():
+                return head(h)
+
+        return hidden, t_head
+
+    def _patterns(self, inputs, dtype=None):
+        """Layouts plus the block and full :class:`Pattern` of a batch, all at the block sequence's length L
         (the sink-free sequences are shorter and padded up to L)."""
         ids, lengths, cidx = inputs["input_ids"], inputs["lengths"].tolist(), inputs["content_index"]
         L, device = ids.shape[1], ids.device
@@ -129,15 +223,26 @@ class BlockDistillationTrainer(SFTTrainer):
         pos = torch.zeros_like(ids)
         for i, lay in enumerate(layouts):
             pos[i, : lay.num_tokens] = torch.tensor(lay.positions(), device=device)
-        block = (ids, pad_attention_masks([block_attention_mask(lay, dtype, device) for lay in layouts], L), pos)
+        doc, glob = (torch.stack(x) for x in zip(*(block_pattern_ids(lay, L, device=device) for lay in layouts)))
+        block = Pattern(ids, pos, doc, glob, lambda dt: pad_attention_masks(
+            [block_attention_mask(lay, dt, device) for lay in layouts], L))
         full_ids, full_labels = inputs["full_input_ids"], inputs["full_labels"]
         pad = L - full_ids.shape[1]
         full_ids = torch.nn.functional.pad(full_ids, (0, pad), value=self.data_collator.pad_token_id)
         full_labels = torch.nn.functional.pad(full_labels, (0, pad), value=-100)
         full_len = (cidx.max(dim=1).values + 1).tolist()
-        full_mask = pad_attention_masks([full_attention_mask(n, dtype, device) for n in full_len], L)
-        full_pos = torch.arange(L, device=device).expand_as(ids)
-        return layouts, block, (full_ids, full_mask, full_pos), full_labels
+        fdoc, fglob = (torch.stack(x) for x in zip(*(full_pattern_ids(n, L, device) for n in full_len)))
+        full = Pattern(full_ids, torch.arange(L, device=device).expand_as(ids), fdoc, fglob,
+                       lambda dt: pad_attention_masks([full_attention_mask(n, dt, device) for n in full_len], L))
+        return layouts, block, full, full_labels
+
+    @staticmethod
+    def _dropout_pattern(block: Pattern, layouts, dropped) -> Pattern:
+        L, device = block.ids.shape[1], block.ids.device
+        doc, glob = (torch.stack(x) for x in zip(*(block_pattern_ids(lay, L, d, device)
+                                                   for lay, d in zip(layouts, dropped))))
+        return Pattern(block.ids, block.pos, doc, glob,
+                       lambda dt: batch_dropout_attention_masks(block.dense(dt), layouts, dropped))
 
     # --- teacher cache -------------------------------------------------------------------------------
 
@@ -150,7 +255,7 @@ class BlockDistillationTrainer(SFTTrainer):
         positions; ``t_full[b, content_index[b, t]]`` is the teacher's distribution at student position t)."""
         ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
         t_full, t_block = self._teacher_logits(model, [full, block])
-        t_full_nll = token_nll(t_full, full[0]).gather(1, cidx.clamp(min=0))  # on student positions
+        t_full_nll = token_nll(t_full, full.ids).gather(1, cidx.clamp(min=0))  # on student positions
         weights = token_weights(token_nll(t_block, ids), t_full_nll, labels != -100, self.args.ce_tau,
                                 self.args.ce_beta)
         return weights, t_full
@@ -175,7 +280,7 @@ class BlockDistillationTrainer(SFTTrainer):
         for start in tqdm(range(0, len(rows), bs), desc="teacher cache", disable=not self.is_local_process_zero()):
             batch = self.data_collator([dataset[i] for i in rows[start:start + bs]])
             batch = {k: v.to(device) for k, v in batch.items()}
-            layouts, block, full, _ = self._patterns(batch, dtype)
+            layouts, block, full, _ = self._patterns(batch)
             weights, t_full = self._teacher_outputs(self.model, batch, layouts, block, full, dtype)
             n_full = (batch["content_index"].max(dim=1).values + 1).tolist()
             for i, n in enumerate(batch["lengths"].tolist()):
@@ -203,51 +308,111 @@ class BlockDistillationTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
-        dtype = self.accelerator.unwrap_model(model).dtype
-        layouts, block, full, full_labels = self._patterns(inputs, dtype)
-        response = labels != -100
+        layouts, block, full, full_labels = self._patterns(inputs)
         metrics = self._metrics[mode]
-
         if self.args.mode == "block_finetune":
-            s_block, s_full = self._logits(model, [block, full])
-            loss = block_finetune_loss(token_nll(s_block, ids), token_nll(s_full, full[0]), response,
-                                       full_labels != -100)
+            loss = (self._finetune_loss_chunked if self.args.logit_chunk_size > 0 else self._finetune_loss_full)(
+                model, inputs, block, full, full_labels, metrics)
             metrics["ce"].append(loss.item())
-            return (loss, {"logits": s_block}) if return_outputs else loss
+        else:
+            cached = self._cached_teacher(inputs)
+            if self.teacher_cache is not None:
+                metrics["teacher_cache_hit"].append(float(cached is not None))
+            dropped = None
+            if self.args.kl_weight > 0:
+                dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
+                           for lay in layouts]
+                n_ctx = sum(len(lay.context_blocks) for lay in layouts)
+                metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, n_ctx))
+            step = self._distill_loss_chunked if self.args.logit_chunk_size > 0 else self._distill_loss_full
+            ce, kl, hard = step(model, inputs, layouts, block, full, dropped, cached, metrics)
+            loss = ce + self.args.kl_weight * kl
+            metrics["ce"].append(ce.item())
+            if dropped is not None:
+                metrics["kl"].append(kl.item())
+            metrics["hard_token_fraction"].append(hard)
+        return (loss, SimpleNamespace(logits=None)) if return_outputs else loss
 
-        cached = self._cached_teacher(inputs)
+    def _kl_positions(self, layouts, dropped, ids):
+        kl_q = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (lay, d) in enumerate(zip(layouts, dropped)):
+            kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(ids.device)
+        return kl_q.nonzero(as_tuple=True)  # row by row
+
+    def _distill_loss_full(self, model, inputs, layouts, block, full, dropped, cached, metrics):
+        """Reference path: full ``[B, L, V]`` logits of every forward."""
+        ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
+        response = labels != -100
+        dtype = self.accelerator.unwrap_model(model).dtype
         if cached is None:
             weights, t_full = self._teacher_outputs(model, inputs, layouts, block, full, dtype)
         else:
             weights, t_rows = cached
-        if self.teacher_cache is not None:
-            metrics["teacher_cache_hit"].append(float(cached is not None))
-        if self.args.kl_weight > 0:
-            dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
-                       for lay in layouts]
-            drop_mask = batch_dropout_attention_masks(block[1], layouts, dropped)
-            s_block, s_drop = self._logits(model, [block, (ids, drop_mask, block[2])])
-            kl_q = torch.zeros_like(ids, dtype=torch.bool)
-            for i, (lay, d) in enumerate(zip(layouts, dropped)):
-                kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(ids.device)
-            b, t = kl_q.nonzero(as_tuple=True)
+        if dropped is not None:
+            s_block, s_drop = self._logits(model, [block, self._dropout_pattern(block, layouts, dropped)])
+            b, t = self._kl_positions(layouts, dropped, ids)
             if cached is None:
                 teacher_q = t_full[b, cidx[b, t]]
-            else:  # nonzero() lists positions row by row
+            else:
                 teacher_q = torch.cat([t_rows[i][cidx[i, t[b == i]]] for i in range(ids.shape[0])])
             kl = block_kl_loss(s_drop[b, t], teacher_q, self.args.kl_temperature)
-            metrics["kl"].append(kl.item())
-            n_ctx = sum(len(lay.context_blocks) for lay in layouts)
-            metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, n_ctx))
         else:
             (s_block,) = self._logits(model, [block])
             kl = torch.zeros((), device=ids.device)
         ce = weighted_ce_loss(token_nll(s_block, ids), weights, response)
-        loss = ce + self.args.kl_weight * kl
-        metrics["ce"].append(ce.item())
-        metrics["hard_token_fraction"].append(((weights == 1) & response).sum().item() / max(1, response.sum().item()))
-        return (loss, {"logits": s_block}) if return_outputs else loss
+        hard = ((weights == 1) & response).sum().item() / max(1, response.sum().item())
+        return ce, kl, hard
+
+    def _distill_loss_chunked(self, model, inputs, layouts, block, full, dropped, cached, metrics):
+        """Memory-lean path: final hidden states, and losses through the output heads in chunks of
+        ``logit_chunk_size`` rows, only at the rows that enter a loss (response tokens for the CE and the token
+        weights, KL positions for the KL). Equal to :meth:`_distill_loss_full` (tested)."""
+        ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
+        chunk, T = self.args.logit_chunk_size, self.args.kl_temperature
+        rb, rt = (labels != -100).nonzero(as_tuple=True)  # response tokens; predicted from position rt - 1
+        targets = ids[rb, rt]
+        t_hidden = t_head = None
+        if cached is None:
+            (th_full, th_block), t_head = self._teacher_hidden(model, [full, block])
+            t_full_nll = chunked_token_nll(th_full[rb, cidx[rb, rt] - 1], t_head, targets, chunk)
+            t_block_nll = chunked_token_nll(th_block[rb, rt - 1], t_head, targets, chunk)
+            weights = token_weights(t_block_nll, t_full_nll, torch.ones_like(targets, dtype=torch.bool),
+                                    self.args.ce_tau, self.args.ce_beta)
+            t_hidden = th_full
+        else:
+            weights = cached[0][rb, rt]
+        s_head = output_head(self.accelerator.unwrap_model(model))
+        if dropped is not None:
+            hs_block, hs_drop = self._hidden(model, [block, self._dropout_pattern(block, layouts, dropped)])
+            b, t = self._kl_positions(layouts, dropped, ids)
+            if cached is None:
+                kl = chunked_kl_loss(hs_drop[b, t], s_head, t_hidden[b, cidx[b, t]], t_head, T, chunk)
+            else:
+                t_rows = cached[1]
+                teacher_q = torch.cat([t_rows[i][cidx[i, t[b == i]]] for i in range(ids.shape[0])])
+                kl = chunked_kl_loss(hs_drop[b, t], s_head, teacher_q, None, T, chunk)
+        else:
+            (hs_block,) = self._hidden(model, [block])
+            kl = torch.zeros((), device=ids.device)
+        s_nll = chunked_token_nll(hs_block[rb, rt - 1], s_head, targets, chunk)
+        ce = (weights * s_nll).sum() / max(1, targets.numel())
+        hard = (weights == 1).sum().item() / max(1, targets.numel())
+        return ce, kl, hard
+
+    def _finetune_loss_full(self, model, inputs, block, full, full_labels, metrics):
+        s_block, s_full = self._logits(model, [block, full])
+        return block_finetune_loss(token_nll(s_block, inputs["input_ids"]), token_nll(s_full, full.ids),
+                                   inputs["labels"] != -100, full_labels != -100)
+
+    def _finetune_loss_chunked(self, model, inputs, block, full, full_labels, metrics):
+        chunk = self.args.logit_chunk_size
+        hs_block, hs_full = self._hidden(model, [block, full])
+        head = output_head(self.accelerator.unwrap_model(model))
+        rb, rt = (inputs["labels"] != -100).nonzero(as_tuple=True)
+        fb, ft = (full_labels != -100).nonzero(as_tuple=True)
+        nll = torch.cat([chunked_token_nll(hs_block[rb, rt - 1], head, block.ids[rb, rt], chunk),
+                         chunked_token_nll(hs_full[fb, ft - 1], head, full.ids[fb, ft], chunk)])
+        return nll.sum() / max(1, nll.numel())
 
     # --- saving ---------------------------------------------------------------------------------------
 
