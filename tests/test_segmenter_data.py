@@ -3,6 +3,7 @@ fake local OpenAI-compatible endpoint), and the baselines (on the tiny Qwen3 LM)
 
 import json
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,7 +16,7 @@ from vllm_blockattn.segmenter.candidates import (
 )
 from vllm_blockattn.segmenter.data import (
     AtomicJsonlWriter, Document, LabelingError, LLMLabeler, RecordError, build_concat_records, chunk_file_text,
-    documents_from_files, main as data_main, mark_candidates, parse_cut_answer, read_records, validate_record,
+    documents_from_files, main as data_main, make_record, mark_candidates, parse_cut_answer, read_records, validate_record,
 )
 from vllm_blockattn.segmenter.metrics import boundary_counts, evaluate, pk_windowdiff, prf
 
@@ -107,16 +108,34 @@ def test_concat_builder_labels_exactly_the_seams(tmp_path):
     assert len(recs) == 6
     for rec in recs:
         validate_record(rec)
-        parts = rec["text"].split("\n\n")
+        parts = [p for p in rec["text"].split("\n") if " line " in p]  # each document's first line
         sources = [p[0] for p in parts]
         assert len(set(sources)) == len(sources)  # documents of distinct sources
         seams = [c for c, y in zip(rec["candidates"], rec["labels"]) if y]
         assert [rec["text"][c] for c in seams] == sources[1:]  # every cut starts the next document
         assert len(seams) == len(parts) - 1 and sum(rec["labels"]) == len(seams)
+        assert "\n\n" not in rec["text"]  # documents without blank lines meet with a single newline, too
     f = tmp_path / "a.txt"
     f.write_text("x" * 50 + "\n" + "y" * 50 + "\n\n" + "z" * 300 + "\n")
     got = documents_from_files([f, tmp_path / "missing.txt"], "prose", min_chars=60, max_chars=80)
     assert [d.text for d in got] == ["x" * 50 + "\n" + "y" * 50 + "\n", "z" * 300 + "\n"]
+
+
+def test_concat_builder_joins_documents_as_their_own_parts_are_joined():
+    paras = [Document(f"{s} para {i}.\n\n{s} more {i}.\n", s, "prose", "MIT", "1.0") for s in "ABC" for i in range(3)]
+    chat = [Document(f"{s}: hi {i}\n{s}: bye {i}\n", s, "chat") for s in "XYZ" for i in range(3)]
+    for rec in build_concat_records(paras + chat, 6, min_docs=3, max_docs=3, seed=2):
+        before = {c: re.search(r"\n+$", rec["text"][:c]).group(0) for c in rec["candidates"]}
+        seams = [c for c, y in zip(rec["candidates"], rec["labels"]) if y]
+        others = [c for c, y in zip(rec["candidates"], rec["labels"]) if not y]
+        # the whitespace before a seam is the whitespace before a non-seam: no layout leak
+        assert {before[c] for c in seams} == {before[c] for c in others}
+        if rec["category"] == "prose":
+            assert rec["license"] == "MIT" and rec["version"] == "1.0"
+        else:
+            assert "license" not in rec and "\n\n" not in rec["text"]
+    with pytest.raises(ValueError, match="newlines only"):
+        build_concat_records(paras, 2, sep=" | ")
 
 
 def test_concat_builder_mixes_kinds_on_request():
@@ -144,8 +163,19 @@ def test_atomic_writer_never_leaves_half_a_record(tmp_path):
             w.write(good)
             assert not out.exists()  # nothing visible before close
             w.write({**good, "labels": ["oops"]})
-    assert [r["labels"] for r in read_records(out)] == [[0]]  # the complete record is kept, the bad one never written
-    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary file left behind
+    assert not out.exists()  # a failed run never replaces the output
+    partial = tmp_path / "out.jsonl.partial"
+    assert [r["labels"] for r in read_records(partial)] == [[0]]  # the complete record is kept, the bad one never written
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl.partial"]  # no temporary file left behind
+    out.write_text(json.dumps(good) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicJsonlWriter(out) as w:
+            w.write({**good, "labels": [1]})
+            raise KeyboardInterrupt
+    assert [r["labels"] for r in read_records(out)] == [[0]]  # Ctrl-C: the previous output is untouched
+    with AtomicJsonlWriter(out) as w:
+        w.write({**good, "labels": [1]})
+    assert [r["labels"] for r in read_records(out)] == [[1]]
 
 
 # ----- labelling through a fake OpenAI-compatible endpoint ----------------------------------------
@@ -224,7 +254,7 @@ def test_labeler_gives_up_after_bounded_retries_and_writes_nothing_bad(tmp_path)
         assert "out of range" in fake.requests[2]["messages"][-1]["content"]
         out = tmp_path / "labels.jsonl"
         stats = labeler.label_all([(TEXT, "prose"), (TEXT, "prose")], out, progress=False)
-    assert stats == {"written": 1, "failed": 1}
+    assert stats == {"written": 1, "failed": 1, "resumed": 0}
     assert [r["labels"] for r in read_records(out)] == [[1, 0, 0]]
     assert mark_candidates(TEXT, [12]).startswith("Intro line.\n[[0]]More")
 
@@ -235,7 +265,7 @@ def test_builder_cli_label_and_concat(tmp_path, capsys):
     with FakeEndpoint(["oops", '{"cuts": [1]}', '{"cuts": [0, 2]}']) as url:
         rc = data_main(["label", "--input", str(src), "--output", str(tmp_path / "l.jsonl"), "--base-url", url,
                         "--model", "m", "--max-retries", "1"])
-    assert rc == 0 and json.loads(capsys.readouterr().out) == {"written": 2, "failed": 0}
+    assert rc == 0 and json.loads(capsys.readouterr().out) == {"written": 2, "failed": 0, "resumed": 0}
     assert [(r["labels"], r["category"]) for r in read_records(tmp_path / "l.jsonl")] == [
         ([0, 1, 0], "prose"), ([1, 0, 1], "default")]
     files = []
@@ -307,3 +337,50 @@ def test_baseline_errors_are_clear(scorer):
     with pytest.raises(SegmenterInputError, match="unknown baseline"):
         baseline_blocks("magic", LONG, 3)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_label_run_interrupted_keeps_output_and_resumes(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    out.write_text("")  # an earlier run's output
+    items = [(TEXT, "prose"), (TEXT + "x\n", "prose"), (TEXT + "y\n", "prose")]
+    calls = []
+
+    class Flaky(LLMLabeler):
+        def label(self, text, category, **extra):
+            calls.append(text)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the third text
+            cands = find_candidates(text)
+            return make_record(text, cands, cands[:1], category, **extra)
+
+    labeler = Flaky("http://127.0.0.1:9/v1", "m")
+    with pytest.raises(KeyboardInterrupt):
+        labeler.label_all(items, out, progress=False)
+    assert out.read_text() == ""  # untouched
+    assert [r["id"] for r in read_records(tmp_path / "labels.jsonl.partial")] == ["0", "1"]
+    calls.clear()
+    calls.append("skip the interrupt")  # the next call is the second one: it succeeds
+    stats = labeler.label_all(items, out, progress=False)
+    assert stats == {"written": 3, "failed": 0, "resumed": 2} and len(calls) == 2  # only the third text asked
+    assert [r["id"] for r in read_records(out)] == ["0", "1", "2"]
+    assert not (tmp_path / "labels.jsonl.partial").exists()
+
+
+def test_empty_choices_are_retried_and_bad_input_lines_are_named(tmp_path, capsys):
+    with FakeEndpoint(['{"cuts": [1]}']) as url:
+        labeler = LLMLabeler(url, "m", max_retries=1)
+        real = labeler.client.chat.completions.create
+        answers = iter([type("R", (), {"choices": []})(), None])
+
+        def create(**kw):
+            a = next(answers)
+            return a if a is not None else real(**kw)
+
+        labeler.client.chat.completions.create = create
+        rec = labeler.label(TEXT, "prose")
+    assert rec["labels"] == [0, 1, 0] and labeler.attempts == 2
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "a\\nb"}\n{not json\n')
+    rc = data_main(["label", "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), "--base-url",
+                    "http://127.0.0.1:9/v1", "--model", "m"])
+    assert rc == 2 and f"{bad}:2: not JSON" in capsys.readouterr().err

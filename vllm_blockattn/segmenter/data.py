@@ -13,7 +13,9 @@ Builders:
 - :class:`LLMLabeler` asks any OpenAI-compatible endpoint (a vLLM server included) which numbered
   candidate markers to keep, validates the answer and retries a bounded number of times.
 - :func:`build_concat_records` concatenates documents from different sources and labels the seams
-  (self-supervised: a seam between two unrelated documents is a true cut).
+  (self-supervised: a seam between two unrelated documents is a true cut), joined the way the
+  documents' own parts are, so the layout does not give the seams away.
+- :mod:`.corpora` builds long records from real documents whose sections people wrote.
 
 Files are written through :class:`AtomicJsonlWriter`: a line is written only once its record is
 validated, into a temporary file that replaces the output when the writer closes, so the output never
@@ -94,12 +96,17 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 class AtomicJsonlWriter:
     """Write validated records to ``path`` through a temporary file in the same directory.
 
     Each record is validated and serialized before one ``write`` of its whole line; the temporary file
-    replaces ``path`` on :meth:`close` (also when the ``with`` block raised: complete records are kept).
-    A process killed mid-way leaves ``path`` untouched.
+    replaces ``path`` only when the ``with`` block finishes normally (or on :meth:`close`). When the
+    block raises (an error, Ctrl-C), ``path`` is left as it was and the complete records written so far
+    go to ``path.partial`` (:data:`PARTIAL_SUFFIX`), from which a later run can resume. A process
+    killed outright leaves ``path`` untouched too.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -125,8 +132,21 @@ class AtomicJsonlWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def abort(self) -> Path | None:
+        """Keep the complete records in ``path.partial`` and leave ``path`` as it was."""
+        if self._f.closed:
+            return None
+        self._f.flush()
+        self._f.close()
+        partial = Path(str(self.path) + PARTIAL_SUFFIX)
+        os.replace(self.tmp, partial)
+        return partial
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -144,6 +164,8 @@ class Document:
     text: str
     source: str  # documents of one source never meet at a seam
     category: str
+    license: str = ""  # provenance, copied into the records built from the document
+    version: str = ""
 
 
 def chunk_file_text(text: str, source: str, category: str, *, min_chars: int = 200, max_chars: int = 1200,
@@ -175,8 +197,9 @@ def chunk_file_text(text: str, source: str, category: str, *, min_chars: int = 2
 
 
 def documents_from_files(paths: Iterable[str | os.PathLike], category: str, *, min_chars: int = 200,
-                         max_chars: int = 1200, seed: int = 0) -> list[Document]:
-    """Documents from text files on disk, one source per file; unreadable or non-UTF-8 files are skipped."""
+                         max_chars: int = 1200, seed: int = 0, license: str = "", version: str = "") -> list[Document]:
+    """Documents from text files on disk, one source per file; unreadable or non-UTF-8 files are skipped.
+    ``license`` and ``version`` are recorded in every document (and in the records built from it)."""
     rng = random.Random(seed)
     out = []
     for p in paths:
@@ -184,16 +207,23 @@ def documents_from_files(paths: Iterable[str | os.PathLike], category: str, *, m
             text = Path(p).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        out.extend(chunk_file_text(text, str(p), category, min_chars=min_chars, max_chars=max_chars, rng=rng))
+        out.extend(Document(d.text, d.source, d.category, license, version) for d in
+                   chunk_file_text(text, str(p), category, min_chars=min_chars, max_chars=max_chars, rng=rng))
     return out
 
 
 def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2, max_docs: int = 5, seed: int = 0,
-                         pattern: str = DEFAULT_PATTERN, mixed: float = 0.0) -> list[dict]:
+                         pattern: str = DEFAULT_PATTERN, mixed: float = 0.0, sep: str = "auto") -> list[dict]:
     """``n`` records, each the concatenation of ``min_docs..max_docs`` documents of one category from
-    distinct sources, joined by a blank line; the candidate at every seam is labelled 1, every other
-    candidate 0. A share ``mixed`` of the records draws from all categories at once (category
-    ``"mixed"``), so that a model also learns seams between kinds of text."""
+    distinct sources; the candidate at every seam is labelled 1, every other candidate 0. A share
+    ``mixed`` of the records draws from all categories at once (category ``"mixed"``), so that a model
+    also learns seams between kinds of text.
+
+    Documents meet with ``sep``; ``"auto"`` uses the line break the category's documents use between
+    their own parts, so that a seam looks like any other boundary: a blank line (``"\n\n"``) when most
+    of the category's documents contain one (paragraphs), else a single newline (chat turns, code
+    without blank lines; also for mixed records). Records carry ``source`` and, when the documents
+    name them, ``license`` and ``version``."""
     if not 2 <= min_docs <= max_docs:
         raise ValueError(f"need 2 <= min_docs <= max_docs, got {min_docs}, {max_docs}")
     if not 0.0 <= mixed <= 1.0:
@@ -205,6 +235,15 @@ def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2,
     if not usable:
         raise ValueError("need documents from at least two sources of one category")
     pool = {s: ds for srcs in by_cat.values() for s, ds in srcs.items()}
+    if sep == "auto":
+        seps = {}
+        for c, srcs in by_cat.items():
+            all_docs = [d for ds in srcs.values() for d in ds]
+            blank = sum("\n\n" in d.text.strip("\n") for d in all_docs)
+            seps[c] = "\n\n" if 2 * blank > len(all_docs) else "\n"
+        seps["mixed"] = "\n"
+    elif sep.strip("\n") or not sep:
+        raise ValueError(f"sep must be 'auto' or newlines only, got {sep!r}")
     rng = random.Random(seed)
     records = []
     n_mixed = round(n * mixed) if len(by_cat) > 1 else 0
@@ -217,9 +256,10 @@ def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2,
         sources = sorted(by_source)
         m = min(rng.randint(min_docs, max_docs), len(sources))
         picked = [rng.choice(by_source[s]) for s in rng.sample(sources, m)]
-        # documents meet after a blank line, like paragraphs inside them: the layout gives no seam away
-        parts = [d.text.strip("\n") + "\n\n" for d in picked]
-        parts[-1] = parts[-1][:-1]
+        # documents meet like the parts inside them do: the layout gives no seam away
+        joiner = seps[cat] if sep == "auto" else sep
+        parts = [d.text.strip("\n") + joiner for d in picked]
+        parts[-1] = parts[-1].rstrip("\n") + "\n"
         text = "".join(parts)
         seams, pos = [], 0
         for part in parts[:-1]:
@@ -228,7 +268,10 @@ def build_concat_records(docs: Sequence[Document], n: int, *, min_docs: int = 2,
         cands = find_candidates(text, pattern)
         if not set(seams) <= set(cands):
             raise ValueError(f"pattern {pattern!r} does not put a candidate at every document seam")
-        records.append(make_record(text, cands, seams, cat, id=f"{cat}-{i}", source="+".join(d.source for d in picked)))
+        prov = {k: "+".join(dict.fromkeys(getattr(d, k) for d in picked if getattr(d, k)))
+                for k in ("license", "version")}
+        records.append(make_record(text, cands, seams, cat, id=f"{cat}-{i}", source="+".join(d.source for d in picked),
+                                   **{k: v for k, v in prov.items() if v}))
     return records
 
 
@@ -325,8 +368,10 @@ class LLMLabeler:
             try:
                 resp = self.client.chat.completions.create(model=self.model, messages=messages,
                                                            temperature=self.temperature)
+                if not getattr(resp, "choices", None):
+                    raise ValueError("the endpoint answered with no choices")
                 reply = resp.choices[0].message.content
-            except openai.OpenAIError as e:
+            except (openai.OpenAIError, ValueError, AttributeError, IndexError) as e:
                 errors.append(f"request failed: {e}")
                 continue
             try:
@@ -340,18 +385,42 @@ class LLMLabeler:
             return make_record(text, cands, [cands[i] for i in cuts], category, **extra)
         raise LabelingError(f"no valid answer after {self.max_retries + 1} attempts: {errors}")
 
-    def label_all(self, items: Iterable[tuple[str, str]], out_path: str | os.PathLike, *, progress: bool = True) -> dict:
-        """Label ``(text, category)`` pairs into ``out_path``; failures are counted, never written."""
+    def label_all(self, items: Iterable[tuple[str, str]], out_path: str | os.PathLike, *, progress: bool = True,
+                  resume: bool = True) -> dict:
+        """Label ``(text, category)`` pairs into ``out_path`` (record ``id`` = the item's index);
+        failures are counted, never written. An interrupted run (an exception, Ctrl-C) leaves
+        ``out_path`` as it was and its finished records in ``out_path.partial``; with ``resume`` a
+        rerun takes the records whose id and text match from there (or from a finished ``out_path``)
+        instead of asking the endpoint again."""
         from tqdm.auto import tqdm
 
-        stats = {"written": 0, "failed": 0}
+        items = list(items)
+        done: dict[str, dict] = {}
+        if resume:
+            for prev in (Path(str(out_path) + PARTIAL_SUFFIX), Path(out_path)):
+                if prev.is_file():
+                    try:
+                        for rec in read_records(prev):
+                            done.setdefault(str(rec.get("id")), rec)
+                    except (RecordError, OSError, UnicodeDecodeError):
+                        continue  # unreadable: label again
+        stats = {"written": 0, "failed": 0, "resumed": 0}
         with AtomicJsonlWriter(out_path) as w:
-            for i, (text, cat) in enumerate(tqdm(list(items), desc="labelling", disable=not progress)):
+            for i, (text, cat) in enumerate(tqdm(items, desc="labelling", disable=not progress)):
+                old = done.get(str(i))
+                if old is not None and old["text"] == text and old["category"] == cat:
+                    w.write(old)
+                    stats["resumed"] += 1
+                    stats["written"] += 1
+                    continue
                 try:
                     w.write(self.label(text, cat, id=str(i)))
                     stats["written"] += 1
                 except LabelingError:
                     stats["failed"] += 1
+        partial = Path(str(out_path) + PARTIAL_SUFFIX)
+        if partial.is_file():
+            partial.unlink()
         return stats
 
 
@@ -371,6 +440,8 @@ def main(argv=None) -> int:
     lab.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     lab.add_argument("--max-retries", type=int, default=2)
     lab.add_argument("--pattern", default=DEFAULT_PATTERN)
+    lab.add_argument("--no-resume", action="store_true",
+                     help="label everything again instead of reusing OUTPUT.partial / OUTPUT records")
     cat = sub.add_parser("concat", help="self-supervised records from files of several sources")
     cat.add_argument("--files", nargs="+", required=True, help="text files, each one source")
     cat.add_argument("--category", required=True)
@@ -381,6 +452,9 @@ def main(argv=None) -> int:
     cat.add_argument("--min-chars", type=int, default=200)
     cat.add_argument("--max-chars", type=int, default=1200)
     cat.add_argument("--seed", type=int, default=0)
+    cat.add_argument("--sep", default="auto", help="how documents meet: 'auto' (as their own parts do) or newlines")
+    cat.add_argument("--license", default="", help="licence of the files, recorded in every record (e.g. MIT)")
+    cat.add_argument("--source-version", default="", help="version of the files, recorded in every record")
     args = ap.parse_args(argv)
 
     if args.cmd == "label":
@@ -389,18 +463,23 @@ def main(argv=None) -> int:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    print(f"error: {args.input}:{n}: not JSON ({e})", file=sys.stderr)
+                    return 2
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     print(f"error: {args.input}:{n}: expected an object with a 'text' string", file=sys.stderr)
                     return 2
                 items.append((row["text"], str(row.get("category", "default"))))
         labeler = LLMLabeler(args.base_url, args.model, api_key=args.api_key, max_retries=args.max_retries,
                              pattern=args.pattern)
-        stats = labeler.label_all(items, args.output)
+        stats = labeler.label_all(items, args.output, resume=not args.no_resume)
     else:
         docs = documents_from_files(args.files, args.category, min_chars=args.min_chars, max_chars=args.max_chars,
-                                    seed=args.seed)
-        recs = build_concat_records(docs, args.n, min_docs=args.min_docs, max_docs=args.max_docs, seed=args.seed)
+                                    seed=args.seed, license=args.license, version=args.source_version)
+        recs = build_concat_records(docs, args.n, min_docs=args.min_docs, max_docs=args.max_docs, seed=args.seed,
+                                    sep=args.sep)
         stats = {"written": write_records(args.output, recs), "failed": 0}
     print(json.dumps(stats))
     return 0
