@@ -281,3 +281,14 @@ def test_random_contexts_vary_offsets_and_never_leave_the_document_alone():
     ctx = random_contexts(others, 20, rng, max_docs=2)
     assert len(ctx) == 20 and all(p or s for p, s in ctx)
     assert len({len(p) for p, _ in ctx}) > 5
+
+
+def test_eval_hook_offers_the_stable_rule_segmenter():
+    from vllm_blockattn.eval.blocks import FormOptions, segment
+
+    doc = make_doc(random.Random(2), 300)
+    opts = FormOptions(tokenizer_name=None, sink_token="<|block_sink|>", num_sinks=4, block_tokens=64,
+                       max_length=None, segmenter="rule_stable")
+    blocks = segment(doc, opts)
+    assert "".join(blocks) == doc and len(blocks) > 5
+    assert blocks == [b for b in stable_rule_segments(doc, 64, opts.count_tokens) if b.strip()]

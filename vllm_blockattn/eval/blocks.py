@@ -14,7 +14,8 @@ option (``--metadata``)    environment variable        meaning
 ``num_sinks``              ``BLOCKATTN_NUM_SINKS``     sinks per group (default: model config, else 4)
 ``block_tokens``           ``BLOCKATTN_BLOCK_TOKENS``  target block size of the rule-based segmenter
 ``max_length``             ``BLOCKATTN_MAX_LENGTH``    prompt token budget (middle truncation)
-``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule``, ``learned`` or ``module:function``
+``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule``, ``rule_stable``, ``learned`` or
+                                                       ``module:function``
 ========================  ==========================  =============================================
 """
 
@@ -262,7 +263,10 @@ def rule_based_segments(text: str, max_tokens: int, count: Callable[[str], int])
 def segment(text: str, opts: FormOptions) -> list[str]:
     """Cut a context without natural units into blocks: THE hook where a segmenter plugs in.
 
-    ``opts.segmenter`` is ``"rule"`` (the rule-based fallback), ``"learned"`` (the project's learned
+    ``opts.segmenter`` is ``"rule"`` (the rule-based fallback: greedy packing, so a cut depends on where
+    the text starts), ``"rule_stable"`` (the content-defined rule segmenter,
+    :func:`vllm_blockattn.segmenter.rules.stable_rule_segments`: the same blocks wherever a document
+    appears, blocks about half of ``block_tokens`` on average), ``"learned"`` (the project's learned
     segmenter, :func:`vllm_blockattn.segmenter.api.segment_text`, with ``segmenter_model``,
     ``segmenter_threshold`` and ``segmenter_depth``; the packaged model when no path is given), or
     ``"module:function"``, called as ``function(text, max_tokens=..., tokenizer_name=...)`` and
@@ -270,6 +274,10 @@ def segment(text: str, opts: FormOptions) -> list[str]:
     """
     if opts.segmenter == "rule":
         blocks = rule_based_segments(text, opts.block_tokens, opts.count_tokens)
+    elif opts.segmenter == "rule_stable":
+        from ..segmenter.rules import stable_rule_segments
+
+        blocks = stable_rule_segments(text, opts.block_tokens, opts.count_tokens)
     elif opts.segmenter == "learned":
         from ..segmenter.api import segment_text
 
@@ -278,7 +286,8 @@ def segment(text: str, opts: FormOptions) -> list[str]:
     else:
         module, _, name = opts.segmenter.partition(":")
         if not name:
-            raise ValueError(f"segmenter must be 'rule', 'learned' or 'module:function', got {opts.segmenter!r}")
+            raise ValueError(f"segmenter must be 'rule', 'rule_stable', 'learned' or 'module:function', "
+                             f"got {opts.segmenter!r}")
         fn = getattr(importlib.import_module(module), name)
         blocks = list(fn(text, max_tokens=opts.block_tokens, tokenizer_name=opts.tokenizer_name))
     blocks = [b for b in blocks if b.strip()]
