@@ -23,7 +23,9 @@ def add_sink_token(tokenizer, model, *, sink_token: str = SINK_TOKEN, num_sinks:
     checkpoints pad the embedding matrix beyond the tokenizer). A new row is initialised from the rows of
     the tokens that existed before (``"mean"``), from the EOS row (``"eos"``) or left as is (``"keep"``);
     input and (untied) output rows alike. A token that already exists is left untouched.
-    ``model.config.block_attention`` is set to the returned settings.
+    ``model.config.block_attention`` is set to the returned settings. When the token is added, the rule is
+    recorded on the model (``model._block_sink_init``) so that a separately loaded teacher gets the same
+    initialisation (:func:`prepare_teacher_sink`).
 
     Returns:
         The :class:`BlockSettings` (sink id, ``num_sinks``).
@@ -39,18 +41,48 @@ def add_sink_token(tokenizer, model, *, sink_token: str = SINK_TOKEN, num_sinks:
     if sink_id >= model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(sink_id + 1, mean_resizing=False)
     if added and init != "keep":
-        with torch.no_grad():
-            for emb in _embedding_matrices(model):
-                src = emb[:old_len].mean(0) if init == "mean" else emb[_eos_id(tokenizer)]
-                emb[sink_id] = src.to(emb.dtype)
+        init_sink_rows(model, sink_id, old_len, init, tokenizer.eos_token_id)
     set_block_config(model.config, settings)
+    if added:  # what a separately loaded teacher needs to get the same initialisation (prepare_teacher_sink)
+        model.__dict__["_block_sink_init"] = {"added": True, "num_existing": old_len, "init": init,
+                                              "eos_token_id": tokenizer.eos_token_id}
     return settings
 
 
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
+def init_sink_rows(model, sink_id: int, num_existing: int, init: str, eos_token_id: int | None = None) -> None:
+    """Set the sink row of the input and (untied) output embeddings of ``model``: the mean of the first
+    ``num_existing`` rows (the tokens that existed before the sink, ``"mean"``) or a copy of the EOS row
+    (``"eos"``)."""
+    if init not in ("mean", "eos"):
+        raise ValueError(f"init must be 'mean' or 'eos', got {init!r}")
+    if init == "eos" and eos_token_id is None:
         raise ValueError("sink init 'eos' needs a tokenizer with an eos token")
-    return tokenizer.eos_token_id
+    with torch.no_grad():
+        for emb in _embedding_matrices(model):
+            src = emb[:num_existing].float().mean(0) if init == "mean" else emb[eos_token_id]
+            emb[sink_id] = src.to(emb.dtype)
+
+
+def prepare_teacher_sink(teacher, settings: BlockSettings, sink_init: dict | None) -> bool:
+    """Give a separately loaded teacher a usable sink row before its block-pattern pass (which feeds the CE
+    token weights): the same initialisation rule as the student's, on the teacher's own embeddings.
+
+    ``sink_init`` is what :func:`add_sink_token` recorded for the student (``added``, ``num_existing``,
+    ``init``, ``eos_token_id``). The embeddings grow when the sink id does not fit. The row is initialised
+    when the student's was (the sink token was new and ``init`` is not ``"keep"``), unless the teacher's own
+    config already records block-attention settings with this sink id (a block-trained teacher keeps its
+    trained row). Returns whether the row was initialised.
+    """
+    if teacher.get_input_embeddings().weight.shape[0] <= settings.sink_token_id:
+        teacher.resize_token_embeddings(settings.sink_token_id + 1, mean_resizing=False)
+    own = getattr(teacher.config, CONFIG_KEY, None)
+    if isinstance(own, dict) and own.get("sink_token_id") == settings.sink_token_id:
+        return False
+    if not sink_init or not sink_init.get("added") or sink_init.get("init") == "keep":
+        return False
+    init_sink_rows(teacher, settings.sink_token_id, sink_init["num_existing"], sink_init["init"],
+                   sink_init.get("eos_token_id"))
+    return True
 
 
 def _embedding_matrices(model) -> list[torch.Tensor]:

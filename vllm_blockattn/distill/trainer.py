@@ -34,7 +34,7 @@ from .losses import (block_finetune_loss, block_kl_loss, chunked_kl_loss, chunke
                      token_weights, weighted_ce_loss)
 from .masks import (batch_dropout_attention_masks, block_pattern_ids, flex_block_mask, full_pattern_ids,
                     kl_query_mask, pad_attention_masks, sample_dropped_blocks)
-from .sinks import add_sink_token, apply_sink_peft, write_block_config
+from .sinks import add_sink_token, apply_sink_peft, prepare_teacher_sink, write_block_config
 
 
 def _load(model_or_path, init_kwargs: dict | None):
@@ -43,6 +43,12 @@ def _load(model_or_path, init_kwargs: dict | None):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_or_path, **(init_kwargs or {}))
+
+
+def _zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 @dataclass
@@ -117,24 +123,36 @@ class BlockDistillationTrainer(SFTTrainer):
         if peft_config is not None:
             apply_sink_peft(peft_config, settings)
         teacher = None
+        self.teacher_sink_initialised = False
         if args.mode == "distill":
             teacher = _load(teacher_model or args.teacher_model_name_or_path, args.model_init_kwargs)
+            if teacher is None and peft_config is None and _zero3_enabled():
+                # A deep copy of a ZeRO-3-partitioned student would copy empty shards: load the student's own
+                # checkpoint again (partitioned at load) and give it the student's sink initialisation.
+                teacher = _load(model.config._name_or_path, args.model_init_kwargs)
             if teacher is None and peft_config is None:
                 teacher = copy.deepcopy(model)  # before SFTTrainer patches the student's forward
-            if teacher is not None and teacher.get_input_embeddings().weight.shape[0] <= settings.sink_token_id:
-                teacher.resize_token_embeddings(settings.sink_token_id + 1, mean_resizing=False)
+            elif teacher is not None:
+                # A separate teacher gets the student's sink initialisation rule (not a random/padding row).
+                self.teacher_sink_initialised = prepare_teacher_sink(teacher, settings,
+                                                                     getattr(model, "_block_sink_init", None))
         if data_collator is None:
             pad = processing_class.pad_token_id
             data_collator = BlockDataCollator(processing_class.eos_token_id if pad is None else pad, settings)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          processing_class=processing_class, peft_config=peft_config, **kwargs)
         self.block_settings = settings
+        if self.is_fsdp_enabled and args.logit_chunk_size > 0:
+            # The chunked losses call the output head outside the model's forward; FSDP only gathers the head's
+            # sharded weight inside it (DeepSpeed ZeRO-3 gathers per module call, so it works there).
+            raise ValueError("logit_chunk_size > 0 is not supported under FSDP: set logit_chunk_size: 0 (full "
+                             "logits) or use DeepSpeed ZeRO-3 (train/configs/accelerate_zero3.yaml)")
         # The loss is a per-micro-batch mean: let Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.teacher_model = teacher
         if teacher is not None:
-            teacher.eval().requires_grad_(False).to(self.accelerator.device)
+            self.teacher_model = self._prepare_teacher(teacher.eval().requires_grad_(False))
         if args.mode == "distill" and teacher is None and not hasattr(self.accelerator.unwrap_model(self.model),
                                                                        "disable_adapter"):
             raise ValueError("no teacher: pass teacher_model, or use PEFT so the base model can serve as teacher")
@@ -143,6 +161,18 @@ class BlockDistillationTrainer(SFTTrainer):
         self.teacher_cache_seconds = 0.0
         if args.teacher_cache and train_dataset is not None:
             self.build_teacher_cache(train_dataset)
+
+    def _prepare_teacher(self, teacher):
+        """Place the frozen teacher the way TRL places reference/teacher models: DeepSpeed (ZeRO-3 shards it like
+        the student; other stages run it unsharded, ZeRO disabled), FSDP (wrapped like the student), otherwise
+        ``accelerator.prepare_model(evaluation_mode=True)`` (device placement, no DDP wrapper)."""
+        from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # --- helpers --------------------------------------------------------------------------------------
 
