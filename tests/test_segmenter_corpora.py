@@ -177,7 +177,7 @@ def test_blank_line_splitter_no_longer_scores_perfectly():
         gold = [c for c, lab in zip(r["candidates"], r["labels"]) if lab]
         h, p, g = boundary_counts(blank_line_cuts(r["text"]), gold, 3)
         hit, pred, gold_n = hit + h, pred + p, gold_n + g
-    assert hit == gold_n and pred >= 2 * gold_n  # finds every gold cut, but among many paragraph breaks
+    assert hit == gold_n and pred >= 1.8 * gold_n  # finds every gold cut, but among as many paragraph breaks
 
 
 MD = "# Title\n\nintro\n\n## A\n\ntext a\nmore\n\n```python\n# not a heading\nx = 1\n```\n\nB side\n------\n\nbody\n\n## C\n\nend\n"
@@ -216,3 +216,19 @@ def test_layout_features_values_and_locality():
     prefix = "".join(f"filler {rng.random()}\n" for _ in range(30)) + "\n"
     g = layout_features(prefix + text, [len(prefix) + c for c in cands])
     assert (g[1:] == f[1:]).all()
+
+
+def test_section_records_start_and_end_inside_long_sections():
+    long_docs = [StructuredDoc(["\n".join(f"S{d}{s}: line {j} of a long section" for j in range(200))
+                                for s in range(3)], f"src{d}", "chat", "\n", **PROV) for d in range(3)]
+    recs = build_section_records(long_docs, 5, min_chars=1500, max_chars=2500, seed=0)
+    assert len(recs) == 5  # sections of ~6k chars, records of ~2k chars: each still holds a cut
+    for r in recs:
+        assert sum(r["labels"]) >= 1 and len(r["text"]) <= 2500 + 100
+        first_line = r["text"].split("\n")[0]
+        assert not first_line.endswith("line 0 of a long section")  # starts inside its first section
+        gold = [c for c, lab in zip(r["candidates"], r["labels"]) if lab]
+        for g in gold:  # a gold cut is where the section (the speaker prefix here) changes
+            assert r["text"][g:].split(":")[0] != r["text"][: g - 1].split("\n")[-1].split(":")[0]
+    untrimmed = build_section_records(long_docs, 2, min_chars=1500, max_chars=2500, seed=0, trim=False)
+    assert all(r["text"].split("\n")[0].endswith("line 0 of a long section") for r in untrimmed)

@@ -303,13 +303,41 @@ def locomo_documents(conversations: Sequence[dict], **prov) -> list[StructuredDo
 # ----- records ----------------------------------------------------------------------------------
 
 
+def _tail_lines(text: str, keep: int) -> str:
+    """The last whole lines of ``text`` holding at most ``keep`` chars (at least the last line)."""
+    lines = text.split("\n")
+    out, size = [], 0
+    for ln in reversed(lines):
+        if out and size + len(ln) + 1 > keep:
+            break
+        out.append(ln)
+        size += len(ln) + 1
+    return "\n".join(reversed(out)).strip("\n") or lines[-1]
+
+
+def _head_lines(text: str, keep: int) -> str:
+    """The first whole lines of ``text`` holding at most ``keep`` chars (at least the first line)."""
+    lines = text.split("\n")
+    out, size = [], 0
+    for ln in lines:
+        if out and size + len(ln) + 1 > keep:
+            break
+        out.append(ln)
+        size += len(ln) + 1
+    return "\n".join(out).strip("\n") or lines[0]
+
+
 def build_section_records(docs: Sequence[StructuredDoc], n: int, *, min_chars: int = 6000, max_chars: int = 24000,
-                          seed: int = 0, pattern: str = DEFAULT_PATTERN, id_prefix: str = "") -> list[dict]:
+                          seed: int = 0, pattern: str = DEFAULT_PATTERN, id_prefix: str = "",
+                          trim: bool = True) -> list[dict]:
     """``n`` records per category present in ``docs`` (round robin), each a run of consecutive sections
     from one document, continued in another document of the category (a seam) when it runs out, until
     the text reaches a random length in ``[min_chars, max_chars]``. Gold cuts: every section start and
-    every seam. Records carry ``source`` (the documents, ``+``-joined), ``license``, ``package`` and
-    ``version`` (``+``-joined distinct values)."""
+    every seam. With ``trim`` the record starts inside its first section (its last whole lines, at
+    most half the target length) and ends inside its last one (whole lines up to the target), like a
+    window over a long text; then sections longer than the target still give records with cuts.
+    Records carry ``source`` (the documents, ``+``-joined), ``license``, ``package`` and ``version``
+    (``+``-joined distinct values)."""
     by_cat: dict[str, list[StructuredDoc]] = {}
     for d in docs:
         by_cat.setdefault(d.category, []).append(d)
@@ -327,8 +355,13 @@ def build_section_records(docs: Sequence[StructuredDoc], n: int, *, min_chars: i
             while size < target:
                 if doc not in used:
                     used.append(doc)
-                parts.append(doc.sections[pos])
-                size += len(doc.sections[pos]) + len(doc.sep)
+                sec = doc.sections[pos]
+                if trim and not parts:
+                    sec = _tail_lines(sec, rng.randint(min(200, target // 2), max(200, target // 2)))
+                elif trim and size + len(sec) > target:
+                    sec = _head_lines(sec, max(target - size, 1))
+                parts.append(sec)
+                size += len(sec) + len(doc.sep)
                 pos += 1
                 if pos == len(doc.sections):  # continue in another document: a seam
                     others = [d for d in pool if d is not doc]
