@@ -5,6 +5,12 @@ text and cuts where the cut probability reaches ``thresholds[0]``; level 2 score
 on its own (as a new text) and cuts it where the probability reaches ``thresholds[1]``; and so on.
 A deeper segmentation therefore always refines a shallower one, and the model runs in eval mode
 without sampling, so the same text always gives the same blocks.
+
+Reuse-stable: with the model's content-defined windows (``windowing="content"``, the default) a
+candidate's probability depends only on the text within the model's receptive field, so a document
+placed inside a longer text is cut exactly as on its own in its interior (level 1; a deeper level
+re-cuts a level-1 block identically whenever that block is identical), whatever precedes or follows
+it (docs/auto_segmentation.md, :mod:`.stability`).
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ def load_segmenter(model: str | os.PathLike | Segmenter | None = None) -> Segmen
 
 def _merge_blank(text: str, cuts: list[int]) -> list[int]:
     """Drop cuts that would leave a whitespace-only block (it would tokenize to nothing in some
-    tokenizers and carries no content); such a block joins its neighbour."""
+    tokenizers and carries no content); such a block joins its neighbour. Local: a cut is dropped
+    when the text up to the next cut is blank (the first block joins the one after it)."""
     out = list(cuts)
     changed = True
     while changed and out:
