@@ -292,3 +292,20 @@ def test_eval_hook_offers_the_stable_rule_segmenter():
     blocks = segment(doc, opts)
     assert "".join(blocks) == doc and len(blocks) > 5
     assert blocks == [b for b in stable_rule_segments(doc, 64, opts.count_tokens) if b.strip()]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_many_texts_in_one_batch_give_each_text_its_own_result(segmenters, kind):
+    """What the server's batched segmentation relies on: scoring texts together (sharing windows
+    between them) changes no probability and no cut, bit for bit."""
+    from vllm_blockattn.segmenter import segment_cuts_many
+
+    seg = segmenters[kind]
+    rng = random.Random(9)
+    doc = make_doc(rng, 40, long_line_every=11)
+    texts = [doc, "no candidate here", "", make_doc(rng, 8) + doc, doc]
+    many = seg.candidate_probs_many(texts)
+    assert many == [seg.candidate_probs(t) for t in texts]
+    th = sorted(many[0][1])[len(many[0][1]) // 2]
+    for thresholds in ([th], [th, th / 2]):
+        assert segment_cuts_many(texts, seg, thresholds) == [segment_cuts(t, seg, thresholds) for t in texts]

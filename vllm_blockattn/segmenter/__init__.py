@@ -7,12 +7,14 @@ Public API::
     ids = to_block_prompt(blocks, "Question: ...", tokenizer)
 """
 
-from .api import DEFAULT_MODEL, load_segmenter, segment_cuts, segment_text, thresholds_for, to_block_prompt
+from .api import (
+    DEFAULT_MODEL, load_segmenter, segment_cuts, segment_cuts_many, segment_text, thresholds_for, to_block_prompt,
+)
 from .candidates import DEFAULT_PATTERN, SegmenterInputError, as_text, cuts_of, find_candidates, split_at
 from .model import DEFAULT_BACKBONE, Segmenter, SegmenterConfig
 
 __all__ = [
     "DEFAULT_BACKBONE", "DEFAULT_MODEL", "DEFAULT_PATTERN", "Segmenter", "SegmenterConfig",
     "SegmenterInputError", "as_text", "cuts_of", "find_candidates", "load_segmenter", "segment_cuts",
-    "segment_text", "split_at", "thresholds_for", "to_block_prompt",
+    "segment_cuts_many", "segment_text", "split_at", "thresholds_for", "to_block_prompt",
 ]

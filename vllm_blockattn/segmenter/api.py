@@ -97,6 +97,25 @@ def segment_cuts(text: str, segmenter: Segmenter, thresholds: Sequence[float]) -
     return _merge_blank(text, sorted(cuts))
 
 
+def segment_cuts_many(texts: Sequence[str], segmenter: Segmenter, thresholds: Sequence[float]) -> list[list[int]]:
+    """:func:`segment_cuts` of several texts, each level's spans of every text scored in one batch
+    (:meth:`Segmenter.candidate_probs_many`; a window shared by several texts runs once). Equal to
+    ``[segment_cuts(t, segmenter, thresholds) for t in texts]`` with content windows."""
+    cuts: list[set[int]] = [set() for _ in texts]
+    spans = [[(0, t)] if t else [] for t in texts]
+    for th in thresholds:
+        flat = [(i, off, piece) for i, sp in enumerate(spans) for off, piece in sp]
+        scored = segmenter.candidate_probs_many([piece for _i, _off, piece in flat])
+        nxt: list[list[tuple[int, str]]] = [[] for _ in texts]
+        for (i, off, piece), (cands, probs) in zip(flat, scored):
+            local = [c for c, p in zip(cands, probs) if p >= th]
+            cuts[i].update(off + c for c in local)
+            bounds = [0, *local, len(piece)]
+            nxt[i].extend((off + a, piece[a:b]) for a, b in zip(bounds, bounds[1:]))
+        spans = nxt
+    return [_merge_blank(t, sorted(c)) for t, c in zip(texts, cuts)]
+
+
 def segment_text(
     text: str | bytes,
     model: str | os.PathLike | Segmenter | None = None,
