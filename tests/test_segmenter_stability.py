@@ -309,3 +309,19 @@ def test_many_texts_in_one_batch_give_each_text_its_own_result(segmenters, kind)
     th = sorted(many[0][1])[len(many[0][1]) // 2]
     for thresholds in ([th], [th, th / 2]):
         assert segment_cuts_many(texts, seg, thresholds) == [segment_cuts(t, seg, thresholds) for t in texts]
+
+
+def test_appending_text_keeps_every_cut_before_the_old_end(segmenters):
+    """A growing chat history: the old text is a prefix of the new one, so everything but the last
+    ``receptive_field()`` tokens of the old text keeps its probabilities (no left edge)."""
+    seg = segmenters["encoder"]
+    rng = random.Random(21)
+    history = make_doc(rng, 50)
+    cands, probs = seg.candidate_probs(history)
+    _ids, ends, _ = seg.tokenize_pieces(history, cands)
+    keep = [c for i, c in enumerate(cands) if ends[i] + seg.receptive_field() <= ends[-2]]
+    assert len(keep) > len(cands) // 2
+    for _ in range(3):
+        longer = history + make_doc(rng, rng.randint(1, 10))
+        now = _probs_at(seg, longer, 0)
+        assert all(now[c] == p for c, p in zip(cands, probs) if c in keep)
