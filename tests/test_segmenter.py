@@ -234,7 +234,9 @@ def test_loss_pieces():
 def _records(n, seed):
     docs = [Document("".join(f"{w} {w} {w} number {i} {j}\n" for j in range(3)), w, "toy")
             for w in ("apple", "zebra", "quartz", "violin") for i in range(4)]
-    return build_concat_records(docs, n, min_docs=2, max_docs=3, seed=seed)
+    # blank-line seams on purpose: a tiny random backbone with a byte-level tokenizer learns them quickly,
+    # which is all a test of the training machinery needs (the builder's default joins as the documents do)
+    return build_concat_records(docs, n, min_docs=2, max_docs=3, seed=seed, sep="\n\n")
 
 
 def test_training_learns_and_reports_per_category(tmp_path, tiny_bert):
