@@ -129,8 +129,9 @@ def segment_text(
             :class:`SegmenterInputError`.
         model: a segmenter checkpoint path, a :class:`Segmenter`, or None for the packaged default.
         threshold: cut probability threshold, one number for every level or one per level; None takes
-            the checkpoint's own threshold (``SegmenterConfig.threshold``) for every level. 0.2-0.5 suits
-            level one of a model trained with balanced class weights.
+            the checkpoint's own threshold (``SegmenterConfig.threshold``, tuned on validation data for
+            the packaged default; docs/segmenter.md) for every level. Lower gives more, smaller blocks.
+            As in the paper, a deeper level takes a threshold at least as high as the level above.
         depth: recursion depth (levels); None means 1 for a number, ``len(threshold)`` for a list.
 
     Returns:
