@@ -41,6 +41,11 @@ class DistillScriptArguments:
         tiny_hidden_size / tiny_num_layers: shape of the tiny model when ``model_name_or_path`` is
             ``tiny:qwen3`` or ``tiny:llama`` (built on the fly under ``<output_dir>/base``).
         merge_peft: merge a LoRA adapter into the saved checkpoint (a plain HF directory).
+        eval_dataset_name: a held-out jsonl (same formats) or ``"synthetic"`` (a synthetic set with another
+            seed); ``eval_fraction``: hold out this fraction of the training records instead (seeded by
+            ``synthetic_seed``). Evaluation runs at ``eval_strategy``/``eval_steps`` and logs the loss terms plus
+            block/full-attention accuracy and block KL.
+        metrics_file: append every log record to ``<output_dir>/metrics.jsonl``.
     """
 
     dataset_name: str = field(default="synthetic", metadata={"help": "'synthetic' or a jsonl path."})
@@ -55,6 +60,10 @@ class DistillScriptArguments:
     tiny_hidden_size: int = field(default=128, metadata={"help": "Hidden size of a tiny:<arch> model."})
     tiny_num_layers: int = field(default=2, metadata={"help": "Layers of a tiny:<arch> model."})
     merge_peft: bool = field(default=True, metadata={"help": "Merge LoRA into the saved checkpoint."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Held-out jsonl or 'synthetic'."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of the training records held out."})
+    eval_max_samples: int = field(default=512, metadata={"help": "At most this many held-out samples."})
+    metrics_file: bool = field(default=True, metadata={"help": "Write <output_dir>/metrics.jsonl."})
 
 
 def resolve_model(name: str, output_dir: str, script_args: DistillScriptArguments) -> str:
@@ -72,14 +81,64 @@ def resolve_model(name: str, output_dir: str, script_args: DistillScriptArgument
     return path
 
 
-def load_training_records(script_args: DistillScriptArguments) -> list[dict]:
+def _load(name: str, script_args: DistillScriptArguments, seed: int) -> list[dict]:
     from vllm_blockattn.distill.data import load_records, load_segmenter, make_retrieval_records
 
-    if script_args.dataset_name == "synthetic":
+    if name == "synthetic":
         return make_retrieval_records(script_args.synthetic_num_samples, num_docs=script_args.synthetic_num_docs,
-                                      facts_per_doc=script_args.synthetic_facts_per_doc,
-                                      seed=script_args.synthetic_seed)
-    return load_records(script_args.dataset_name, script_args.dataset_format, load_segmenter(script_args.segmenter))
+                                      facts_per_doc=script_args.synthetic_facts_per_doc, seed=seed)
+    return load_records(name, script_args.dataset_format, load_segmenter(script_args.segmenter))
+
+
+def load_training_records(script_args: DistillScriptArguments) -> list[dict]:
+    return _load(script_args.dataset_name, script_args, script_args.synthetic_seed)
+
+
+def split_records(script_args: DistillScriptArguments) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)`` records: ``eval_dataset_name`` if given, else a seeded ``eval_fraction`` hold-out."""
+    import random
+
+    train = load_training_records(script_args)
+    if script_args.eval_dataset_name:
+        held = _load(script_args.eval_dataset_name, script_args, script_args.synthetic_seed + 1)
+    elif script_args.eval_fraction > 0:
+        if not 0 < script_args.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {script_args.eval_fraction}")
+        order = list(range(len(train)))
+        random.Random(script_args.synthetic_seed).shuffle(order)
+        n = max(1, int(round(len(train) * script_args.eval_fraction)))
+        held, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
+    else:
+        held = []
+    return train, held[: script_args.eval_max_samples]
+
+
+def resolve_resume(value, output_dir: str):
+    """``--resume_from_checkpoint``: a checkpoint directory, or ``true``/``last`` for the newest
+    ``checkpoint-*`` under ``output_dir`` (None when there is none yet, so a first run starts fresh)."""
+    if value in (None, "", False, "false", "False", "no"):
+        return None
+    if value in (True, "true", "True", "last", "yes"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"resume_from_checkpoint {value!r} is not a directory")
+    return value
+
+
+def _usable_report_to(report_to):
+    """Drop TensorBoard from ``report_to`` (with a warning) when it is not installed, instead of failing."""
+    import importlib.util
+    import warnings
+
+    items = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in items and importlib.util.find_spec("tensorboard") is None \
+            and importlib.util.find_spec("tensorboardX") is None:
+        warnings.warn("report_to tensorboard: tensorboard is not installed (pip install tensorboard); logging to "
+                      "<output_dir>/metrics.jsonl and trainer_state.json only")
+        items = [x for x in items if x != "tensorboard"]
+    return [x for x in items if x != "none"]
 
 
 def main(script_args: DistillScriptArguments, training_args, model_args: ModelConfig) -> str:
@@ -89,6 +148,7 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_blockattn.distill import BlockDistillationTrainer
+    from vllm_blockattn.distill.callbacks import MetricsFileCallback
     from vllm_blockattn.distill.data import ChatBlockFormatter
     from vllm_blockattn.distill.sinks import add_sink_token, write_block_config
 
@@ -104,14 +164,20 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
                               num_sinks=training_args.num_sinks, init=training_args.sink_init)
     formatter = ChatBlockFormatter(tokenizer, settings, system=script_args.system_prompt,
                                    max_length=training_args.max_length)
-    records = load_training_records(script_args)
+    records, held = split_records(script_args)
     samples = [s for s in map(formatter, records) if s is not None]
     if not samples:
         raise ValueError(f"no sample fits max_length={training_args.max_length}")
+    eval_samples = [s for s in map(formatter, held) if s is not None]
     peft_config = get_peft_config(model_args)
+    training_args.report_to = _usable_report_to(training_args.report_to)
+    callbacks = [MetricsFileCallback()] if script_args.metrics_file else []
     trainer = BlockDistillationTrainer(model, training_args, train_dataset=Dataset.from_list(samples),
-                                       processing_class=tokenizer, peft_config=peft_config)
-    trainer.train()
+                                       eval_dataset=Dataset.from_list(eval_samples) if eval_samples else None,
+                                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir))
+    if eval_samples:
+        trainer.evaluate()
 
     out = training_args.output_dir
     if peft_config is not None and script_args.merge_peft:
@@ -131,4 +197,5 @@ if __name__ == "__main__":
     from vllm_blockattn.distill import BlockDistillationConfig
 
     parser = TrlParser((DistillScriptArguments, BlockDistillationConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    script_args, training_args, model_args = parser.parse_args_and_config()
+    main(script_args, training_args, model_args)

@@ -60,6 +60,10 @@ class BlockDistillationConfig(SFTConfig):
         flex_block_size (`int`, *optional*, defaults to `128`):
             Tile size of the FlexAttention `BlockMask` built from block ids when the model runs with
             `attn_implementation="flex_attention"` (otherwise dense additive masks are used).
+        eval_block_metrics (`bool`, *optional*, defaults to `True`):
+            During evaluation also log `block_accuracy` and `full_accuracy` (greedy next-token accuracy on the
+            response under the block pattern and under full attention) and `block_kl` (KL(teacher full ||
+            student block) on the final block): one extra no-grad student forward (and teacher forward).
     """
 
     mode: str = field(default="distill", metadata={"help": f"Training mode, one of {MODES}."})
@@ -89,6 +93,9 @@ class BlockDistillationConfig(SFTConfig):
         metadata={"help": "Rows per chunk of the hidden-state losses through the output head; 0 = full logits."},
     )
     flex_block_size: int = field(default=128, metadata={"help": "Tile size of FlexAttention BlockMasks."})
+    eval_block_metrics: bool = field(
+        default=True, metadata={"help": "Log block/full-attention accuracy and block KL during evaluation."}
+    )
 
     def __post_init__(self):
         # Block samples carry their own tokenisation and layout: SFTTrainer must not re-tokenise or drop columns.

@@ -112,35 +112,36 @@ def load_hotpotqa(path: str | os.PathLike, segment: Segmenter = split_paragraphs
     return out
 
 
+def chatqa2_record(obj: dict, where: str, segment: Segmenter = split_paragraphs) -> dict:
+    """One ChatQA2-style object -> a record (see :func:`load_chatqa2`); errors start with ``where``."""
+    doc = obj.get("document", obj.get("context"))
+    if not isinstance(doc, str) or not doc.strip():
+        raise ValueError(f"{where}: 'document' (or 'context') must be a non-empty string")
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")
+            for m in msgs):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role: user|assistant, content}}")
+    if msgs[-1]["role"] == "assistant":
+        answer, msgs = msgs[-1]["content"], msgs[:-1]
+    elif isinstance(obj.get("answers"), list) and obj["answers"] and isinstance(obj["answers"][0], str):
+        answer = obj["answers"][0]
+    else:
+        raise ValueError(f"{where}: no response: end 'messages' with an assistant turn or give 'answers'")
+    if not msgs or msgs[-1]["role"] != "user":
+        raise ValueError(f"{where}: the turn before the response must be a user turn")
+    history = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs[:-1])
+    blocks = segment(doc)
+    if not blocks:
+        raise ValueError(f"{where}: the segmenter returned no blocks for the document")
+    return {"context": blocks, "question": history + msgs[-1]["content"], "answer": answer}
+
+
 def load_chatqa2(path: str | os.PathLike, segment: Segmenter = split_paragraphs) -> list[dict]:
     """ChatQA2-style jsonl: ``messages`` (user/assistant turns, the last assistant turn is the response, or
     ``answers[0]`` when the turns end with the user) and a long ``document`` (or ``context``) that
     ``segment`` cuts into blocks. Earlier turns go into the final block before the last question."""
-    out = []
-    for lineno, obj in read_jsonl(path):
-        where = f"{os.fspath(path)}:{lineno}"
-        doc = obj.get("document", obj.get("context"))
-        if not isinstance(doc, str) or not doc.strip():
-            raise ValueError(f"{where}: 'document' (or 'context') must be a non-empty string")
-        msgs = obj.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("user", "assistant")
-                for m in msgs):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role: user|assistant, content}}")
-        if msgs[-1]["role"] == "assistant":
-            answer, msgs = msgs[-1]["content"], msgs[:-1]
-        elif isinstance(obj.get("answers"), list) and obj["answers"] and isinstance(obj["answers"][0], str):
-            answer = obj["answers"][0]
-        else:
-            raise ValueError(f"{where}: no response: end 'messages' with an assistant turn or give 'answers'")
-        if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError(f"{where}: the turn before the response must be a user turn")
-        history = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs[:-1])
-        blocks = segment(doc)
-        if not blocks:
-            raise ValueError(f"{where}: the segmenter returned no blocks for the document")
-        out.append({"context": blocks, "question": history + msgs[-1]["content"], "answer": answer})
-    return out
+    return [chatqa2_record(obj, f"{os.fspath(path)}:{lineno}", segment) for lineno, obj in read_jsonl(path)]
 
 
 def load_records(path: str | os.PathLike, fmt: str = "auto", segment: Segmenter = split_paragraphs) -> list[dict]:

@@ -361,7 +361,49 @@ class BlockDistillationTrainer(SFTTrainer):
             if dropped is not None:
                 metrics["kl"].append(kl.item())
             metrics["hard_token_fraction"].append(hard)
+        if mode == "eval" and self.args.eval_block_metrics:
+            self._eval_metrics(model, inputs, layouts, block, full, full_labels, metrics)
         return (loss, SimpleNamespace(logits=None)) if return_outputs else loss
+
+    @torch.no_grad()
+    def _eval_metrics(self, model, inputs, layouts, block, full, full_labels, metrics):
+        """Evaluation only: what the student does at inference.
+
+        - ``block_accuracy``: greedy next-token accuracy on the response under the block pattern;
+        - ``full_accuracy``: the same under full attention on the sink-free sequence (does the student keep
+          its full-attention ability?);
+        - ``block_kl``: KL(teacher full || student block) on the final block's content positions (the
+          student's plain block pattern, every context block alone), in distill mode.
+        One extra no-grad forward of the student (block + full stacked) and, for ``block_kl``, of the teacher's
+        full pattern (or the teacher cache), through the output heads in chunks.
+        """
+        ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
+        chunk = self.args.logit_chunk_size or 1024
+        hs_block, hs_full = self._hidden(model, [block, full])
+        head = output_head(self.accelerator.unwrap_model(model))
+
+        def accuracy(hidden, b, t, targets):
+            if targets.numel() == 0:
+                return 0.0
+            pred = torch.cat([head(h).argmax(-1) for h in hidden[b, t - 1].split(chunk)])
+            return (pred == targets).float().mean().item()
+
+        rb, rt = (labels != -100).nonzero(as_tuple=True)
+        fb, ft = (full_labels != -100).nonzero(as_tuple=True)
+        metrics["block_accuracy"].append(accuracy(hs_block, rb, rt, ids[rb, rt]))
+        metrics["full_accuracy"].append(accuracy(hs_full, fb, ft, full.ids[fb, ft]))
+        if self.args.mode != "distill":
+            return
+        all_dropped = [tuple(range(len(lay.context_blocks))) for lay in layouts]
+        b, t = self._kl_positions(layouts, all_dropped, ids)
+        cached = self._cached_teacher(inputs)
+        if cached is None:
+            (th_full,), t_head = self._teacher_hidden(model, [full])
+            kl = chunked_kl_loss(hs_block[b, t], head, th_full[b, cidx[b, t]], t_head, self.args.kl_temperature, chunk)
+        else:
+            teacher_q = torch.cat([cached[1][i][cidx[i, t[b == i]]] for i in range(ids.shape[0])])
+            kl = chunked_kl_loss(hs_block[b, t], head, teacher_q, None, self.args.kl_temperature, chunk)
+        metrics["block_kl"].append(kl.item())
 
     def _kl_positions(self, layouts, dropped, ids):
         kl_q = torch.zeros_like(ids, dtype=torch.bool)
