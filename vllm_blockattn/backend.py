@@ -133,8 +133,13 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                     end = min(seq, lay.padded_ends[b])
                     add(i, lay.starts[b] // page, end - lay.starts[b], end - slot)
                 else:
+                    # Final-block queries are computed in full (every block and the final block) by the
+                    # final path below, which overwrites these rows. vLLM's kernel still gets a row for
+                    # them (its query layout is contiguous) but only over the pages from the first query
+                    # on: for a decode step one page instead of the whole final block.
                     end = seq
-                    add(i, lay.final_start // page, end - lay.final_start, end - slot)
+                    first = slot // page * page
+                    add(i, first // page, end - first, end - slot)
                     finals.append((qsl[i] + slot - (seq - n), slot, end, lay, i))
                 slot = end
 
