@@ -16,9 +16,10 @@ from vllm_blockattn.layout import BlockSettings, parse_block_prompt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(ROOT, "eval", "tasks")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "longbench")
-LOCOMO = os.path.join(ROOT, "..", "shared", "data", "locomo", "locomo10.json")
-if not os.path.isfile(LOCOMO):
-    LOCOMO = "/work/shared/data/locomo/locomo10.json"
+# LoCoMo's locomo10.json when BLOCKATTN_LOCOMO_PATH names it, else a small conversation of our own in
+# its format (all five categories)
+LOCOMO = os.environ.get("BLOCKATTN_LOCOMO_PATH") or os.path.join(ROOT, "tests", "fixtures", "parity",
+                                                                 "locomo_conversation.json")
 METADATA = {"longbench_dir": FIXTURES, "locomo_path": LOCOMO, "max_length": 512}
 LB_TASKS = ["longbench_hotpotqa", "longbench_hotpotqa_block", "longbench_passage_retrieval_en_block",
             "longbench_trec", "longbench_lcc_block"]

@@ -10,9 +10,12 @@ from vllm_blockattn.eval import blocks, locomo, longbench
 from vllm_blockattn.layout import BlockSettings, parse_block_prompt
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "longbench")
-LOCOMO = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "locomo", "locomo10.json")
-if not os.path.isfile(LOCOMO):
-    LOCOMO = "/work/shared/data/locomo/locomo10.json"
+# a small conversation of our own in LoCoMo's format (all five categories); the real locomo10.json
+# only when BLOCKATTN_LOCOMO_PATH names it
+SYNTHETIC = os.path.join(os.path.dirname(__file__), "fixtures", "parity", "locomo_conversation.json")
+LOCOMO = os.environ.get(locomo.ENV_PATH)
+needs_locomo = pytest.mark.skipif(not (LOCOMO and os.path.isfile(LOCOMO)),
+                                  reason=f"set {locomo.ENV_PATH} to LoCoMo's locomo10.json")
 
 
 def rows(task):
@@ -145,23 +148,45 @@ def test_longbench_load_and_errors(tiny_qwen3, tmp_path):
 
 
 def test_locomo_prompts(tiny_qwen3):
-    sample = locomo.read_samples(LOCOMO)[0]
+    sample = locomo.read_samples(SYNTHETIC)[0]
     conv = sample["conversation"]
     n_sessions = len(locomo.sessions(conv))
     qa = next(q for q in sample["qa"] if q["category"] == 2)
     o = opts(tiny_qwen3, max_length=10**6)
-    full, n, _ = locomo.build_prompt(sample, qa, "conv-26/0", o, block=False)
-    assert n == 1 and full.startswith("Below is a conversation between two people: Caroline and Melanie.")
+    full, n, _ = locomo.build_prompt(sample, qa, "parity-conv/1", o, block=False)
+    assert n == 1 and full.startswith("Below is a conversation between two people: Ana and Ben.")
     assert full.count("\nDATE: ") == n_sessions and full.endswith(qa["question"] + locomo.TEMPORAL_HINT + "\n")
-    assert 'Caroline said, "Hey Mel! Good to see you! How have you been?"\n' in full
-    block, n, _ = locomo.build_prompt(sample, qa, "conv-26/0", o, block=True)
+    assert 'Ana said, "Hi Ben! I started a pottery class this week."\n' in full
+    # the official runner prepends: the newest session comes first
+    assert full.index(conv["session_4_date_time"]) < full.index(conv["session_1_date_time"])
+    block, n, _ = locomo.build_prompt(sample, qa, "parity-conv/1", o, block=True)
     texts, _ = block_texts(o.tokenizer, block, BlockSettings(3, 4))
     assert n == len(texts) == n_sessions + 1
     assert all(t.startswith("DATE: ") for t in texts[:-1]) and texts[-1].startswith("Below is a conversation")
-    assert texts[0].startswith(f"DATE: {conv['session_1_date_time']}\nCONVERSATION:\n")
+    assert texts[0].startswith(f"DATE: {conv['session_4_date_time']}\nCONVERSATION:\n")
+    assert texts[-2].startswith(f"DATE: {conv['session_1_date_time']}\nCONVERSATION:\n")
 
 
-def test_locomo_truncation_keeps_recent_turns(tiny_qwen3):
+def test_locomo_truncation_official_and_recent(tiny_qwen3):
+    sample = locomo.read_samples(SYNTHETIC)[0]
+    qa = sample["qa"][0]
+    first = 'Ana said, "Hi Ben! I started a pottery class this week."'  # session 1's first turn
+    newest_first = 'Ben said, "I adopted a dog named Pepper!"'  # session 4's first turn
+    last = 'Ana said, "So cute!"'  # session 4's last turn
+    full, _, _ = locomo.build_prompt(sample, qa, "parity-conv/0", opts(tiny_qwen3, max_length=10**6), block=False)
+    o = opts(tiny_qwen3, max_length=len(opts(tiny_qwen3).tokenizer.encode(full)) - 60)
+    for block in (False, True):
+        # official: sessions from the earliest; the session where the budget ends keeps its latest turns
+        prompt, n, _ = locomo.build_prompt(sample, qa, "parity-conv/0", o, block=block)
+        assert len(o.tokenizer.encode(prompt)) <= o.max_length and first in prompt and last in prompt
+        assert newest_first not in prompt
+        # option: the most recent turns stay
+        prompt, n, _ = locomo.build_prompt(sample, qa, "parity-conv/0", o, block=block, truncation="recent")
+        assert len(o.tokenizer.encode(prompt)) <= o.max_length and last in prompt and first not in prompt
+
+
+@needs_locomo
+def test_locomo_truncation_on_real_data(tiny_qwen3):
     sample = locomo.read_samples(LOCOMO)[0]
     qa = sample["qa"][0]
     o = opts(tiny_qwen3, max_length=900)
@@ -169,14 +194,18 @@ def test_locomo_truncation_keeps_recent_turns(tiny_qwen3):
     for block in (False, True):
         prompt, n, _ = locomo.build_prompt(sample, qa, "conv-26/0", o, block=block)
         n_tokens = len(o.tokenizer.encode(prompt, add_special_tokens=False))
+        assert 600 < n_tokens <= 900 and last not in prompt
+        assert "DATE: 1:56 pm on 8 May, 2023" in prompt  # the first session is kept
+        prompt, n, _ = locomo.build_prompt(sample, qa, "conv-26/0", o, block=block, truncation="recent")
+        n_tokens = len(o.tokenizer.encode(prompt, add_special_tokens=False))
         assert 700 < n_tokens <= 900 and last in prompt
         assert "DATE: 1:56 pm on 8 May, 2023" not in prompt  # the first session is dropped
 
 
 def test_locomo_adversarial_options_and_scoring():
-    sample = locomo.read_samples(LOCOMO)[0]
+    sample = locomo.read_samples(SYNTHETIC)[0]
     qa = next(q for q in sample["qa"] if q["category"] == 5)
-    question, options = locomo.question_text(qa, "conv-26/99")
+    question, options = locomo.question_text(qa, "parity-conv/99")
     assert set(options.values()) == {locomo.locomo_metrics.NO_INFO, qa["adversarial_answer"]}
     assert question.endswith("Select the correct answer by writing (a) or (b).")
     no_info = next(k for k, v in options.items() if v == locomo.locomo_metrics.NO_INFO)
@@ -187,15 +216,35 @@ def test_locomo_adversarial_options_and_scoring():
 
 
 def test_locomo_load_category_and_errors(tmp_path):
-    data = locomo.load(3, block=False, locomo_path=LOCOMO)["test"]
-    assert len(data) == 96 and set(data["category"]) == {3}  # 96 open-domain questions in LoCoMo-10
+    data = locomo.load(3, block=False, locomo_path=SYNTHETIC)["test"]
+    assert len(data) == 1 and set(data["category"]) == {3}
     with pytest.raises(ValueError, match="locomo_category"):
-        locomo.load(7, locomo_path=LOCOMO)
+        locomo.load(7, locomo_path=SYNTHETIC)
     with pytest.raises(FileNotFoundError, match="LoCoMo data file"):
         locomo.read_samples(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not LoCoMo data"):
         locomo.read_samples(str(tmp_path / "bad.json"))
+
+
+def test_locomo_unreachable_url_names_locomo_path(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    locomo._read.cache_clear()
+    with pytest.raises(OSError, match="locomo_path") as err:
+        locomo.read_samples(locomo.DEFAULT_PATH)
+    assert locomo.ENV_PATH in str(err.value) and locomo.DEFAULT_PATH in str(err.value)
+
+
+@needs_locomo
+def test_locomo_load_real_data():
+    data = locomo.load(3, block=False, locomo_path=LOCOMO)["test"]
+    assert len(data) == 96 and set(data["category"]) == {3}  # 96 open-domain questions in LoCoMo-10
 
 
 @pytest.mark.parametrize("task", sorted(longbench.TASKS))

@@ -7,9 +7,10 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOCOMO = os.path.join(ROOT, "..", "shared", "data", "locomo", "locomo10.json")
-if not os.path.isfile(LOCOMO):
-    LOCOMO = "/work/shared/data/locomo/locomo10.json"
+# LoCoMo's locomo10.json when BLOCKATTN_LOCOMO_PATH names it, else a small conversation of our own in
+# its format (all five categories)
+LOCOMO = os.environ.get("BLOCKATTN_LOCOMO_PATH") or os.path.join(ROOT, "tests", "fixtures", "parity",
+                                                                 "locomo_conversation.json")
 
 
 def load_script():
