@@ -123,6 +123,24 @@ def test_learned_interior_cuts_are_identical_in_any_context(segmenters, kind):
             assert all(s for s, k in zip(surviving(blocks, got, len(prefix)), keep) if k)
 
 
+def test_depth_two_recuts_identical_level_one_blocks_identically(segmenters):
+    seg = segmenters["encoder"]
+    rng = random.Random(300)
+    doc = make_doc(rng, 80)
+    _c, probs = seg.candidate_probs(doc)
+    top, low = sorted(probs)[3 * len(probs) // 4], sorted(probs)[len(probs) // 4]
+    interior = learned_interior(seg, doc)
+    inner1 = [c for c in segment_cuts(doc, seg, [top]) if interior[0] <= c <= interior[-1]]
+    assert len(inner1) >= 3
+    a, b = inner1[0], inner1[-1]  # the level-1 blocks between these are the same in any context
+    alone = [c for c in segment_cuts(doc, seg, [top, low]) if a <= c <= b]
+    assert len(alone) > len(inner1)  # level 2 cut inside them
+    for _ in range(3):
+        prefix, suffix = embed(rng, doc)
+        got = [c - len(prefix) for c in segment_cuts(prefix + doc + suffix, seg, [top, low])]
+        assert [c for c in got if a <= c <= b] == alone
+
+
 def test_fixed_windows_are_position_dependent(segmenters):
     """The old start-aligned windows fail the interior check: the check can fail."""
     seg = Segmenter.from_backbone(segmenters["encoder"].backbone_path, window=64, overlap=16, seed=1,
