@@ -209,3 +209,43 @@ def test_flex_attention_model_matches_dense_masks(tmp_path, tiny_qwen3):
             t.compute_loss(t.model.eval(), batch)
             out.append([t._metrics["eval"][k][-1] for k in ("ce", "kl", "hard_token_fraction")])
     assert out[1] == pytest.approx(out[0], rel=1e-5)
+
+
+# --- the prepared GPU check runs on CPU ---------------------------------------------------------------
+
+def _gpu_check():
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "gpu_check_distill.py")
+    spec = importlib.util.spec_from_file_location("_gpu_check_distill", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_script_cpu_smoke(tmp_path):
+    """train/gpu_check_distill.py in its CPU mode: the correctness part (chunked vs full-logit path, every
+    gradient) passes and the report is written."""
+    import json
+
+    out = tmp_path / "r.json"
+    rc = _gpu_check().main(["--quick", "--device", "cpu", "--no-flex", "--skip-memory", "--check-len", "160",
+                            "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert rc == 0 and rep["correctness"]["ok"] and rep["correctness"]["same_grad_params"]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_quick_with_flex_and_memory(tmp_path):
+    """The whole --quick CPU run: Flex forward vs dense, and the old/new step measurement (~2-3 min)."""
+    import json
+
+    out = tmp_path / "r.json"
+    assert _gpu_check().main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["correctness"]["flex_forward_max_abs_diff"] < 1e-4
+    assert [r["path"] for r in rep["memory"]] == ["old", "new"]
+    assert rep["memory"][0]["loss"] == pytest.approx(rep["memory"][1]["loss"], rel=1e-5)
