@@ -48,14 +48,96 @@ def test_table_runs_model_rows(tiny_qwen3, tmp_path):
         (tmp_path / "locomo1.json").write_text(json.dumps(json.load(f)[:1]))
     metadata = {"locomo_path": str(tmp_path / "locomo1.json"), "max_length": 384}
     table = rt.main(["--benchmark", "locomo", "--output_dir", str(tmp_path / "out"), "--limit", "1",
-                     "--gen_kwargs", "max_gen_toks=2", "--metadata", json.dumps(metadata),
+                     "--gen_kwargs", "max_gen_toks=2", "--metadata", json.dumps(metadata), "--chat_template", "official",
                      "--row", "Training-free block", "hf-block",
-                     f"pretrained={tiny_qwen3},sink_token=<|endoftext|>", "block"])
+                     f"pretrained={tiny_qwen3},sink_token=<|endoftext|>", "block+rule"])
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert [(r["label"], r["form"]) for r in saved["rows"]] == [("Training-free block", "block")]
+    assert [(r["label"], r["form"], r["chat_template"]) for r in saved["rows"]] == [
+        ("Training-free block", "block+rule", "official")]
     for i, row in enumerate(saved["rows"]):
         raw = json.loads((tmp_path / "out" / f"row{i}_results.json").read_text())
-        suffix = "_block" if row["form"] == "block" else ""
+        suffix = "_block" if row["form"].startswith("block") else ""
         assert row["scores"]["Avg"] == round(100 * raw["locomo" + suffix]["score,none"], 2)
         assert row["scores"]["Temporal"] == round(100 * raw["locomo_temporal" + suffix]["score,none"], 2)
     assert len(table.splitlines()) == 3
+
+
+# LongBench pred.py: `if dataset not in ["trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"]:
+# prompt = build_chat(...)` -- the tasks that get no chat template.
+PRED_PY_NO_CHAT = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
+
+
+def test_longbench_chat_template_selection_per_task():
+    from vllm_blockattn.eval import longbench
+
+    for task in longbench.TASKS:
+        assert longbench.uses_chat_template(task) == (task not in PRED_PY_NO_CHAT), task
+    rt = load_script()
+    for form, suffix in (("full", ""), ("block", "_block")):
+        (with_t, on), (without, off) = rt.chat_template_split("longbench", form, "official")
+        assert on and not off
+        assert {t[len("longbench_"):len(t) - len(suffix)] for t in without} == PRED_PY_NO_CHAT
+        assert len(with_t) == 15 and not set(with_t) & set(without)
+        assert all(t.endswith(suffix) for t in with_t + without)
+    assert rt.chat_template_split("longbench", "full", "none") == [(["longbench"], False)]
+    assert rt.chat_template_split("longbench", "block", "all") == [(["longbench_block"], True)]
+    assert rt.chat_template_split("locomo", "block", "official") == [(["locomo_block"], True)]
+    with pytest.raises(ValueError, match="chat_template"):
+        rt.chat_template_split("longbench", "full", "some")
+
+
+def test_official_chat_rule_runs_two_passes_on_one_model_and_averages_like_lm_eval(monkeypatch, tmp_path):
+    import lm_eval
+    import lm_eval.api.registry as registry
+
+    rt = load_script()
+    made, calls = [], []
+
+    class FakeLM:
+        @classmethod
+        def create_from_arg_obj(cls, args, extra):
+            made.append(args)
+            return cls()
+
+    def simple_evaluate(model, tasks, apply_chat_template, **kw):
+        calls.append((model, list(tasks), apply_chat_template, kw["gen_kwargs"]))
+        # task score: 0.1 x its index among the 21 tasks, +0.05 under the chat template
+        return {"results": {t: {"score,none": 0.01 * (len(t) % 7) + (0.05 if apply_chat_template else 0.0)}
+                            for t in tasks}}
+
+    monkeypatch.setattr(registry, "get_model", lambda name: FakeLM)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    results = rt.run_row("Block", "hf-block", "pretrained=M", "block+learned", "longbench", "eval/tasks",
+                         {"longbench_dir": str(tmp_path)}, None, "max_gen_toks=2", "official")
+    assert made == [{"pretrained": "M"}] and len(calls) == 2 and calls[0][0] is calls[1][0]
+    assert [c[2] for c in calls] == [True, False] and calls[0][3] == "max_gen_toks=2"
+    assert {t[len("longbench_"):-len("_block")] for t in calls[1][1]} == PRED_PY_NO_CHAT
+    groups = rt.longbench_tasks("_block")
+    for g, members in groups.items():
+        want = sum(results[t]["score,none"] for t in members) / len(members)
+        assert results[f"longbench_{g}_block"]["score,none"] == pytest.approx(want)
+    overall = sum(results[f"longbench_{g}_block"]["score,none"] for g in groups) / len(groups)
+    assert results["longbench_block"]["score,none"] == pytest.approx(overall)
+    scores = rt.scores_from_results(results, "longbench", "block")
+    assert scores["Avg"] == round(100 * overall, 2) and None not in scores.values()
+
+
+def test_forms_and_variant_rows():
+    rt = load_script()
+    assert rt.parse_form("full") == ("full", None) and rt.parse_form("block") == ("block", None)
+    assert rt.parse_form("block+learned") == ("block", "learned")
+    assert rt.parse_form("block+pkg.mod:cut") == ("block", "pkg.mod:cut")
+    for bad in ("full+learned", "block+", "blocks"):
+        with pytest.raises(ValueError, match="form"):
+            rt.parse_form(bad)
+    rows = rt.variant_rows("vllm", "TRAINED", "BASE", ["rule", "learned"], "<|endoftext|>")
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("Full", "vllm", "full"), ("Block (rule segmenter)", "vllm", "block+rule"),
+        ("Block (learned segmenter)", "vllm", "block+learned"),
+        ("Training-free block (rule segmenter)", "vllm", "block+rule")]
+    assert json.loads(rows[0][2]) == {"pretrained": "TRAINED"}
+    assert json.loads(rows[1][2]) == {"pretrained": "TRAINED", "attention_backend": "blockattn"}
+    assert json.loads(rows[3][2]) == {"pretrained": "BASE", "attention_backend": "blockattn",
+                                      "additional_config": {"blockattn": {"sink_token": "<|endoftext|>"}}}
+    hf = rt.variant_rows("hf-block", "T", "B", ["rule"], "<|endoftext|>")
+    assert hf[0][1] == "hf" and json.loads(hf[-1][2]) == {"pretrained": "B", "sink_token": "<|endoftext|>"}

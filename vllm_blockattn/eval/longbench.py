@@ -113,6 +113,16 @@ TASKS: dict[str, LongBenchTask] = {t.name: t for t in [
                   64, "code_sim"),
 ]}
 
+# pred.py wraps the prompt in the model's chat format for every task except these ("chat models are
+# better off without build prompts on these tasks").
+NO_CHAT_TEMPLATE = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+
+
+def uses_chat_template(task: str) -> bool:
+    """Whether LongBench's ``pred.py`` applies the chat template to ``task`` (for chat models)."""
+    return task_spec(task).name not in NO_CHAT_TEMPLATE
+
+
 GROUPS = {
     "single": "Single-Document QA", "multi": "Multi-Document QA", "summarization": "Summarization",
     "fewshot": "Few-shot Learning", "synthetic": "Synthetic Tasks", "code": "Code Completion",
