@@ -63,3 +63,36 @@ def test_locomo_scores_equal_the_official_code():
         if got != pytest.approx(c["expected"], abs=1e-12):
             bad.append((c, got))
     assert not bad, bad
+
+
+def test_rouge_recursion_option_reaches_the_task_scores(tmp_path, monkeypatch):
+    from vllm_blockattn.eval import longbench
+
+    long_ref = " ".join(f"w{i}" for i in range(1200))  # one 1200-word "sentence": overflows officially
+    row = {"input": "", "context": "a report", "answers": [long_ref], "length": 2, "all_classes": None, "_id": "r"}
+    (tmp_path / "gov_report.jsonl").write_text(json.dumps(row) + "\n")
+    doc = longbench.load("gov_report", longbench_dir=str(tmp_path))["test"][0]
+    assert doc["rouge_recursion"] == "official"
+    assert longbench.process_results(doc, [long_ref]) == {"score": 0.0}
+    doc = longbench.load("gov_report", longbench_dir=str(tmp_path), rouge_recursion="score")["test"][0]
+    assert longbench.process_results(doc, [long_ref])["score"] > 0.99
+    monkeypatch.setenv("BLOCKATTN_ROUGE_RECURSION", "score")
+    assert longbench.load("gov_report", longbench_dir=str(tmp_path))["test"][0]["rouge_recursion"] == "score"
+    with pytest.raises(ValueError, match="rouge_recursion"):
+        longbench.load("gov_report", longbench_dir=str(tmp_path), rouge_recursion="maybe")
+
+
+def test_samsum_generation_and_first_line_rule():
+    """samsum: pred.py stops at the newline token; the pack generates to the answer length with no
+    stop string and the first-line rule cuts at that same newline, so the scores agree (see
+    docs/eval.md for the one case that differs: a bare newline or EOS as the first greedy token)."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(__file__), "..", "eval", "tasks", "longbench", "longbench_samsum.yaml")
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f.read().replace("!function", ""))
+    assert cfg["generation_kwargs"]["until"] == [] and cfg["generation_kwargs"]["max_gen_toks"] == 128
+    ref = "Amanda baked cookies and will bring Jerry some tomorrow."
+    stopped = "Amanda will bring Jerry cookies tomorrow.\n"  # official output, ends at the newline token
+    longer = stopped + "Dialogue: Tom: hi\nSummary: Tom says hi."
+    assert lb.score_row("samsum", "rouge", longer, [ref]) == lb.score_row("samsum", "rouge", stopped, [ref]) > 0
