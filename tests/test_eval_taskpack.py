@@ -37,3 +37,22 @@ def test_lm_eval_indexes_every_task_and_group():
         assert {f"longbench_{t}{suffix}" for t in TASKS} <= names
         assert {f"longbench_{g}{suffix}" for g in GROUPS} | {f"longbench{suffix}", f"locomo{suffix}"} <= names
         assert {f"locomo_{c}{suffix}" for c in locomo_metrics.CATEGORIES.values()} <= names
+
+
+def test_docs_name_no_data_path_the_repository_lacks():
+    """Example data paths in the evaluation docs are either placeholders outside the repository
+    (absolute) or exist in it: a relative path such as data/locomo10.json would point into the
+    repository, which holds no benchmark data."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    docs = ["README.md", "docs/eval.md", "eval/tasks/README.md", "eval/results_table.py"]
+    found = []
+    for doc in docs:
+        with open(os.path.join(root, doc), encoding="utf-8") as f:
+            text = f.read()
+        for m in re.finditer(r'\\?"(locomo_path|longbench_dir)\\?": \\?"([^"\\]+)', text):
+            found.append((doc, m.group(2)))
+    assert len(found) >= 6
+    bad = [(doc, p) for doc, p in found if not os.path.isabs(p) and not os.path.exists(os.path.join(root, p))]
+    assert not bad, bad
