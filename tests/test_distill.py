@@ -353,7 +353,7 @@ def test_config_checks(tmp_path):
     cfg = BlockDistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     assert (cfg.block_dropout_rate, cfg.ce_beta, cfg.num_sinks, cfg.mode) == (0.6, 0.1, 4, "distill")
     assert cfg.dataset_kwargs["skip_prepare_dataset"] and cfg.remove_unused_columns is False
-    for bad in ({"block_dropout_rate": 1.5}, {"mode": "x"}, {"ce_beta": -1.0}, {"num_sinks": 0}):
+    for bad in ({"block_dropout_rate": 1.5}, {"mode": "x"}, {"ce_beta": -1.0}, {"num_sinks": -1}):
         with pytest.raises(ValueError):
             BlockDistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **bad)
 

@@ -151,6 +151,7 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
     from vllm_blockattn.distill.callbacks import MetricsFileCallback
     from vllm_blockattn.distill.data import ChatBlockFormatter
     from vllm_blockattn.distill.sinks import add_sink_token, write_block_config
+    from vllm_blockattn.layout import DEFAULT_NUM_SINKS
 
     from accelerate import PartialState
 
@@ -161,9 +162,10 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
                                                  attn_implementation=model_args.attn_implementation or "sdpa")
     settings = add_sink_token(tokenizer, model, sink_token=training_args.sink_token,
-                              num_sinks=training_args.num_sinks, init=training_args.sink_init)
+                              num_sinks=training_args.num_sinks or DEFAULT_NUM_SINKS, init=training_args.sink_init)
+    sinks = training_args.num_sinks > 0  # 0: the without-sinks ablation (blocks travel as block_lengths)
     formatter = ChatBlockFormatter(tokenizer, settings, system=script_args.system_prompt,
-                                   max_length=training_args.max_length)
+                                   max_length=training_args.max_length, sinks=sinks)
     records, held = split_records(script_args)
     samples = [s for s in map(formatter, records) if s is not None]
     if not samples:
@@ -187,7 +189,7 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
             tokenizer.save_pretrained(out)
     else:
         trainer.save_model(out)
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and sinks:
         write_block_config(out, settings)
     trainer.accelerator.wait_for_everyone()
     return out

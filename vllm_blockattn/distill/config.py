@@ -24,7 +24,10 @@ class BlockDistillationConfig(SFTConfig):
         sink_token (`str`, *optional*, defaults to `"<|block_sink|>"`):
             The block sink token, added to the tokenizer as a special token when missing.
         num_sinks (`int`, *optional*, defaults to `4`):
-            Sinks before every block (k). Written to `config.json` under `block_attention`.
+            Sinks before every block (k). Written to `config.json` under `block_attention`. `0` is the paper's
+            "without sinks" ablation: samples carry no sink groups (their block boundaries travel as
+            `block_lengths`), no `block_attention` entry is written, and the checkpoint cannot be served in block
+            mode by the plugin (the token ids no longer mark the blocks); evaluate it with explicit layouts.
         sink_init (`str`, *optional*, defaults to `"mean"`):
             How a newly added sink row is initialised: `"mean"` of the existing input (and output) embedding
             rows, `"eos"` a copy of the EOS row, `"keep"` leave what `resize_token_embeddings` gave. An existing
@@ -41,6 +44,14 @@ class BlockDistillationConfig(SFTConfig):
             attention exceeds its loss under full attention by more than tau, else `ce_beta`.
         ce_beta (`float`, *optional*, defaults to `0.1`):
             CE weight of the response tokens the teacher already handles under block attention.
+        use_token_weights (`bool`, *optional*, defaults to `True`):
+            `False` is the "without token weights" ablation: plain CE on every response token (weight 1), and the
+            teacher's block-pattern pass is skipped.
+        block_dropout (`bool`, *optional*, defaults to `True`):
+            `False` is the "without block dropout" ablation: the KL runs on the student's plain block pattern
+            (every context block alone, so only the final block's positions enter it) instead of a random
+            dropout pattern; one student forward serves both terms. (`block_dropout_rate` is then unused.)
+            "Without KL" is `kl_weight: 0`.
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A separate teacher checkpoint. `None`: the student's initial weights, frozen (a copy; under PEFT the
             adapter-disabled base model, at no memory cost).
@@ -80,6 +91,10 @@ class BlockDistillationConfig(SFTConfig):
         metadata={"help": "Teacher block-minus-full loss (nats) above which a response token gets weight 1."},
     )
     ce_beta: float = field(default=0.1, metadata={"help": "CE weight of the other response tokens."})
+    use_token_weights: bool = field(default=True, metadata={"help": "Token-weighted CE; False = plain CE."})
+    block_dropout: bool = field(
+        default=True, metadata={"help": "KL on a block-dropout pattern; False = on the plain block pattern."}
+    )
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher checkpoint; None = the student's initial weights, frozen."}
     )
@@ -106,8 +121,8 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.sink_init not in SINK_INITS:
             raise ValueError(f"sink_init must be one of {SINK_INITS}, got {self.sink_init!r}")
-        if self.num_sinks < 1:
-            raise ValueError(f"num_sinks must be >= 1, got {self.num_sinks}")
+        if self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be >= 0 (0: the without-sinks ablation), got {self.num_sinks}")
         if not 0.0 <= self.block_dropout_rate <= 1.0:
             raise ValueError(f"block_dropout_rate must be in [0, 1], got {self.block_dropout_rate}")
         if self.kl_weight < 0:
@@ -116,6 +131,8 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
         if not 0.0 <= self.ce_beta <= 1.0:
             raise ValueError(f"ce_beta must be in [0, 1], got {self.ce_beta}")
+        if self.teacher_cache and self.mode == "distill" and not self.needs_teacher:
+            raise ValueError("teacher_cache needs a teacher: kl_weight > 0 or use_token_weights")
         if self.teacher_cache and self.mode != "distill":
             raise ValueError(f"teacher_cache needs mode='distill' (there is no teacher in {self.mode!r})")
         if self.logit_chunk_size < 0:
@@ -124,3 +141,8 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"flex_block_size must be a positive multiple of 16, got {self.flex_block_size}")
         if self.padding_free or self.packing:
             raise ValueError("padding_free and packing are not supported: every sample carries its own 4D block mask")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Distillation without KL and without token weights is plain block CE: no teacher is built."""
+        return self.mode == "distill" and (self.kl_weight > 0 or self.use_token_weights)

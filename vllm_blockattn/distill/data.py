@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..layout import BlockSettings, build_block_prompt, parse_block_prompt
+from ..layout import Block, BlockLayout, BlockSettings, build_block_prompt, parse_block_prompt
 from .masks import content_index
 
 Segmenter = Callable[[str], list[str]]
@@ -269,10 +269,14 @@ class ChatBlockFormatter:
     long is skipped (``__call__`` returns None).
     """
 
-    def __init__(self, tokenizer, settings: BlockSettings, *, system: str | None = None, max_length: int | None = None):
+    def __init__(self, tokenizer, settings: BlockSettings, *, system: str | None = None, max_length: int | None = None,
+                 sinks: bool = True):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template; set one (block data is formatted as a chat)")
         self.tokenizer, self.settings, self.max_length = tokenizer, settings, max_length
+        # sinks=False (the "without sinks" ablation): no sink groups; the block boundaries travel as
+        # ``block_lengths`` with every sample, since the token ids no longer mark them.
+        self.sinks = sinks
         head_msgs = [{"role": "system", "content": system}] if system else []
         prompt = tokenizer.apply_chat_template(head_msgs + [{"role": "user", "content": _SENTINEL}], tokenize=False,
                                                add_generation_prompt=True)
@@ -303,7 +307,7 @@ class ChatBlockFormatter:
         resp = self._encode(self.response_text(record["question"], record["answer"])) if with_response else []
         head = self._encode(self.head)
         blocks = [self._encode(c) for c in ctx]
-        k = self.settings.num_sinks
+        k = self.settings.num_sinks if self.sinks else 0
         while True:
             n = len(head) + sum(len(b) + k for b in blocks) + k + len(final) + len(resp)
             if self.max_length is None or n <= self.max_length or not blocks:
@@ -311,6 +315,10 @@ class ChatBlockFormatter:
             blocks.pop()
         if self.max_length is not None and n > self.max_length:
             return None, 0
+        if not self.sinks:
+            parts = ([head] if head else []) + blocks + [final + resp]
+            self._lengths = [len(p) for p in parts]
+            return [t for p in parts for t in p], len(resp)
         ids = build_block_prompt([*blocks, final + resp], self.settings, prefix=head or None)
         return ids, len(resp)
 
@@ -319,10 +327,25 @@ class ChatBlockFormatter:
         if ids is None:
             return None
         labels = [-100] * (len(ids) - n_resp) + ids[len(ids) - n_resp:]
+        if not self.sinks:
+            return {"input_ids": ids, "labels": labels, "block_lengths": self._lengths}
         return {"input_ids": ids, "labels": labels}
 
 
 # --- collation ----------------------------------------------------------------------------------------
+
+def layout_from_lengths(lengths) -> BlockLayout:
+    """A sink-free block layout from block lengths (the last block is the final one; zero lengths, e.g.
+    batch padding, are ignored). Used by the "without sinks" ablation, whose ids carry no block markers."""
+    lengths = [int(n) for n in lengths if int(n) > 0]
+    if not lengths:
+        raise ValueError("no blocks")
+    blocks, pos = [], 0
+    for i, n in enumerate(lengths):
+        blocks.append(Block(pos, pos, pos + n, pos + n, i == len(lengths) - 1))
+        pos += n
+    return BlockLayout(tuple(blocks), pos, None)
+
 
 class BlockDataCollator:
     """Pad block samples and add their sink-free (full-attention) copies.
@@ -337,6 +360,12 @@ class BlockDataCollator:
     def __init__(self, pad_token_id: int, settings: BlockSettings):
         self.pad_token_id, self.settings = pad_token_id, settings
 
+    def layout(self, feature: dict):
+        """The sample's layout: parsed from its sink groups, or from ``block_lengths`` (samples without sinks)."""
+        if "block_lengths" in feature:
+            return layout_from_lengths(feature["block_lengths"])
+        return parse_block_prompt(list(feature["input_ids"]), self.settings)
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("empty batch")
@@ -345,7 +374,7 @@ class BlockDataCollator:
             ids, labels = list(f["input_ids"]), list(f["labels"])
             if len(ids) != len(labels):
                 raise ValueError(f"sample {i}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length")
-            idx = content_index(parse_block_prompt(ids, self.settings))
+            idx = content_index(self.layout(f))
             keep = (idx >= 0).tolist()
             rows.append((ids, labels, idx, [t for t, k in zip(ids, keep) if k], [t for t, k in zip(labels, keep) if k]))
         L, Lf = max(len(r[0]) for r in rows), max(len(r[3]) for r in rows)
@@ -353,7 +382,13 @@ class BlockDataCollator:
         def pad(seqs, n, value):
             return torch.tensor([list(s) + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
 
-        return {
+        out = {}
+        if any("block_lengths" in f for f in features):
+            if not all("block_lengths" in f for f in features):
+                raise ValueError("a batch mixes samples with and without block_lengths")
+            nb = max(len(f["block_lengths"]) for f in features)
+            out["block_lengths"] = pad([f["block_lengths"] for f in features], nb, 0)
+        return out | {
             "input_ids": pad([r[0] for r in rows], L, self.pad_token_id),
             "labels": pad([r[1] for r in rows], L, -100),
             "attention_mask": pad([[1] * len(r[0]) for r in rows], L, 0),

@@ -26,10 +26,10 @@ from types import SimpleNamespace
 import torch
 from trl import SFTTrainer
 
-from ..layout import parse_block_prompt
+from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, parse_block_prompt
 from ..reference import block_attention_mask, full_attention_mask
 from .config import BlockDistillationConfig
-from .data import BlockDataCollator
+from .data import BlockDataCollator, layout_from_lengths
 from .losses import (block_finetune_loss, block_kl_loss, chunked_kl_loss, chunked_token_nll, token_nll,
                      token_weights, weighted_ce_loss)
 from .masks import (batch_dropout_attention_masks, block_pattern_ids, flex_block_mask, full_pattern_ids,
@@ -118,13 +118,17 @@ class BlockDistillationTrainer(SFTTrainer):
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required: it receives the sink token")
         model = _load(model, args.model_init_kwargs)
-        settings = add_sink_token(processing_class, model, sink_token=args.sink_token, num_sinks=args.num_sinks,
-                                  init=args.sink_init)
-        if peft_config is not None:
+        # num_sinks=0 (the "without sinks" ablation): the token is still added (harmless, keeps the vocabulary
+        # alike across ablations) but no sample carries it; see ChatBlockFormatter(sinks=False).
+        settings = add_sink_token(processing_class, model, sink_token=args.sink_token,
+                                  num_sinks=args.num_sinks or DEFAULT_NUM_SINKS, init=args.sink_init)
+        if args.num_sinks == 0:  # no sink in any sample: the checkpoint is not a block-attention checkpoint
+            model.config.__dict__.pop(CONFIG_KEY, None)
+        elif peft_config is not None:
             apply_sink_peft(peft_config, settings)
         teacher = None
         self.teacher_sink_initialised = False
-        if args.mode == "distill":
+        if args.mode == "distill" and args.needs_teacher:
             teacher = _load(teacher_model or args.teacher_model_name_or_path, args.model_init_kwargs)
             if teacher is None and peft_config is None and _zero3_enabled():
                 # A deep copy of a ZeRO-3-partitioned student would copy empty shards: load the student's own
@@ -153,7 +157,7 @@ class BlockDistillationTrainer(SFTTrainer):
         self.teacher_model = teacher
         if teacher is not None:
             self.teacher_model = self._prepare_teacher(teacher.eval().requires_grad_(False))
-        if args.mode == "distill" and teacher is None and not hasattr(self.accelerator.unwrap_model(self.model),
+        if args.mode == "distill" and args.needs_teacher and teacher is None and not hasattr(self.accelerator.unwrap_model(self.model),
                                                                        "disable_adapter"):
             raise ValueError("no teacher: pass teacher_model, or use PEFT so the base model can serve as teacher")
         self._dropout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
@@ -249,7 +253,10 @@ class BlockDistillationTrainer(SFTTrainer):
         (the sink-free sequences are shorter and padded up to L)."""
         ids, lengths, cidx = inputs["input_ids"], inputs["lengths"].tolist(), inputs["content_index"]
         L, device = ids.shape[1], ids.device
-        layouts = [parse_block_prompt(ids[i, :n].tolist(), self.block_settings) for i, n in enumerate(lengths)]
+        if "block_lengths" in inputs:  # samples without sinks carry their block boundaries
+            layouts = [layout_from_lengths(x) for x in inputs["block_lengths"].tolist()]
+        else:
+            layouts = [parse_block_prompt(ids[i, :n].tolist(), self.block_settings) for i, n in enumerate(lengths)]
         pos = torch.zeros_like(ids)
         for i, lay in enumerate(layouts):
             pos[i, : lay.num_tokens] = torch.tensor(lay.positions(), device=device)
@@ -350,8 +357,11 @@ class BlockDistillationTrainer(SFTTrainer):
                 metrics["teacher_cache_hit"].append(float(cached is not None))
             dropped = None
             if self.args.kl_weight > 0:
-                dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
-                           for lay in layouts]
+                if self.args.block_dropout:
+                    dropped = [sample_dropped_blocks(lay, self.args.block_dropout_rate, self._dropout_generator)
+                               for lay in layouts]
+                else:  # ablation: the KL runs on the plain block pattern (every context block alone)
+                    dropped = [tuple(range(len(lay.context_blocks))) for lay in layouts]
                 n_ctx = sum(len(lay.context_blocks) for lay in layouts)
                 metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, n_ctx))
             step = self._distill_loss_chunked if self.args.logit_chunk_size > 0 else self._distill_loss_full
@@ -392,7 +402,7 @@ class BlockDistillationTrainer(SFTTrainer):
         fb, ft = (full_labels != -100).nonzero(as_tuple=True)
         metrics["block_accuracy"].append(accuracy(hs_block, rb, rt, ids[rb, rt]))
         metrics["full_accuracy"].append(accuracy(hs_full, fb, ft, full.ids[fb, ft]))
-        if self.args.mode != "distill":
+        if self.args.mode != "distill" or not self.args.needs_teacher:
             return
         all_dropped = [tuple(range(len(lay.context_blocks))) for lay in layouts]
         b, t = self._kl_positions(layouts, all_dropped, ids)
@@ -417,11 +427,20 @@ class BlockDistillationTrainer(SFTTrainer):
         response = labels != -100
         dtype = self.accelerator.unwrap_model(model).dtype
         if cached is None:
-            weights, t_full = self._teacher_outputs(model, inputs, layouts, block, full, dtype)
+            if self.args.use_token_weights:
+                weights, t_full = self._teacher_outputs(model, inputs, layouts, block, full, dtype)
+            else:  # ablation: plain CE; the teacher runs its full pattern only, and only for the KL
+                t_full = self._teacher_logits(model, [full])[0] if dropped is not None else None
         else:
             weights, t_rows = cached
+        if not self.args.use_token_weights:
+            weights = response.float()
         if dropped is not None:
-            s_block, s_drop = self._logits(model, [block, self._dropout_pattern(block, layouts, dropped)])
+            if self.args.block_dropout:
+                s_block, s_drop = self._logits(model, [block, self._dropout_pattern(block, layouts, dropped)])
+            else:  # the KL pattern is the block pattern: one forward serves both terms
+                (s_block,) = self._logits(model, [block])
+                s_drop = s_block
             b, t = self._kl_positions(layouts, dropped, ids)
             if cached is None:
                 teacher_q = t_full[b, cidx[b, t]]
@@ -444,18 +463,27 @@ class BlockDistillationTrainer(SFTTrainer):
         rb, rt = (labels != -100).nonzero(as_tuple=True)  # response tokens; predicted from position rt - 1
         targets = ids[rb, rt]
         t_hidden = t_head = None
-        if cached is None:
+        if cached is None and self.args.use_token_weights:
             (th_full, th_block), t_head = self._teacher_hidden(model, [full, block])
             t_full_nll = chunked_token_nll(th_full[rb, cidx[rb, rt] - 1], t_head, targets, chunk)
             t_block_nll = chunked_token_nll(th_block[rb, rt - 1], t_head, targets, chunk)
             weights = token_weights(t_block_nll, t_full_nll, torch.ones_like(targets, dtype=torch.bool),
                                     self.args.ce_tau, self.args.ce_beta)
             t_hidden = th_full
+        elif cached is None:  # ablation: plain CE; the teacher runs its full pattern only, and only for the KL
+            if dropped is not None:
+                (t_hidden,), t_head = self._teacher_hidden(model, [full])
         else:
             weights = cached[0][rb, rt]
+        if not self.args.use_token_weights:
+            weights = torch.ones_like(targets, dtype=torch.float32)
         s_head = output_head(self.accelerator.unwrap_model(model))
         if dropped is not None:
-            hs_block, hs_drop = self._hidden(model, [block, self._dropout_pattern(block, layouts, dropped)])
+            if self.args.block_dropout:
+                hs_block, hs_drop = self._hidden(model, [block, self._dropout_pattern(block, layouts, dropped)])
+            else:  # the KL pattern is the block pattern: one forward serves both terms
+                (hs_block,) = self._hidden(model, [block])
+                hs_drop = hs_block
             b, t = self._kl_positions(layouts, dropped, ids)
             if cached is None:
                 kl = chunked_kl_loss(hs_drop[b, t], s_head, t_hidden[b, cidx[b, t]], t_head, T, chunk)
@@ -491,7 +519,7 @@ class BlockDistillationTrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
         out = output_dir or self.args.output_dir
-        if os.path.exists(os.path.join(out, "config.json")):
+        if os.path.exists(os.path.join(out, "config.json")) and self.args.num_sinks > 0:
             write_block_config(out, self.block_settings)
 
 

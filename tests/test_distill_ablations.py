@@ -1,0 +1,125 @@
+"""The paper's Table 5 ablations as config switches: without sinks (num_sinks=0), without block dropout
+(block_dropout=false), without KL (kl_weight=0), without token weights (use_token_weights=false).
+Each: construction, the loss on one batch (chunked path == full-logit path) and one training step."""
+
+import pytest
+import torch
+
+from vllm_blockattn.distill import losses
+from vllm_blockattn.distill.data import BlockDataCollator, ChatBlockFormatter, layout_from_lengths, make_retrieval_records
+from vllm_blockattn.layout import BlockSettings
+
+ABLATIONS = {
+    "full_method": {},
+    "no_sinks": {"num_sinks": 0},
+    "no_dropout": {"block_dropout": False},
+    "no_kl": {"kl_weight": 0.0},
+    "no_token_weights": {"use_token_weights": False},
+    "no_kl_no_weights": {"kl_weight": 0.0, "use_token_weights": False},
+}
+
+
+def _trainer(tmp_path, model_path, **kw):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer
+
+    args = BlockDistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                                   per_device_train_batch_size=3, max_steps=1, save_strategy="no", logging_steps=1,
+                                   ce_tau=0.0, **kw)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    fmt = ChatBlockFormatter(tok, BlockSettings.from_pretrained(model_path), sinks=args.num_sinks > 0)
+    ds = Dataset.from_list([fmt(r) for r in make_retrieval_records(6, num_docs=3, facts_per_doc=2, seed=5)])
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    return BlockDistillationTrainer(model, args, train_dataset=ds, processing_class=tok)
+
+
+def _terms(trainer, batch, chunk):
+    trainer.args.logit_chunk_size = chunk
+    trainer._dropout_generator.manual_seed(5)
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    m = trainer._metrics["train"]
+    grad = trainer.model.get_input_embeddings().weight.grad.clone()
+    return loss.item(), {k: v[-1] for k, v in m.items() if v}, grad
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
+    kw = ABLATIONS[name]
+    trainer = _trainer(tmp_path, tiny_qwen3, **kw)
+    sink = trainer.block_settings.sink_token_id
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    teacher_rows = []
+    if trainer.teacher_model is not None:
+        trainer.teacher_model.register_forward_hook(lambda m, a, kw_, out: teacher_rows.append(kw_["input_ids"].shape[0]),
+                                                    with_kwargs=True)
+    trainer.model.train()
+    full = _terms(trainer, batch, 0)
+    teacher_calls, teacher_rows[:] = list(teacher_rows), []
+    chunked = _terms(trainer, batch, 5)
+    assert chunked[0] == pytest.approx(full[0], rel=1e-5)
+    assert chunked[1] == pytest.approx(full[1], rel=1e-5, abs=1e-7)
+    assert torch.allclose(chunked[2], full[2], rtol=1e-4, atol=1e-7)
+    loss, m, _ = full
+    B = batch["input_ids"].shape[0]
+
+    if name == "no_sinks":
+        assert not (batch["input_ids"] == sink).any() and "block_lengths" in batch
+        assert torch.equal(batch["full_input_ids"], batch["input_ids"])  # nothing to strip
+        assert not hasattr(trainer.model.config, "block_attention")
+    else:
+        assert (batch["input_ids"] == sink).any() and "block_lengths" not in batch
+    if name == "no_dropout":
+        assert m["dropped_fraction"] == 1.0
+        assert teacher_calls == [2 * B]
+    if name in ("no_kl", "no_kl_no_weights"):
+        assert "kl" not in m and loss == pytest.approx(m["ce"], rel=1e-6)
+    if name == "no_token_weights":
+        assert m["hard_token_fraction"] == 1.0
+        assert teacher_calls == [B]  # the full pattern only (for the KL): no block-pattern teacher pass
+    if name == "no_kl_no_weights":
+        assert trainer.teacher_model is None and teacher_calls == []
+    if name == "full_method":
+        assert 0 < m["hard_token_fraction"] < 1 and 0 < m["dropped_fraction"] < 1 and teacher_calls == [2 * B]
+
+    trainer.train()  # one optimizer step
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+def test_no_sinks_uses_the_block_pattern_from_block_lengths(tmp_path, tiny_qwen3):
+    """Without sinks the blocks still attend alone: with every token weighted 1 and no KL, the CE equals the
+    reference block forward over the layout the lengths describe (and differs from full attention)."""
+    from vllm_blockattn.reference import block_forward
+
+    trainer = _trainer(tmp_path, tiny_qwen3, num_sinks=0, kl_weight=0.0, use_token_weights=False)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+        nll_block = nll_full = n = 0.0
+        for i, n_tok in enumerate(batch["lengths"].tolist()):
+            ids = batch["input_ids"][i, :n_tok]
+            lay = layout_from_lengths(batch["block_lengths"][i].tolist())
+            assert lay.num_tokens == n_tok and len(lay.blocks) == 1 + 1 + 3  # chat head, 3 documents, final
+            resp = batch["labels"][i, :n_tok] != -100
+            nll_block += losses.token_nll(block_forward(model, ids, lay)[None], ids[None])[0][resp].sum().item()
+            nll_full += losses.token_nll(model(input_ids=ids[None]).logits, ids[None])[0][resp].sum().item()
+            n += resp.sum().item()
+    ce = trainer._metrics["eval"]["ce"][-1]
+    assert ce == pytest.approx(nll_block / n, rel=1e-4)
+    assert abs(ce - nll_full / n) > 1e-3
+
+
+def test_collator_refuses_mixed_sink_and_sinkless_samples(tiny_qwen3):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    settings = BlockSettings.from_pretrained(tiny_qwen3)
+    rec = make_retrieval_records(1, seed=1)[0]
+    a, b = ChatBlockFormatter(tok, settings)(rec), ChatBlockFormatter(tok, settings, sinks=False)(rec)
+    assert len(a["input_ids"]) == len(b["input_ids"]) + settings.num_sinks * (len(b["block_lengths"]) - 1)
+    with pytest.raises(ValueError, match="mixes"):
+        BlockDataCollator(tok.pad_token_id, settings)([a, b])
