@@ -23,6 +23,7 @@ Usage (about 5 minutes on 2 shared cores, one thread)::
     python train/demo_cpu.py                       # the measured table in docs/distillation.md
     python train/demo_cpu.py --student-steps 60    # a quicker, rougher run
     python train/demo_cpu.py --updates 0           # the earlier, easier task (no restated facts)
+    python train/demo_cpu.py --ablations --timing-rounds 0 --live-timing-steps 0   # + the Table 5 ablations
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def full_padding_mask(batch) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model, samples, collator, settings, *, block: bool, batch_size: int = 64) -> float:
     """Share of samples whose first answer token is the greedy prediction (full or block attention)."""
+    from vllm_blockattn.distill.data import layout_from_lengths
     from vllm_blockattn.distill.masks import pad_attention_masks
     from vllm_blockattn.layout import parse_block_prompt
     from vllm_blockattn.reference import block_attention_mask
@@ -86,7 +88,10 @@ def accuracy(model, samples, collator, settings, *, block: bool, batch_size: int
     for b in batches(samples, collator, batch_size):
         if block:
             ids, labels = b["input_ids"], b["labels"]
-            lays = [parse_block_prompt(ids[i, :n].tolist(), settings) for i, n in enumerate(b["lengths"].tolist())]
+            if "block_lengths" in b:  # samples without sinks (the no-sinks ablation) carry their blocks
+                lays = [layout_from_lengths(x) for x in b["block_lengths"].tolist()]
+            else:
+                lays = [parse_block_prompt(ids[i, :n].tolist(), settings) for i, n in enumerate(b["lengths"].tolist())]
             mask = pad_attention_masks([block_attention_mask(x, model.dtype) for x in lays], ids.shape[1])
             pos = torch.zeros_like(ids)
             for i, x in enumerate(lays):
@@ -162,16 +167,19 @@ class _StepTimer:
         return sum(t) / len(t)
 
 
-def train_student(kind, teacher, tokenizer, train_ds, *, steps, batch_size, lr, out, seed, teacher_cache=False):
-    """Train a block student from a copy of ``teacher``; returns (model, s/step, teacher-cache seconds)."""
+def train_student(kind, teacher, tokenizer, train_ds, *, steps, batch_size, lr, out, seed, teacher_cache=False,
+                  **overrides):
+    """Train a block student from a copy of ``teacher``; returns (trainer, step timer). ``overrides``: config
+    fields of an ablation (``num_sinks=0``, ``block_dropout=False``, ``kl_weight=0``, ``use_token_weights=False``)."""
     from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer, BlockFinetuneTrainer
 
-    args = BlockDistillationConfig(
+    settings = dict(
         output_dir=out, mode=kind, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=10, weight_decay=0.0, bf16=False,
         gradient_checkpointing=False, logging_steps=max(1, steps // 5), save_strategy="no", report_to="none",
         use_cpu=True, seed=seed, block_dropout_rate=0.6, kl_weight=1.0, ce_tau=0.1, ce_beta=0.1,
         max_length=None, dataloader_num_workers=0, teacher_cache=teacher_cache)
+    args = BlockDistillationConfig(**(settings | overrides))
     timer = _StepTimer()
     cls = BlockDistillationTrainer if kind == "distill" else BlockFinetuneTrainer
     student = copy.deepcopy(teacher)
@@ -226,6 +234,8 @@ def main(argv=None):
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ablations", action="store_true",
+                    help="also distil without sinks / block dropout / KL / token weights (the paper's Table 5)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -271,6 +281,13 @@ def main(argv=None):
             ("block_finetune", False, a.student_steps, "block fine-tuning (Ma et al.)")]
     if a.live_timing_steps > 0:
         runs.append(("distill", False, a.live_timing_steps, "block distillation (live teacher, timing only)"))
+    ablations = {"w/o sinks": {"num_sinks": 0}, "w/o block dropout": {"block_dropout": False},
+                 "w/o KL": {"kl_weight": 0.0}, "w/o token weights": {"use_token_weights": False}} if a.ablations else {}
+    sinkless = None
+    if "w/o sinks" in ablations:  # the same records formatted without sink groups
+        fmt0 = ChatBlockFormatter(tokenizer, settings, sinks=False)
+        sinkless = [fmt0(r) for r in recs]
+        sinkless = (Dataset.from_list(sinkless[: a.student_train_samples]), sinkless[a.train_samples:])
     cache_seconds, trained = 0.0, []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (kind, cache, steps_i, label) in enumerate(runs):
@@ -286,11 +303,21 @@ def main(argv=None):
                          sps, None))
             rows.append(("  ... same model under full attention", accuracy(student, held_out, collator, settings,
                                                                           block=False), None, None))
+        for j, (label, overrides) in enumerate(ablations.items()):
+            ds, held = sinkless if overrides.get("num_sinks") == 0 else (train_ds, held_out)
+            trainer, timer = train_student("distill", model, tokenizer, ds, steps=a.student_steps,
+                                           batch_size=a.batch_size, lr=a.student_lr, out=f"{tmp}/a{j}", seed=a.seed,
+                                           teacher_cache=True, **overrides)
+            student = trainer.model
+            rows.append((f"block distillation {label} (cached teacher), {a.student_steps} steps",
+                         accuracy(student, held, collator, settings, block=True), timer.seconds_per_step, None))
+            rows.append(("  ... same model under full attention", accuracy(student, held, collator, settings,
+                                                                          block=False), None, None))
         if a.timing_rounds > 0:
             medians = interleaved_timing(trained, rounds=a.timing_rounds, steps=a.timing_steps)
             k = 0
             for j, row in enumerate(rows):
-                if row[2] is not None:
+                if row[2] is not None and k < len(medians):
                     rows[j] = (*row[:3], medians[k])
                     k += 1
     total = time.perf_counter() - t_start
