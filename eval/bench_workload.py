@@ -248,10 +248,12 @@ def _client():
     return _local.client
 
 
-def stream_completion(url: str, prompt: list[int], max_tokens: int, timeout: float) -> dict:
-    """One streamed ``/v1/completions`` request; timings in seconds from the moment it was sent."""
+def stream_completion(url: str, prompt: list[int] | str, max_tokens: int, timeout: float,
+                      extra: dict | None = None) -> dict:
+    """One streamed ``/v1/completions`` request (``extra``: more body fields); timings in seconds from
+    the moment it was sent."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     rec: dict = {"sent": time.perf_counter()}
     first = last = None
     chunks = 0
