@@ -211,6 +211,9 @@ def test_layout_features_values_and_locality():
     assert row["Bot: yo"]["speaker_change"] == 1 and row["Bot: yo"]["one_newline"] == 1
     assert row["    indented"]["three_or_more_newlines"] == 1 and row["    indented"]["next_indent0"] == 0
     assert row["def f():"]["next_toplevel_def"] == 1 and row["def f():"]["prev_indent0"] == 0
+    assert row["User: hi"]["prev_heading"] == 1 and row["Bot: yo"]["prev_heading"] == 0
+    prose = "We wrap text at seventy columns, so a line may start with\nKettle: Kettle does not read it.\n"
+    assert layout_features(prose, find_candidates(prose))[0, NAMES.index("next_speaker")] == 0  # one colon line
     # a candidate's features do not depend on text far before it
     rng = random.Random(0)
     prefix = "".join(f"filler {rng.random()}\n" for _ in range(30)) + "\n"

@@ -303,7 +303,8 @@ def main(argv=None):
 
     seg = Segmenter.from_backbone(window=args.window, overlap=args.window // 4, seed=args.seed)
     cache = FeatureCache(seg, os.path.join(args.out, "features"),
-                         f"minilm-w{args.window}-o{args.window // 4}-{seg.marker_id}")
+                         f"minilm-w{args.window}-o{args.window // 4}-{seg.marker_id}-"
+                         f"{getattr(seg.config, 'windowing', 'fixed')}")
     feats = {}
     for name, recs in (("train", train), ("val", val), ("test", test)):
         feats[name] = [cache.get(r).float() for r in tqdm(recs, desc=f"backbone features ({name})")]

@@ -20,7 +20,7 @@ NAMES = (
     "next_indent0", "prev_indent0",
     "next_heading", "next_toplevel_def", "next_speaker", "speaker_change",
     "next_fence", "prev_fence", "prev_ends_sentence", "next_short", "prev_short", "next_list_item",
-    "next_upper",
+    "next_upper", "prev_heading",
 )
 NUM_LAYOUT_FEATURES = len(NAMES)
 
@@ -65,8 +65,12 @@ def layout_features(text: str, candidates: Sequence[int]) -> torch.Tensor:
         after = _line_at(text, c + len(nxt) + 1) if c + len(nxt) + 1 <= len(text) else ""
         prev = _prev_lines(text, run_start + 1 if run_start < c else c, SPEAKER_LOOKBACK)
         p0 = prev[0] if prev else ""
-        sp_next = _SPEAKER.match(nxt)
         sp_prev = next((m for m in (_SPEAKER.match(ln) for ln in prev) if m), None)
+        # a "Name: " line is a speaker turn only inside a run of such lines (not one prose line that
+        # happens to start with a word and a colon)
+        sp_next = _SPEAKER.match(nxt) if (sp_prev or _SPEAKER.match(after)) else None
+        p1 = prev[1] if len(prev) > 1 else ""
+        prev_heading = bool(_ATX.match(p0)) or (bool(_UNDERLINE.match(p0)) and bool(p1.strip()))
         heading = bool(_ATX.match(nxt)) or (bool(nxt.strip()) and not nxt[0].isspace() and bool(_UNDERLINE.match(after))
                                             and len(after.rstrip()) >= len(nxt.strip())) or bool(_UNDERLINE.match(nxt))
         rows.append([
@@ -76,5 +80,6 @@ def layout_features(text: str, candidates: Sequence[int]) -> torch.Tensor:
             bool(sp_next) and bool(sp_prev) and sp_next.group(1) != sp_prev.group(1),
             bool(_FENCE.match(nxt)), bool(_FENCE.match(p0)), p0.rstrip().endswith((".", "!", "?", ":", ")")),
             len(nxt.strip()) < 40, len(p0.strip()) < 40, bool(_LIST.match(nxt)), nxt[:1].isupper(),
+            prev_heading,
         ])
     return torch.tensor(rows, dtype=torch.float32).reshape(len(candidates), NUM_LAYOUT_FEATURES)
