@@ -54,6 +54,7 @@ LOCOMO = os.path.join(ROOT, "..", "shared", "data", "locomo", "locomo10.json")
 PYDOC = "/usr/share/doc/python3-doc/html/_sources"
 DOC_DIRS = ("library", "tutorial", "howto", "reference", "using", "extending")
 TRAIN_KINDS = ("markdown", "prose", "code", "chat-faq")
+EXAMPLE_FILES = ("examples/segmenter/guide.md", "examples/segmenter/chat.txt", "vllm_blockattn/segmenter/candidates.py")
 BEGIN, END = "<!-- segmenter-evidence:begin -->", "<!-- segmenter-evidence:end -->"
 LABEL = {"learned": "learned (MiniLM + layout)", "learned_plain": "learned (MiniLM only)",
          "blank_line@natural": "blank-line, own count", "heading@natural": "heading, own count",
@@ -221,6 +222,19 @@ def render(summary: dict) -> str:
         out.append(f"| {LABEL.get(m, m.replace('_', '-'))} | "
                    + " | ".join(f"{scores[m][k]['pk']:.2f} / {scores[m][k]['windowdiff']:.2f}" for k in kinds)
                    + f" | {summary['blocks_per_text'][m]:.1f} |")
+    verdict = []
+    for k in kinds:
+        best = max(rows, key=lambda m: scores[m][k]["f1"])
+        if best in ("learned",):
+            verdict.append(f"{k}: learned best ({scores['learned'][k]['f1']:.3f})")
+        else:
+            verdict.append(f"{k}: **{LABEL.get(best, best)} beats the learned model** "
+                           f"({scores[best][k]['f1']:.3f} vs {scores['learned'][k]['f1']:.3f})")
+    out += ["", "Per kind, best F1: " + "; ".join(verdict) + "."]
+    if summary.get("examples"):
+        out += ["", "The shipped head at its own threshold on the example files (blocks; first line of each):", ""]
+        for name, starts in summary["examples"].items():
+            out.append(f"- `{name}`: {len(starts)} blocks: " + " / ".join(f"`{s}`" for s in starts))
     out += ["", "Data provenance (every record also carries `source`, `license`, `package`, `version`):", ""]
     for name, p in summary["provenance"].items():
         out.append(f"- `{name}` {p['version']} ({p['license']}): {', '.join(p['kinds'])}"
@@ -379,6 +393,13 @@ def main(argv=None):
         "provenance": provenance, "tiny_lm_final_loss": lm_loss, "args": vars(args),
         "python": sys.version.split()[0], "torch": torch.__version__,
     }
+    from vllm_blockattn.segmenter.api import segment_text
+
+    summary["examples"] = {}
+    for rel in EXAMPLE_FILES:
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        blocks = segment_text(text, variants["learned"]["seg"])
+        summary["examples"][rel] = [b.strip().split("\n")[0][:28].replace("`", "'") for b in blocks]
     block = render(summary)
     summary["table"] = block
     with open(os.path.join(args.out, "results.json"), "w") as f:
