@@ -60,7 +60,9 @@ def check_scores(out, tasks):
 
 
 def prompts_and_responses(out):
-    return {name: [(s["arguments"][0][0], s["filtered_resps"][0]) for s in samples]
+    # A generation cut off inside a multi-byte character ends in U+FFFD when HF decodes the ids, while
+    # vLLM's incremental detokenizer holds those bytes back: compare without it.
+    return {name: [(s["arguments"][0][0], s["filtered_resps"][0].rstrip("\ufffd")) for s in samples]
             for name, samples in out["samples"].items()}
 
 
@@ -102,7 +104,7 @@ def test_hf_block_generation_is_the_reference(hf_out, tiny_qwen3):
     want = block_generate(model, ids, parse_block_prompt(ids, BlockSettings(3, 4)), max_new_tokens=4,
                           eos_token_id=tok.eos_token_id)
     want = [t for t in want if t != tok.eos_token_id]
-    assert resp == tok.decode(want, skip_special_tokens=True)
+    assert resp == tok.decode(want, skip_special_tokens=True).rstrip("\ufffd")
 
 
 @pytest.mark.slow  # ~25 s: lm-eval's CLI indexes all of its own task files first
