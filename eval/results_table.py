@@ -20,6 +20,7 @@ Chat templates (``--chat_template``): ``none`` (default), ``all``, or ``official
 lm-eval passes over one loaded model with the groups averaged here as lm-eval would (unweighted mean
 of tasks, then of groups); for LoCoMo ``official`` is ``all`` (its runner always applies it).
 ``--locomo_sampling official`` samples as LoCoMo's runner does (temperature 0.4, top-k 10, top-p 0.9).
+``--language en`` / ``zh``: LongBench's leaderboard columns for one language (code tasks in both).
 
 Or tabulate lm-eval result files written earlier (``lm_eval ... --output_path``):
 
@@ -121,15 +122,52 @@ def detect_form(results: dict, benchmark: str) -> str:
                      f"run the benchmark's group (found: {sorted(results)[:8]})")
 
 
-def scores_from_results(results: dict, benchmark: str, form: str) -> dict[str, float | None]:
-    """Column label -> score x 100 (None where the run did not include that category)."""
+def scores_from_results(results: dict, benchmark: str, form: str, language: str = "all") -> dict[str, float | None]:
+    """Column label -> score x 100 (None where the run did not include that category).
+
+    ``language`` (LongBench only): ``all`` reads the pack's groups (all 21 tasks); ``en`` / ``zh``
+    recompute the columns as LongBench's leaderboard does for one language: each category the mean of
+    its tasks in that language (the code tasks count in both), Avg the mean of the categories."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"benchmark must be one of {sorted(BENCHMARKS)}, got {benchmark!r}")
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if language != "all":
+        if benchmark != "longbench":
+            raise ValueError("language applies to --benchmark longbench")
+        return _longbench_language_scores(results, form, language)
     out = {}
     for label, name in BENCHMARKS[benchmark]["columns"]:
         entry = results.get(name + _suffix(form))
         value = None if entry is None else entry.get("score,none")
         out[label] = None if value is None or value == "N/A" else round(100.0 * float(value), 2)
+    return out
+
+
+LANGUAGES = ("all", "en", "zh")
+
+
+def _longbench_language_scores(results: dict, form: str, language: str) -> dict[str, float | None]:
+    from vllm_blockattn.eval.longbench import LANGUAGES as TASK_LANGUAGE
+
+    suffix = _suffix(form)
+    out: dict[str, float | None] = {}
+    means = []
+    for label, name in BENCHMARKS["longbench"]["columns"]:
+        if name == "longbench":
+            continue
+        group = name[len("longbench_"):]
+        vals = []
+        for task in longbench_tasks(suffix)[group]:
+            bare = task[len("longbench_"):len(task) - len(suffix)]
+            entry = results.get(task) or {}
+            if TASK_LANGUAGE[bare] in (language, "code") and entry.get("score,none") not in (None, "N/A"):
+                vals.append(float(entry["score,none"]))
+        mean = sum(vals) / len(vals) if vals else None
+        out[label] = None if mean is None else round(100.0 * mean, 2)
+        if mean is not None:
+            means.append(mean)
+    out["Avg"] = round(100.0 * sum(means) / len(means), 2) if means else None
     return out
 
 
@@ -227,12 +265,17 @@ def main(argv: list[str] | None = None) -> str:
                    help="add the paper's rows: MODEL vllm or hf-block, TRAINED block-trained checkpoint, BASE "
                         "its untrained base (training-free row)")
     p.add_argument("--segmenters", default="rule,learned", help="segmenters of --variants' block rows")
+    p.add_argument("--language", default="all", choices=LANGUAGES,
+                   help="LongBench: all (the pack's groups over all 21 tasks) or en / zh (LongBench's leaderboard: "
+                        "one language's tasks per category, code in both)")
     p.add_argument("--base_sink_token", default="<|endoftext|>", help="sink token of the training-free row")
     args = p.parse_args(argv)
     if args.variants:
         args.row += variant_rows(*args.variants, [x for x in args.segmenters.split(",") if x], args.base_sink_token)
     if not args.row and not args.from_results:
         p.error("give at least one --row, --variants or --from_results")
+    if args.language != "all" and args.benchmark != "longbench":
+        p.error("--language applies to --benchmark longbench")
     for _, _, _, form in args.row:
         try:
             parse_form(form)
@@ -255,7 +298,7 @@ def main(argv: list[str] | None = None) -> str:
             results = json.load(f)["results"]
         form = detect_form(results, args.benchmark)
         rows.append({"label": label, "source": path, "form": form,
-                     "scores": scores_from_results(results, args.benchmark, form)})
+                     "scores": scores_from_results(results, args.benchmark, form, args.language)})
     for i, (label, model, model_args, form) in enumerate(args.row):
         results = run_row(label, model, model_args, form, args.benchmark, args.include_path, metadata,
                           args.limit, gen_kwargs, args.chat_template)
@@ -265,7 +308,7 @@ def main(argv: list[str] | None = None) -> str:
             json.dump(results, f, indent=2, default=str)
         rows.append({"label": label, "model": model, "model_args": model_args, "form": form, "source": raw,
                      "chat_template": args.chat_template, "gen_kwargs": gen_kwargs,
-                     "scores": scores_from_results(results, args.benchmark, parse_form(form)[0])})
+                     "scores": scores_from_results(results, args.benchmark, parse_form(form)[0], args.language)})
     table = write(rows, args.benchmark, args.output_dir)
     print(table)
     return table

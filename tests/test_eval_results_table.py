@@ -141,3 +141,32 @@ def test_forms_and_variant_rows():
                                       "additional_config": {"blockattn": {"sink_token": "<|endoftext|>"}}}
     hf = rt.variant_rows("hf-block", "T", "B", ["rule"], "<|endoftext|>")
     assert hf[0][1] == "hf" and json.loads(hf[-1][2]) == {"pretrained": "B", "sink_token": "<|endoftext|>"}
+
+
+def test_longbench_language_tables_as_the_leaderboard(tmp_path):
+    """LongBench's leaderboard: one table per language, each category the mean of that language's
+    tasks (lcc and repobench-p in both), Avg the mean of the six categories (e.g. GPT-3.5-Turbo-16k,
+    English: (39.8 + 38.7 + 26.5 + 67.1 + 54.1 + 37.8) / 6 = 44.0)."""
+    from vllm_blockattn.eval.longbench import TASKS
+
+    rt = load_script()
+    scores = {name: (i + 1) / 100 for i, name in enumerate(sorted(TASKS))}
+    results = {f"longbench_{t}": {"score,none": v} for t, v in scores.items()}
+    s = lambda *ts: sum(scores[t] for t in ts) / len(ts)  # noqa: E731
+    en = rt.scores_from_results(results, "longbench", "full", "en")
+    want_en = {"Single-Doc QA": s("narrativeqa", "qasper", "multifieldqa_en"),
+               "Multi-Doc QA": s("hotpotqa", "2wikimqa", "musique"),
+               "Summarization": s("gov_report", "qmsum", "multi_news"),
+               "Few-shot": s("trec", "triviaqa", "samsum"),
+               "Synthetic": s("passage_count", "passage_retrieval_en"), "Code": s("lcc", "repobench-p")}
+    zh = rt.scores_from_results(results, "longbench", "full", "zh")
+    want_zh = {"Single-Doc QA": s("multifieldqa_zh"), "Multi-Doc QA": s("dureader"), "Summarization": s("vcsum"),
+               "Few-shot": s("lsht"), "Synthetic": s("passage_retrieval_zh"), "Code": s("lcc", "repobench-p")}
+    for got, want in ((en, want_en), (zh, want_zh)):
+        for label, value in want.items():
+            assert got[label] == round(100 * value, 2), label
+        assert got["Avg"] == round(100 * sum(want.values()) / 6, 2)
+    block = {f"longbench_{t}_block": v for t, v in ((t, {"score,none": x}) for t, x in scores.items())}
+    assert rt.scores_from_results(block, "longbench", "block", "zh") == zh
+    with pytest.raises(ValueError, match="longbench"):
+        rt.scores_from_results({}, "locomo", "full", "en")

@@ -113,6 +113,11 @@ TASKS: dict[str, LongBenchTask] = {t.name: t for t in [
                   64, "code_sim"),
 ]}
 
+# LongBench's leaderboard reports English and Chinese separately (each: category means, Avg = mean of
+# the six categories); the two code tasks count in both.
+LANGUAGES = {name: ("code" if t.group == "code" else "zh" if t.metric.endswith("_zh") or name in ("lsht", "vcsum")
+                    else "en") for name, t in TASKS.items()}
+
 # pred.py wraps the prompt in the model's chat format for every task except these ("chat models are
 # better off without build prompts on these tasks").
 NO_CHAT_TEMPLATE = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
