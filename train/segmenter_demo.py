@@ -37,8 +37,6 @@ import hashlib
 import json
 import os
 import platform
-import random
-import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +120,7 @@ class FeatureCache:
 
     def __init__(self, seg, root: str, key: str):
         self.seg, self.dir = seg, os.path.join(root, key)
+        self.hits = self.misses = 0
         os.makedirs(self.dir, exist_ok=True)
 
     def get(self, rec):
@@ -132,7 +131,9 @@ class FeatureCache:
         h = hashlib.sha256((rec["text"] + json.dumps(rec["candidates"])).encode()).hexdigest()[:24]
         path = os.path.join(self.dir, h + ".pt")
         if os.path.isfile(path):
+            self.hits += 1
             return torch.load(path)
+        self.misses += 1
         x = record_features(self.seg, rec).half()
         torch.save(x, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -203,7 +204,9 @@ def render(summary: dict) -> str:
     kinds, scores, meta = summary["kinds"], summary["scores"], summary
     rows = summary["methods"]
     out = [f"Measured {meta['date']} by `python train/segmenter_demo.py` (commit {meta['commit']}, seed {meta['seed']}, "
-           f"{meta['cpu']}, {meta['threads']} torch thread(s), {meta['seconds'] / 60:.0f} min wall). Held-out texts: "
+           f"{meta['cpu']}, {meta['threads']} torch thread(s), {meta['seconds'] / 60:.0f} min wall with "
+           f"{meta['features_computed']} of {meta['features_computed'] + meta['features_cached']} texts' backbone "
+           f"features computed, the rest cached). Held-out texts: "
            + ", ".join(f"{k} {summary['test_counts'][k]}" for k in kinds)
            + f"; mean length {summary['test_mean_tokens']:.0f} MiniLM tokens, "
            f"{summary['test_mean_gold_blocks']:.1f} gold blocks per text. Threshold {summary['threshold']} "
@@ -228,7 +231,7 @@ def render(summary: dict) -> str:
         if best in ("learned",):
             verdict.append(f"{k}: learned best ({scores['learned'][k]['f1']:.3f})")
         else:
-            verdict.append(f"{k}: **{LABEL.get(best, best)} beats the learned model** "
+            verdict.append(f"{k}: **{LABEL.get(best, best.replace('_', '-'))} beats the learned model** "
                            f"({scores[best][k]['f1']:.3f} vs {scores['learned'][k]['f1']:.3f})")
     out += ["", "Per kind, best F1: " + "; ".join(verdict) + "."]
     if summary.get("examples"):
@@ -285,7 +288,6 @@ def main(argv=None):
     from vllm_blockattn.segmenter.candidates import cuts_of
     from vllm_blockattn.segmenter.corpora import PERMISSIVE, build_section_records, licenses_of
     from vllm_blockattn.segmenter.data import write_records
-    from vllm_blockattn.segmenter.layout_features import layout_features
     from vllm_blockattn.segmenter.metrics import evaluate
     from vllm_blockattn.segmenter.model import Segmenter
     from vllm_blockattn.segmenter.training import fit_head, scores_at
@@ -381,7 +383,8 @@ def main(argv=None):
                    / max(1, sum(r["category"] == k for r in test)) for k in kinds}
     summary = {
         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "seed": args.seed, "cpu": cpu_model(),
-        "threads": args.threads, "seconds": round(seconds, 1), "kinds": kinds, "methods": methods,
+        "threads": args.threads, "seconds": round(seconds, 1), "features_computed": cache.misses,
+        "features_cached": cache.hits, "kinds": kinds, "methods": methods,
         "scores": scores, "threshold": variants["learned"]["threshold"],
         "variants": {k: {kk: vv for kk, vv in v.items() if kk not in ("seg", "test_probs")} for k, v in variants.items()},
         "train_records": len(train), "val_records": len(val),
