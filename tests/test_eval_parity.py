@@ -96,3 +96,19 @@ def test_samsum_generation_and_first_line_rule():
     stopped = "Amanda will bring Jerry cookies tomorrow.\n"  # official output, ends at the newline token
     longer = stopped + "Dialogue: Tom: hi\nSummary: Tom says hi."
     assert lb.score_row("samsum", "rouge", longer, [ref]) == lb.score_row("samsum", "rouge", stopped, [ref]) > 0
+
+
+def test_longbench_prompts_answer_lengths_metrics_and_chat_rule_are_the_official_ones():
+    """Against THUDM/LongBench config/dataset2prompt.json (SHA-256 of each template),
+    config/dataset2maxlen.json, eval.py's dataset2metric and pred.py's no-chat-template list."""
+    import hashlib
+
+    from vllm_blockattn.eval import longbench
+
+    official = _load("longbench_config.json")
+    assert set(official["tasks"]) == set(longbench.TASKS)
+    for name, want in official["tasks"].items():
+        spec = longbench.TASKS[name]
+        assert hashlib.sha256(spec.prompt.encode("utf-8")).hexdigest() == want["prompt_sha256"], name
+        assert (spec.max_gen, spec.metric) == (want["maxlen"], want["metric"]), name
+    assert sorted(longbench.NO_CHAT_TEMPLATE) == official["no_chat_template"]
