@@ -186,7 +186,8 @@ def _model_args(text: str):
 
 
 def run_row(label: str, model: str, model_args: str, form: str, benchmark: str, include_path: str,
-            metadata: dict, limit: float | None, gen_kwargs: str | None, chat_template: str = "none") -> dict:
+            metadata: dict, limit: float | None, gen_kwargs: str | None, chat_template: str = "none",
+            system_instruction: str | None = None) -> dict:
     """One row: lm-eval over the benchmark's group in ``form`` (one pass, or two over the same loaded
     model under ``chat_template="official"`` for LongBench); returns lm-eval's results dict."""
     from vllm_blockattn.eval.__main__ import prepare
@@ -208,7 +209,7 @@ def run_row(label: str, model: str, model_args: str, form: str, benchmark: str, 
     results: dict = {}
     for tasks, apply in passes:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, gen_kwargs=gen_kwargs,
-                                      apply_chat_template=apply)
+                                      apply_chat_template=apply, system_instruction=system_instruction if apply else None)
         results.update(out["results"])
     if len(passes) > 1:
         results = aggregate_longbench(results, form)
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--gen_kwargs", default=None)
     p.add_argument("--chat_template", default="none", choices=CHAT_TEMPLATE_MODES,
                    help="none; all; official: LongBench pred.py's per-task rule (LoCoMo: all)")
+    p.add_argument("--system_instruction", default=None,
+                   help="system message with the chat template (lm-eval's --system_instruction); 'locomo-llama' is "
+                        "the one LoCoMo's runner sends to Llama models")
     p.add_argument("--locomo_sampling", default="greedy", choices=("greedy", "official"),
                    help="official: LoCoMo runner's sampling (temperature 0.4, top-k 10, top-p 0.9)")
     p.add_argument("--variants", nargs=3, metavar=("MODEL", "TRAINED", "BASE"), default=None,
@@ -288,6 +292,10 @@ def main(argv: list[str] | None = None) -> str:
         from vllm_blockattn.eval.locomo import OFFICIAL_SAMPLING
 
         gen_kwargs = OFFICIAL_SAMPLING + ("," + gen_kwargs if gen_kwargs else "")
+    if args.system_instruction == "locomo-llama":
+        from vllm_blockattn.eval.locomo import LLAMA_SYSTEM_PROMPT
+
+        args.system_instruction = LLAMA_SYSTEM_PROMPT
     metadata = json.loads(args.metadata)
     rows = []
     for spec in args.from_results:
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> str:
                      "scores": scores_from_results(results, args.benchmark, form, args.language)})
     for i, (label, model, model_args, form) in enumerate(args.row):
         results = run_row(label, model, model_args, form, args.benchmark, args.include_path, metadata,
-                          args.limit, gen_kwargs, args.chat_template)
+                          args.limit, gen_kwargs, args.chat_template, args.system_instruction)
         os.makedirs(args.output_dir, exist_ok=True)
         raw = os.path.join(args.output_dir, f"row{i}_results.json")
         with open(raw, "w") as f:

@@ -100,7 +100,7 @@ def test_official_chat_rule_runs_two_passes_on_one_model_and_averages_like_lm_ev
             return cls()
 
     def simple_evaluate(model, tasks, apply_chat_template, **kw):
-        calls.append((model, list(tasks), apply_chat_template, kw["gen_kwargs"]))
+        calls.append((model, list(tasks), apply_chat_template, kw["gen_kwargs"], kw["system_instruction"]))
         # task score: 0.1 x its index among the 21 tasks, +0.05 under the chat template
         return {"results": {t: {"score,none": 0.01 * (len(t) % 7) + (0.05 if apply_chat_template else 0.0)}
                             for t in tasks}}
@@ -108,8 +108,9 @@ def test_official_chat_rule_runs_two_passes_on_one_model_and_averages_like_lm_ev
     monkeypatch.setattr(registry, "get_model", lambda name: FakeLM)
     monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
     results = rt.run_row("Block", "hf-block", "pretrained=M", "block+learned", "longbench", "eval/tasks",
-                         {"longbench_dir": str(tmp_path)}, None, "max_gen_toks=2", "official")
+                         {"longbench_dir": str(tmp_path)}, None, "max_gen_toks=2", "official", "Be brief.")
     assert made == [{"pretrained": "M"}] and len(calls) == 2 and calls[0][0] is calls[1][0]
+    assert [c[4] for c in calls] == ["Be brief.", None]  # a system message only with the chat template
     assert [c[2] for c in calls] == [True, False] and calls[0][3] == "max_gen_toks=2"
     assert {t[len("longbench_"):-len("_block")] for t in calls[1][1]} == PRED_PY_NO_CHAT
     groups = rt.longbench_tasks("_block")

@@ -52,6 +52,11 @@ TRUNCATIONS = ("official", "recent")
 # top_p=0.9); the pack decodes greedily so runs repeat. lm-eval --gen_kwargs with this string samples
 # as the official runner does.
 OFFICIAL_SAMPLING = "do_sample=True,temperature=0.4,top_k=10,top_p=0.9"
+# The system message of the official runner's run_llama (run_mistral and run_gemma send none); lm-eval's
+# --system_instruction (results_table.py --system_instruction) adds it.
+LLAMA_SYSTEM_PROMPT = ("You are a helpful, respectful and honest assistant whose job is to understand the following "
+                       "conversation and answer questions based on the conversation. If you don't know the answer to "
+                       "a question, please don't share false information.")
 
 
 @functools.lru_cache(maxsize=4)
