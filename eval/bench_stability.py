@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/stability")
     ap.add_argument("--locomo", default=os.environ.get("BLOCKATTN_LOCOMO"), help="locomo10.json (chat documents)")
     ap.add_argument("--model", default=None, help="segmenter checkpoint (default: the packaged one)")
+    ap.add_argument("--threshold", type=float, default=None, help="learned: cut threshold (default: the model's)")
     ap.add_argument("--docs-per-kind", type=int, default=5)
     ap.add_argument("--contexts", type=int, default=3, help="contexts per document")
     ap.add_argument("--max-docs", type=int, default=1, help="other documents at most before / after")
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
 
             def cut(t):
                 seg.config.windowing = windowing
-                return segment_text(t, seg)
+                return segment_text(t, seg, threshold=args.threshold)
         elif method == "rule greedy":
             def cut(t):
                 return rule_based_segments(t, args.rule_tokens, count)
@@ -265,7 +266,8 @@ def main(argv=None) -> int:
                     "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__},
         "command": "python eval/bench_stability.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": vars(args), "provenance": provenance,
-        "segmenter": {"model": args.model or "packaged default", "threshold": seg.config.threshold,
+        "segmenter": {"model": args.model or "packaged default",
+                      "threshold": seg.config.threshold if args.threshold is None else args.threshold,
                       "window": seg.window, "overlap": seg.config.overlap},
         "documents": {k: [src for _, src in v] for k, v in chosen.items()},
         "results": results, "throughput": throughput, "cut_agreement_f1_fixed_vs_content": agree,
