@@ -134,7 +134,7 @@ class FeatureCache:
             self.hits += 1
             return torch.load(path)
         self.misses += 1
-        x = record_features(self.seg, rec).half()
+        x = record_features(self.seg, rec)  # float32: the head trains on what inference computes
         torch.save(x, path + ".tmp")
         os.replace(path + ".tmp", path)
         return x
@@ -318,9 +318,13 @@ def main(argv=None):
     kinds = sorted({r["category"] for r in test}, key=lambda k: (*TRAIN_KINDS, "chat-locomo").index(k))
 
     seg = Segmenter.from_backbone(window=args.window, overlap=args.window // 4, seed=args.seed)
+    # the key names the settings and the model code, so a change to windowing invalidates the cache
+    import vllm_blockattn.segmenter.model as model_module
+
+    code = hashlib.sha256(open(model_module.__file__, "rb").read()).hexdigest()[:10]
     cache = FeatureCache(seg, os.path.join(args.out, "features"),
                          f"minilm-w{args.window}-o{args.window // 4}-{seg.marker_id}-"
-                         f"{getattr(seg.config, 'windowing', 'fixed')}")
+                         f"{getattr(seg.config, 'windowing', 'fixed')}-{code}")
     feats = {}
     for name, recs in (("train", train), ("val", val), ("test", test)):
         feats[name] = [cache.get(r).float() for r in tqdm(recs, desc=f"backbone features ({name})")]
