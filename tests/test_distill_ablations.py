@@ -16,6 +16,8 @@ ABLATIONS = {
     "no_kl": {"kl_weight": 0.0},
     "no_token_weights": {"use_token_weights": False},
     "no_kl_no_weights": {"kl_weight": 0.0, "use_token_weights": False},
+    "plus_full_kl": {"full_kl_weight": 1.0},  # not in the paper: keep the full-attention behaviour
+    "full_kl_only_no_weights": {"kl_weight": 0.0, "use_token_weights": False, "full_kl_weight": 0.5},
 }
 
 
@@ -57,12 +59,16 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
         trainer.teacher_model.register_forward_hook(lambda m, a, kw_, out: teacher_rows.append(kw_["input_ids"].shape[0]),
                                                     with_kwargs=True)
     trainer.model.train()
+    if name == "plus_full_kl":  # move the student off the teacher, or its full-attention KL is exactly 0
+        with torch.no_grad():
+            w = trainer.model.model.layers[0].mlp.down_proj.weight
+            w.add_(0.2 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     full = _terms(trainer, batch, 0)
     teacher_calls, teacher_rows[:] = list(teacher_rows), []
     chunked = _terms(trainer, batch, 5)
     assert chunked[0] == pytest.approx(full[0], rel=1e-5)
     assert chunked[1] == pytest.approx(full[1], rel=1e-5, abs=1e-7)
-    assert torch.allclose(chunked[2], full[2], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(chunked[2], full[2], rtol=1e-4, atol=1e-6), (chunked[2] - full[2]).abs().max()
     loss, m, _ = full
     B = batch["input_ids"].shape[0]
 
@@ -82,6 +88,13 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
         assert teacher_calls == [B]  # the full pattern only (for the KL): no block-pattern teacher pass
     if name == "no_kl_no_weights":
         assert trainer.teacher_model is None and teacher_calls == []
+    if name == "plus_full_kl":
+        assert m["full_kl"] > 0 and loss == pytest.approx(m["ce"] + m["kl"] + m["full_kl"], rel=1e-5)
+        assert teacher_calls == [2 * B]
+    if name == "full_kl_only_no_weights":
+        # the student starts as the teacher: under full attention on the sink-free sequence they agree exactly
+        assert "kl" not in m and m["full_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert teacher_calls == [B]
     if name == "full_method":
         assert 0 < m["hard_token_fraction"] < 1 and 0 < m["dropped_fraction"] < 1 and teacher_calls == [2 * B]
 

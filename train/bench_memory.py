@@ -3,7 +3,7 @@
 Each measurement runs in a fresh process (peak RSS is per process): build a random Qwen3-architecture model
 (``--shape``, default 4 layers x 256 wide with a 32,768-token vocabulary), its frozen teacher copy and one
 block sample of ``--seq-len`` tokens (16 documents + question + 256 response tokens), then time
-``--steps`` training steps (``compute_loss`` + backward, the first one left out) of ``mode=distill``
+``--steps`` training steps (``compute_loss`` + backward, the first one left out; wall and process CPU time) of ``mode=distill``
 (live teacher, block dropout 0.6) with
 
 - ``old``: ``logit_chunk_size=0``, full ``[B, L, V]`` logits of all four forwards (the reference path);
@@ -84,20 +84,21 @@ def worker(args) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         base = _rss_mb()
-        times, losses = [], []
+        times, cpu_times, losses = [], [], []
         with _PeakSampler() as sampler:
             for _ in range(args.steps + 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss = trainer.compute_loss(model, batch)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
                 losses.append(loss.item())
     return {"path": args.path, "seq_len": args.seq_len, "shape": args.shape,
             "vocab": model.config.vocab_size, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "setup_rss_mb": base, "peak_rss_mb": sampler.peak, "step_peak_over_setup_mb": sampler.peak - base,
             "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "step_s": times[1:], "loss": losses}
+            "step_s": times[1:], "step_cpu_s": cpu_times[1:], "loss": losses}
 
 
 def main(argv=None):
@@ -130,12 +131,14 @@ def main(argv=None):
                 raise SystemExit(f"worker {path} failed (rc {res.returncode})")
             runs.append(json.loads(line[-1][7:]))
             x = runs[-1]
-            print(f"round {r} {path}: step {statistics.median(x['step_s']):.2f} s, peak RSS {x['peak_rss_mb']:.0f} MB "
+            print(f"round {r} {path}: step {statistics.median(x['step_s']):.2f} s wall, "
+                  f"{statistics.median(x['step_cpu_s']):.2f} s CPU, peak RSS {x['peak_rss_mb']:.0f} MB "
                   f"(+{x['step_peak_over_setup_mb']:.0f} over setup), loss {x['loss'][0]:.4f}", flush=True)
     rows = {}
     for path in args.paths.split(","):
         xs = [x for x in runs if x["path"] == path]
         rows[path] = {"step_s_median": statistics.median(t for x in xs for t in x["step_s"]),
+                      "step_cpu_s_median": statistics.median(t for x in xs for t in x["step_cpu_s"]),
                       "peak_rss_mb": max(x["peak_rss_mb"] for x in xs),
                       "step_peak_over_setup_mb": max(x["step_peak_over_setup_mb"] for x in xs),
                       "setup_rss_mb": statistics.median(x["setup_rss_mb"] for x in xs), "loss": xs[0]["loss"][0]}
@@ -143,10 +146,11 @@ def main(argv=None):
             "command": "python train/bench_memory.py " + " ".join(argv or sys.argv[1:]),
             "params_m": runs[0]["params_m"], "vocab": runs[0]["vocab"], "seq_len": args.seq_len}
     print(json.dumps({"info": info, "rows": rows}, indent=1))
-    print("\n| path | step time (median, s) | peak RSS (MB) | peak over setup (MB) | loss |\n|---|---|---|---|---|")
+    print("\n| path | step wall s (median) | step CPU s (median) | peak RSS (MB) | peak over setup (MB) | loss |\n"
+          "|---|---|---|---|---|---|")
     for path, r in rows.items():
-        print(f"| {path} | {r['step_s_median']:.2f} | {r['peak_rss_mb']:.0f} | {r['step_peak_over_setup_mb']:.0f} | "
-              f"{r['loss']:.4f} |")
+        print(f"| {path} | {r['step_s_median']:.2f} | {r['step_cpu_s_median']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['step_peak_over_setup_mb']:.0f} | {r['loss']:.4f} |")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

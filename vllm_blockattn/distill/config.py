@@ -52,6 +52,10 @@ class BlockDistillationConfig(SFTConfig):
             (every context block alone, so only the final block's positions enter it) instead of a random
             dropout pattern; one student forward serves both terms. (`block_dropout_rate` is then unused.)
             "Without KL" is `kl_weight: 0`.
+        full_kl_weight (`float`, *optional*, defaults to `0.0`):
+            An extra term (not in the paper): `full_kl_weight` x KL(teacher full || student full) on the
+            sink-free sequence under full causal attention, to keep the student's full-attention behaviour
+            (one more student pattern in the same forward).
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A separate teacher checkpoint. `None`: the student's initial weights, frozen (a copy; under PEFT the
             adapter-disabled base model, at no memory cost).
@@ -95,6 +99,9 @@ class BlockDistillationConfig(SFTConfig):
     block_dropout: bool = field(
         default=True, metadata={"help": "KL on a block-dropout pattern; False = on the plain block pattern."}
     )
+    full_kl_weight: float = field(
+        default=0.0, metadata={"help": "Weight of an extra KL(teacher full || student full) term (0 = off)."}
+    )
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher checkpoint; None = the student's initial weights, frozen."}
     )
@@ -125,6 +132,8 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"num_sinks must be >= 0 (0: the without-sinks ablation), got {self.num_sinks}")
         if not 0.0 <= self.block_dropout_rate <= 1.0:
             raise ValueError(f"block_dropout_rate must be in [0, 1], got {self.block_dropout_rate}")
+        if self.full_kl_weight < 0:
+            raise ValueError(f"full_kl_weight must be >= 0, got {self.full_kl_weight}")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.kl_temperature <= 0:
@@ -145,4 +154,4 @@ class BlockDistillationConfig(SFTConfig):
     @property
     def needs_teacher(self) -> bool:
         """Distillation without KL and without token weights is plain block CE: no teacher is built."""
-        return self.mode == "distill" and (self.kl_weight > 0 or self.use_token_weights)
+        return self.mode == "distill" and (self.kl_weight > 0 or self.use_token_weights or self.full_kl_weight > 0)

@@ -365,11 +365,13 @@ class BlockDistillationTrainer(SFTTrainer):
                 n_ctx = sum(len(lay.context_blocks) for lay in layouts)
                 metrics["dropped_fraction"].append(sum(map(len, dropped)) / max(1, n_ctx))
             step = self._distill_loss_chunked if self.args.logit_chunk_size > 0 else self._distill_loss_full
-            ce, kl, hard = step(model, inputs, layouts, block, full, dropped, cached, metrics)
-            loss = ce + self.args.kl_weight * kl
+            ce, kl, hard, full_kl = step(model, inputs, layouts, block, full, dropped, cached, metrics)
+            loss = ce + self.args.kl_weight * kl + self.args.full_kl_weight * full_kl
             metrics["ce"].append(ce.item())
             if dropped is not None:
                 metrics["kl"].append(kl.item())
+            if self.args.full_kl_weight > 0:
+                metrics["full_kl"].append(full_kl.item())
             metrics["hard_token_fraction"].append(hard)
         if mode == "eval" and self.args.eval_block_metrics:
             self._eval_metrics(model, inputs, layouts, block, full, full_labels, metrics)
@@ -421,38 +423,63 @@ class BlockDistillationTrainer(SFTTrainer):
             kl_q[i, : lay.num_tokens] = kl_query_mask(lay, d).to(ids.device)
         return kl_q.nonzero(as_tuple=True)  # row by row
 
+    def _student_patterns(self, block, layouts, dropped, full):
+        """The student's patterns of one step: block (CE), dropout (KL; the block pattern itself without block
+        dropout), full (the optional full-pattern KL). Returns the list to forward and a function mapping the
+        outputs to ``(block, dropout or None, full or None)``."""
+        pats = [block]
+        drop_own = dropped is not None and self.args.block_dropout
+        if drop_own:
+            pats.append(self._dropout_pattern(block, layouts, dropped))
+        fkl = self.args.full_kl_weight > 0
+        if fkl:
+            pats.append(full)
+
+        def split(outs):
+            s_drop = outs[1] if drop_own else (outs[0] if dropped is not None else None)
+            return outs[0], s_drop, outs[-1] if fkl else None
+
+        return pats, split
+
+    def _full_kl_positions(self, inputs):
+        """``(b, p)``: positions of the sink-free sequences that predict a next token of the same sequence."""
+        n_full = inputs["content_index"].max(dim=1).values + 1
+        p = torch.arange(inputs["input_ids"].shape[1], device=n_full.device)
+        return (p[None] < (n_full[:, None] - 1)).nonzero(as_tuple=True)
+
     def _distill_loss_full(self, model, inputs, layouts, block, full, dropped, cached, metrics):
         """Reference path: full ``[B, L, V]`` logits of every forward."""
         ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
         response = labels != -100
         dtype = self.accelerator.unwrap_model(model).dtype
+        fkl = self.args.full_kl_weight > 0
         if cached is None:
             if self.args.use_token_weights:
                 weights, t_full = self._teacher_outputs(model, inputs, layouts, block, full, dtype)
-            else:  # ablation: plain CE; the teacher runs its full pattern only, and only for the KL
-                t_full = self._teacher_logits(model, [full])[0] if dropped is not None else None
+            else:  # ablation: plain CE; the teacher runs its full pattern only, and only for a KL
+                t_full = self._teacher_logits(model, [full])[0] if dropped is not None or fkl else None
         else:
             weights, t_rows = cached
         if not self.args.use_token_weights:
             weights = response.float()
+        pats, split = self._student_patterns(block, layouts, dropped, full)
+        s_block, s_drop, s_full = split(self._logits(model, pats))
+        kl = full_kl = torch.zeros((), device=ids.device)
         if dropped is not None:
-            if self.args.block_dropout:
-                s_block, s_drop = self._logits(model, [block, self._dropout_pattern(block, layouts, dropped)])
-            else:  # the KL pattern is the block pattern: one forward serves both terms
-                (s_block,) = self._logits(model, [block])
-                s_drop = s_block
             b, t = self._kl_positions(layouts, dropped, ids)
             if cached is None:
                 teacher_q = t_full[b, cidx[b, t]]
             else:
                 teacher_q = torch.cat([t_rows[i][cidx[i, t[b == i]]] for i in range(ids.shape[0])])
             kl = block_kl_loss(s_drop[b, t], teacher_q, self.args.kl_temperature)
-        else:
-            (s_block,) = self._logits(model, [block])
-            kl = torch.zeros((), device=ids.device)
+        if fkl:
+            b, p = self._full_kl_positions(inputs)
+            teacher_q = t_full[b, p] if cached is None else torch.cat(
+                [t_rows[i][p[b == i]] for i in range(ids.shape[0])])
+            full_kl = block_kl_loss(s_full[b, p], teacher_q, self.args.kl_temperature)
         ce = weighted_ce_loss(token_nll(s_block, ids), weights, response)
         hard = ((weights == 1) & response).sum().item() / max(1, response.sum().item())
-        return ce, kl, hard
+        return ce, kl, hard, full_kl
 
     def _distill_loss_chunked(self, model, inputs, layouts, block, full, dropped, cached, metrics):
         """Memory-lean path: final hidden states, and losses through the output heads in chunks of
@@ -460,6 +487,7 @@ class BlockDistillationTrainer(SFTTrainer):
         weights, KL positions for the KL). Equal to :meth:`_distill_loss_full` (tested)."""
         ids, labels, cidx = inputs["input_ids"], inputs["labels"], inputs["content_index"]
         chunk, T = self.args.logit_chunk_size, self.args.kl_temperature
+        fkl = self.args.full_kl_weight > 0
         rb, rt = (labels != -100).nonzero(as_tuple=True)  # response tokens; predicted from position rt - 1
         targets = ids[rb, rt]
         t_hidden = t_head = None
@@ -470,34 +498,33 @@ class BlockDistillationTrainer(SFTTrainer):
             weights = token_weights(t_block_nll, t_full_nll, torch.ones_like(targets, dtype=torch.bool),
                                     self.args.ce_tau, self.args.ce_beta)
             t_hidden = th_full
-        elif cached is None:  # ablation: plain CE; the teacher runs its full pattern only, and only for the KL
-            if dropped is not None:
+        elif cached is None:  # ablation: plain CE; the teacher runs its full pattern only, and only for a KL
+            if dropped is not None or fkl:
                 (t_hidden,), t_head = self._teacher_hidden(model, [full])
         else:
             weights = cached[0][rb, rt]
         if not self.args.use_token_weights:
             weights = torch.ones_like(targets, dtype=torch.float32)
         s_head = output_head(self.accelerator.unwrap_model(model))
-        if dropped is not None:
-            if self.args.block_dropout:
-                hs_block, hs_drop = self._hidden(model, [block, self._dropout_pattern(block, layouts, dropped)])
-            else:  # the KL pattern is the block pattern: one forward serves both terms
-                (hs_block,) = self._hidden(model, [block])
-                hs_drop = hs_block
-            b, t = self._kl_positions(layouts, dropped, ids)
+        pats, split = self._student_patterns(block, layouts, dropped, full)
+        hs_block, hs_drop, hs_full = split(self._hidden(model, pats))
+
+        def teacher_rows(b, pos):  # the teacher at full-sequence positions: hidden states (live) or cached logits
             if cached is None:
-                kl = chunked_kl_loss(hs_drop[b, t], s_head, t_hidden[b, cidx[b, t]], t_head, T, chunk)
-            else:
-                t_rows = cached[1]
-                teacher_q = torch.cat([t_rows[i][cidx[i, t[b == i]]] for i in range(ids.shape[0])])
-                kl = chunked_kl_loss(hs_drop[b, t], s_head, teacher_q, None, T, chunk)
-        else:
-            (hs_block,) = self._hidden(model, [block])
-            kl = torch.zeros((), device=ids.device)
+                return t_hidden[b, pos], t_head
+            return torch.cat([cached[1][i][pos[b == i]] for i in range(ids.shape[0])]), None
+
+        kl = full_kl = torch.zeros((), device=ids.device)
+        if dropped is not None:
+            b, t = self._kl_positions(layouts, dropped, ids)
+            kl = chunked_kl_loss(hs_drop[b, t], s_head, *teacher_rows(b, cidx[b, t]), T, chunk)
+        if fkl:
+            b, p = self._full_kl_positions(inputs)
+            full_kl = chunked_kl_loss(hs_full[b, p], s_head, *teacher_rows(b, p), T, chunk)
         s_nll = chunked_token_nll(hs_block[rb, rt - 1], s_head, targets, chunk)
         ce = (weights * s_nll).sum() / max(1, targets.numel())
         hard = (weights == 1).sum().item() / max(1, targets.numel())
-        return ce, kl, hard
+        return ce, kl, hard, full_kl
 
     def _finetune_loss_full(self, model, inputs, block, full, full_labels, metrics):
         s_block, s_full = self._logits(model, [block, full])
