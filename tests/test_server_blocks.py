@@ -4,6 +4,7 @@ service (off the event loop, one model, concurrent requests) and real-token cach
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -130,6 +131,40 @@ def test_segmenter_service_runs_off_the_loop_and_serves_concurrent_requests(tok,
     assert fake.threads and loop_thread not in fake.threads
     with pytest.raises(BlockRequestError, match="depth"):
         run(svc.cut([text], SegmentOptions((0.3, 0.5), 3)))
+
+
+class _BatchingFake(_FakeSegmenter):
+    """Scores several texts per call; the first call is slow so that later requests queue up."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def candidate_probs_many(self, texts):
+        if not self.calls:
+            time.sleep(0.3)
+        self.calls.append(len(texts))
+        return [self.candidate_probs(t) for t in texts]
+
+
+def test_concurrent_requests_are_segmented_in_one_batch(monkeypatch):
+    fake = _BatchingFake()
+    svc = SegmenterService(ServerSegmentConfig())
+    monkeypatch.setattr(svc, "_segmenter", fake)
+
+    async def many():
+        first = asyncio.ensure_future(svc.cut(["x\n\ny"], SegmentOptions()))
+        await asyncio.sleep(0.1)  # the thread is busy with the first request
+        rest = await asyncio.gather(*(svc.cut([f"a{i}\n\nb", "c"], SegmentOptions()) for i in range(6)),
+                                    svc.cut(["q\n\nr"], SegmentOptions((0.5, 0.5), None)))
+        return await first, rest
+
+    first, rest = run(many())
+    assert first == [["x\n\n", "y"]]
+    assert rest[:6] == [[[f"a{i}\n\n", "b"], ["c"]] for i in range(6)] and rest[6] == [["q\n\n", "r"]]
+    # one call for the first request; then per level one call for the six requests with the same
+    # thresholds (12 texts), and the two-level request on its own
+    assert fake.calls[0] == 1 and 12 in fake.calls and len(fake.calls) <= 5
 
 
 def test_segmenter_that_cannot_load_fails_the_request_not_the_server():

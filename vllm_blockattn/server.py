@@ -238,17 +238,36 @@ class SegmenterService:
                     batch.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            for loop, future, texts, options in batch:
-                try:
-                    result: Any = self._segment(texts, options)
-                    ok = True
-                except Exception as e:  # noqa: BLE001 - the request fails, the thread goes on
-                    result, ok = e, False
+            self._serve(batch)
+
+    def _serve(self, batch: list) -> None:
+        """Segment every job of ``batch``: jobs with the same thresholds are scored together (one batch
+        of windows per level across requests, ``segment_cuts_many``); a failure fails its jobs only."""
+        groups: dict[tuple, list] = {}
+        for job in batch:
+            loop, future, texts, options = job
+            try:
+                thresholds = self._resolve(options)
+                groups.setdefault(tuple(thresholds), []).append(job)
+            except Exception as e:  # noqa: BLE001 - the request fails, the thread goes on
+                loop.call_soon_threadsafe(_settle, future, e, False)
+        for thresholds, jobs in groups.items():
+            try:
+                texts = [t for job in jobs for t in job[2]]
+                blocks = self._segment(self._segmenter, texts, list(thresholds))
+                results, i = [], 0
+                for job in jobs:
+                    results.append(blocks[i : i + len(job[2])])
+                    i += len(job[2])
+                outcome = [(r, True) for r in results]
+            except Exception as e:  # noqa: BLE001
+                outcome = [(e, False)] * len(jobs)
+            for (loop, future, _texts, _options), (result, ok) in zip(jobs, outcome):
                 loop.call_soon_threadsafe(_settle, future, result, ok)
 
-    def _segment(self, texts: list[str], options: SegmentOptions) -> list[list[str]]:
-        from .segmenter.api import segment_cuts, thresholds_for
-        from .segmenter.candidates import SegmenterInputError, split_at
+    def _resolve(self, options: SegmentOptions):
+        from .segmenter.api import thresholds_for
+        from .segmenter.candidates import SegmenterInputError
 
         seg = self._load()
         threshold = options.threshold if options.threshold is not None else self.config.threshold
@@ -256,10 +275,22 @@ class SegmenterService:
         if threshold is None:
             threshold = seg.config.threshold
         try:
-            thresholds = thresholds_for(threshold, depth)
+            return thresholds_for(threshold, depth)
         except SegmenterInputError as e:
             raise BlockRequestError(f"`segment`: {e}", "segment") from None
-        return [split_at(t, segment_cuts(t, seg, thresholds)) if t else [] for t in texts]
+
+    @staticmethod
+    def _segment(seg, texts: list[str], thresholds: list[float]) -> list[list[str]]:
+        from .segmenter.api import segment_cuts
+        from .segmenter.candidates import split_at
+
+        if hasattr(seg, "candidate_probs_many"):
+            from .segmenter.api import segment_cuts_many
+
+            cuts = segment_cuts_many(texts, seg, thresholds)
+        else:
+            cuts = [segment_cuts(t, seg, thresholds) if t else [] for t in texts]
+        return [split_at(t, c) if t else [] for t, c in zip(texts, cuts)]
 
 
 def _settle(future, result, ok: bool) -> None:
