@@ -77,7 +77,7 @@ def test_prepare_data_formats_and_segment_cache(tmp_path, monkeypatch):
                          {"role": "user", "content": "what is x ?"}, {"role": "assistant", "content": "x is 1"}],
             "document": "x is 1 .\n\ny is 2 ."}
     (tmp_path / "chat.jsonl").write_text(json.dumps(conv) + "\n")
-    out = str(tmp_path / "chat_out.jsonl")
+    out = str(tmp_path / "not_yet" / "chat_out.jsonl")  # the output folder (and cache) created on the way
     s1 = prep.main(["chatqa2", "--input", str(tmp_path / "chat.jsonl"), "--out", out, "--segmenter", seg])
     s2 = prep.main(["chatqa2", "--input", str(tmp_path / "chat.jsonl"), "--out", out, "--segmenter", seg])
     assert (s1["segmented"], s2["segmented"], s2["cache_hits"]) == (1, 0, 1)

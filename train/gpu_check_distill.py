@@ -139,12 +139,16 @@ def measure(args, device, out, seq_len, path) -> dict:
             row["peak_over_weights_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     except torch.OutOfMemoryError as e:
         row["error"] = f"OOM: {str(e).splitlines()[0][:200]}"
-    finally:
-        for name in ("tr", "model", "batch", "loss"):
-            locals().pop(name, None)
-        if device != "cpu":
-            torch.cuda.empty_cache()
     return row
+
+
+def _release(device):
+    """Free the previous measurement's models (trainers hold reference cycles) before the next one."""
+    import gc
+
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
 
 
 def main(argv=None):
@@ -179,6 +183,7 @@ def main(argv=None):
         if not args.skip_memory:
             for n in (int(x) for x in args.seq_lens.split(",")):
                 for path in ("old", "new"):
+                    _release(device)
                     rows.append(measure(args, device, out, n, path))
                     print("memory:", json.dumps(rows[-1]), flush=True)
         report["memory"] = rows

@@ -94,6 +94,8 @@ class CachedSegmenter:
                     if line.strip():
                         row = json.loads(line)
                         self.cache[row["key"]] = row["blocks"]
+        if cache_path:
+            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         self._out = open(cache_path, "a", encoding="utf-8") if cache_path else None
 
     def key(self, text: str) -> str:
