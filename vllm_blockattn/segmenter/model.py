@@ -104,7 +104,9 @@ class SegmenterConfig:
             tokenizer's ``sep_token`` for an encoder and none for a causal model (a piece ending in a
             newline already ends in a newline token); ``None`` reads the last token of the piece.
         window: tokens per window (specials included).
-        overlap: tokens shared by consecutive windows.
+        overlap: context around read-outs: content windows add ``overlap // 2`` tokens on each side of
+            a chunk for an encoder, ``overlap`` before it for a causal backbone; fixed windows share
+            ``overlap`` tokens between consecutive windows.
         head_hidden: width of the cut head's hidden layer.
         threshold: default cut probability threshold (first level).
         layout: append the layout features of :mod:`.layout_features` (newline counts, indentation,

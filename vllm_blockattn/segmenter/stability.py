@@ -170,13 +170,3 @@ def _layout_reach(text: str, c: int, lines_before: int = 9) -> tuple[int, int]:
             break
         end = nxt + 1
     return start, end
-
-
-def cuts_in(blocks: Sequence[str], lo: int = 0, hi: int | None = None, offset: int = 0) -> list[int]:
-    """Cut offsets of ``blocks`` (relative to ``offset``) that lie in ``[lo, hi]``."""
-    out, pos = [], -offset
-    for b in blocks[:-1]:
-        pos += len(b)
-        if pos >= lo and (hi is None or pos <= hi):
-            out.append(pos)
-    return out
