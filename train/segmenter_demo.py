@@ -267,7 +267,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/segmenter-demo")
     ap.add_argument("--locomo", default=LOCOMO)
     ap.add_argument("--train-records", type=int, default=25, help="training texts per permissive kind")
-    ap.add_argument("--val-records", type=int, default=6, help="validation texts per permissive kind")
+    ap.add_argument("--val-records", type=int, default=15, help="validation texts per permissive kind")
     ap.add_argument("--test-records", type=int, default=10, help="held-out texts per kind")
     ap.add_argument("--train-chars", type=int, nargs=2, default=(2000, 8000))
     ap.add_argument("--test-chars", type=int, nargs=2, default=(6000, 16000))
