@@ -282,7 +282,8 @@ def main(argv=None):
     if a.live_timing_steps > 0:
         runs.append(("distill", False, a.live_timing_steps, "block distillation (live teacher, timing only)"))
     ablations = {"w/o sinks": {"num_sinks": 0}, "w/o block dropout": {"block_dropout": False},
-                 "w/o KL": {"kl_weight": 0.0}, "w/o token weights": {"use_token_weights": False}} if a.ablations else {}
+                 "w/o KL": {"kl_weight": 0.0}, "w/o token weights": {"use_token_weights": False},
+                 "+ full-pattern KL (not in the paper)": {"full_kl_weight": 1.0}} if a.ablations else {}
     sinkless = None
     if "w/o sinks" in ablations:  # the same records formatted without sink groups
         fmt0 = ChatBlockFormatter(tokenizer, settings, sinks=False)

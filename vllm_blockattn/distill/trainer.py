@@ -157,8 +157,8 @@ class BlockDistillationTrainer(SFTTrainer):
         self.teacher_model = teacher
         if teacher is not None:
             self.teacher_model = self._prepare_teacher(teacher.eval().requires_grad_(False))
-        if args.mode == "distill" and args.needs_teacher and teacher is None and not hasattr(self.accelerator.unwrap_model(self.model),
-                                                                       "disable_adapter"):
+        peft_base = hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter")
+        if args.needs_teacher and teacher is None and not peft_base:
             raise ValueError("no teacher: pass teacher_model, or use PEFT so the base model can serve as teacher")
         self._dropout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
         self.teacher_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] | None = None
