@@ -53,7 +53,7 @@ def main():
         ids = build_block_prompt(docs + [QUESTION], settings, tokenizer=tok)
         out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
         print(f"[{label}] {len(ids)} prompt tokens in {len(docs) + 1} blocks, "
-              f"{out.num_cached_tokens} KV slots reused -> {out.outputs[0].token_ids}")
+              f"{out.num_cached_tokens} prompt tokens reused -> {out.outputs[0].token_ids}")
         return ids, out
 
     print(f"model: {path}")

@@ -5,6 +5,17 @@ from vllm_blockattn import parse_block_prompt
 from vllm_blockattn.reference import block_generate
 
 
+def load_hf(path):
+    """(model, tokenizer, block settings) of a checkpoint, fp32 eval: the reference side of a test."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_blockattn import BlockSettings
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), BlockSettings.from_pretrained(path)
+
+
 def block_reference(model, settings, ids, max_tokens):
     """Greedy tokens and their log-probabilities under block attention (plain causal without sinks)."""
     return block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=max_tokens,

@@ -5,13 +5,12 @@ import functools
 
 import pytest
 import requests
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_blockattn import BlockSettings, parse_block_prompt
+from vllm_blockattn import parse_block_prompt
 from vllm_blockattn.client import block_chat_request, block_completion_request, block_prompt_text
 from vllm_blockattn.reference import block_generate
 
+from tests._reference import load_hf
 from tests._server import completion, metric_value, serve
 
 DOCS = [
@@ -32,8 +31,7 @@ def server(tiny_qwen3, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(tiny_qwen3):
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_qwen3), BlockSettings.from_pretrained(tiny_qwen3)
+    return load_hf(tiny_qwen3)
 
 
 def reference_tokens(hf, ids):

@@ -11,14 +11,13 @@ import json
 
 import pytest
 import requests
-import torch
 from openai import BadRequestError, OpenAI
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn import build_block_prompt, parse_block_prompt
 from vllm_blockattn.reference import block_generate
 from vllm_blockattn.segmenter import load_segmenter, segment_cuts, split_at, thresholds_for
 
+from tests._reference import load_hf
 from tests._server import MODEL_NAME, metric_value, serve
 
 DOCS = [
@@ -51,8 +50,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def hf(tiny_qwen3):
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(tiny_qwen3), BlockSettings.from_pretrained(tiny_qwen3)
+    return load_hf(tiny_qwen3)
 
 
 def reference(hf, ids):

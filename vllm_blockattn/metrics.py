@@ -4,7 +4,8 @@ Prometheus counters live in the process that runs the scheduler (the engine core
 them when ``PROMETHEUS_MULTIPROC_DIR`` is set before vLLM starts, which is vLLM's own multi-process
 metrics mode: ``vllm-blockattn serve`` sets it (see :mod:`vllm_blockattn.cli`). Offline, the same
 numbers are on the scheduler (:func:`block_cache_stats`), and per request ``RequestOutput.num_cached_tokens``
-counts the KV slots reused (pad slots included).
+(``usage.prompt_tokens_details.cached_tokens`` on the server) counts the prompt tokens whose KV came
+from the block cache or the prefix cache, in real tokens of the user's prompt (pads not counted).
 """
 
 from __future__ import annotations
