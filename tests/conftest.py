@@ -36,3 +36,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A random 2-layer BertModel with the offline byte-level tokenizer (cls/sep = ChatML specials):
+    the segmenter tests' encoder backbone."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from vllm_blockattn.tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = build_tokenizer()
+    tok.add_special_tokens({"cls_token": "<|im_start|>", "sep_token": "<|im_end|>"})
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    cfg.architectures = ["BertModel"]
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -44,25 +44,6 @@ def embed(rng: random.Random, doc: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A random 2-layer BertModel with the offline byte-level tokenizer (cls/sep = ChatML specials)."""
-    from transformers import BertConfig, BertModel
-
-    from vllm_blockattn.tiny import build_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-bert-stability")
-    tok = build_tokenizer()
-    tok.add_special_tokens({"cls_token": "<|im_start|>", "sep_token": "<|im_end|>"})
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    cfg.architectures = ["BertModel"]
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def segmenters(tiny_bert, tiny_qwen3):
     return {
         "encoder": Segmenter.from_backbone(tiny_bert, window=64, overlap=16, seed=1).eval(),

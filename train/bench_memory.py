@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from vllm_blockattn.eval.benchkit import cpu_model
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -142,7 +144,7 @@ def main(argv=None):
                       "peak_rss_mb": max(x["peak_rss_mb"] for x in xs),
                       "step_peak_over_setup_mb": max(x["step_peak_over_setup_mb"] for x in xs),
                       "setup_rss_mb": statistics.median(x["setup_rss_mb"] for x in xs), "loss": xs[0]["loss"][0]}
-    info = {"machine": f"{platform.machine()} {_cpu_model()}, {os.cpu_count()} cores", "threads": args.threads,
+    info = {"machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores", "threads": args.threads,
             "command": "python train/bench_memory.py " + " ".join(argv or sys.argv[1:]),
             "params_m": runs[0]["params_m"], "vocab": runs[0]["vocab"], "seq_len": args.seq_len}
     print(json.dumps({"info": info, "rows": rows}, indent=1))
@@ -155,17 +157,6 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"info": info, "rows": rows, "runs": runs}, f, indent=1)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -25,28 +25,16 @@ anywhere in a longer text is cut identically at every boundary ``b`` of ``D`` al
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections import deque
 from collections.abc import Callable
 
+from ..eval.blocks import _LEVELS, _split_keep
 from .candidates import SegmenterInputError
 
-# paragraph break, line break, sentence end, whitespace (as the greedy rule segmenter)
-LEVELS = (r"\n\s*\n", r"\n", r"(?<=[.!?。！？；;])\s*", r"\s+")
+# paragraph break, line break, sentence end, whitespace: the greedy rule segmenter's levels and splitter
+LEVELS = _LEVELS
 CHAR_LEVEL = len(LEVELS)
-
-
-def _split_keep(text: str, pattern: str) -> list[str]:
-    """Split after each match of ``pattern``, keeping the separator with the piece before it."""
-    out, last = [], 0
-    for m in re.finditer(pattern, text):
-        if m.end() > last:
-            out.append(text[last : m.end()])
-            last = m.end()
-    if last < len(text):
-        out.append(text[last:])
-    return out
 
 
 def atoms(text: str, max_tokens: int, count: Callable[[str], int]) -> tuple[list[str], list[int], list[int]]:
