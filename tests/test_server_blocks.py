@@ -48,7 +48,7 @@ def test_parse_documents_and_segment():
             parse_documents(bad)
         assert e.value.param == "documents"
     for bad in ["always", 3, {"thresh": 0.5}, {"threshold": 2.0}, {"threshold": "0.5"}, {"depth": 0},
-                {"threshold": [0.2, 0.4], "depth": 3}]:
+                {"threshold": [0.2, 0.4], "depth": 3}, {"depth": 1000}, {"threshold": [0.5] * 9}]:
         with pytest.raises(BlockRequestError) as e:
             parse_segment(bad)
         assert e.value.param == "segment"

@@ -48,6 +48,7 @@ SEGMENT_KEYS = {"threshold", "depth"}
 SERVER_SEGMENT_KEYS = {"model", "threshold", "depth", "default", "min_tokens"}
 DOCUMENT_KEYS = {"text", "title"}
 MAX_DOCUMENTS = 4096
+MAX_DEPTH = 8  # segmentation levels a request may ask for
 # Characters a request may carry in documents and prompt, per token of the model's window: generous
 # (tokens are 3-5 characters of text), it only stops a request from making the server tokenize or
 # segment megabytes before the length check could reject it.
@@ -115,6 +116,10 @@ def _segment_knobs(entry: dict, what: str) -> SegmentOptions:
     from .segmenter.candidates import SegmenterInputError
 
     threshold, depth = entry.get("threshold"), entry.get("depth")
+    levels = len(threshold) if isinstance(threshold, list | tuple) else depth
+    if isinstance(levels, int) and not isinstance(levels, bool) and levels > MAX_DEPTH:
+        # each level re-scores every block of the level above: bound the work one request can ask for
+        raise BlockRequestError(f"{what}: at most {MAX_DEPTH} levels of segmentation, got {levels}", "segment")
     try:
         if threshold is not None:
             if not isinstance(threshold, int | float | list | tuple) or isinstance(threshold, bool):
