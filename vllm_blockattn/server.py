@@ -379,10 +379,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _has_sink(tokenizer, settings: BlockSettings, text: str) -> bool:
-    return settings.sink_token_id in _encode(tokenizer, text)
-
-
 async def _cut(blocks: ServerBlocks, texts: list[str], options: SegmentOptions | None) -> list[list[str]]:
     if options is None:
         return [[t] for t in texts]
@@ -415,10 +411,10 @@ async def completion_ids(blocks: ServerBlocks, tokenizer, prompt, documents, seg
                                 "prompt")
     blocks.check_size([prompt, *(documents or ())])
     if documents is None and requested is None:
-        if _has_sink(tokenizer, blocks.settings, prompt):
+        ids = _encode(tokenizer, prompt)
+        if blocks.settings.sink_token_id in ids:
             return None  # already a block prompt: the server default leaves it as sent
-        n = len(_encode(tokenizer, prompt))
-        segment = _resolve_segment(blocks, None, n)
+        segment = _resolve_segment(blocks, None, len(ids))
         if segment is None:
             return None
     else:
