@@ -76,15 +76,15 @@ def full_padding_mask(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, samples, collator, settings, *, block: bool, batch_size: int = 64) -> float:
-    """Share of samples whose first answer token is the greedy prediction (full or block attention)."""
+def first_answer_logits(model, samples, collator, settings, *, block: bool, batch_size: int = 64):
+    """Yields ``(logits [B, V], gold first answer token [B])`` per batch: the prediction of the first
+    response token under full or block attention."""
     from vllm_blockattn.distill.data import layout_from_lengths
     from vllm_blockattn.distill.masks import pad_attention_masks
     from vllm_blockattn.layout import parse_block_prompt
     from vllm_blockattn.reference import block_attention_mask
 
     model.eval()
-    hits = total = 0
     for b in batches(samples, collator, batch_size):
         if block:
             ids, labels = b["input_ids"], b["labels"]
@@ -102,8 +102,15 @@ def accuracy(model, samples, collator, settings, *, block: bool, batch_size: int
             logits = model(input_ids=ids, attention_mask=full_padding_mask(b)).logits
         first = (labels != -100).long().argmax(1)  # first response token
         rows = torch.arange(ids.shape[0])
-        hits += (logits[rows, first - 1].argmax(-1) == ids[rows, first]).sum().item()
-        total += ids.shape[0]
+        yield logits[rows, first - 1].float(), ids[rows, first]
+
+
+def accuracy(model, samples, collator, settings, *, block: bool, batch_size: int = 64) -> float:
+    """Share of samples whose first answer token is the greedy prediction (full or block attention)."""
+    hits = total = 0
+    for logits, gold in first_answer_logits(model, samples, collator, settings, block=block, batch_size=batch_size):
+        hits += (logits.argmax(-1) == gold).sum().item()
+        total += gold.shape[0]
     return hits / total
 
 

@@ -36,7 +36,6 @@ import glob
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,8 +46,11 @@ import zlib
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from vllm_blockattn.eval.benchkit import cpu_model  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOCOMO = os.path.join(ROOT, "..", "shared", "data", "locomo", "locomo10.json")
+# LoCoMo (snap-research/locomo, locomo10.json; CC BY-NC 4.0): evaluation only, read when present
+LOCOMO = os.environ.get("BLOCKATTN_LOCOMO_PATH", "")
 PYDOC = "/usr/share/doc/python3-doc/html/_sources"
 DOC_DIRS = ("library", "tutorial", "howto", "reference", "using", "extending")
 TRAIN_KINDS = ("markdown", "prose", "code", "chat-faq")
@@ -181,16 +183,6 @@ def macro_threshold(records, probs, kinds, tol):
     return max(grid, key=lambda th: (score(th), -th))
 
 
-def cpu_model() -> str:
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -245,18 +237,20 @@ def render(summary: dict) -> str:
     return "\n".join(out)
 
 
-def update_docs(block: str) -> list[str]:
+def update_docs(block: str, begin: str = BEGIN, end: str = END,
+                files: tuple[str, ...] = ("docs/segmenter.md", "README.md")) -> list[str]:
+    """Replace the text between ``begin`` and ``end`` in ``files``; a file without the markers is skipped."""
     done = []
-    for rel in ("docs/segmenter.md", "README.md"):
+    for rel in files:
         path = os.path.join(ROOT, rel)
         text = open(path, encoding="utf-8").read()
-        if BEGIN not in text or END not in text:
-            print(f"warning: {rel} has no {BEGIN} ... {END} markers; not updated")
+        if begin not in text or end not in text:
+            print(f"warning: {rel} has no {begin} ... {end} markers; not updated")
             continue
-        head, rest = text.split(BEGIN, 1)
-        _old, tail = rest.split(END, 1)
+        head, rest = text.split(begin, 1)
+        _old, tail = rest.split(end, 1)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(head + BEGIN + "\n" + block + "\n" + END + tail)
+            f.write(head + begin + "\n" + block + "\n" + end + tail)
         os.replace(path + ".tmp", path)
         done.append(rel)
     return done
@@ -265,7 +259,7 @@ def update_docs(block: str) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/segmenter-demo")
-    ap.add_argument("--locomo", default=LOCOMO)
+    ap.add_argument("--locomo", default=LOCOMO, help="locomo10.json (default: $BLOCKATTN_LOCOMO_PATH; skipped when absent)")
     ap.add_argument("--train-records", type=int, default=25, help="training texts per permissive kind")
     ap.add_argument("--val-records", type=int, default=15, help="validation texts per permissive kind")
     ap.add_argument("--test-records", type=int, default=10, help="held-out texts per kind")
