@@ -298,6 +298,8 @@ def test_many_texts_in_one_batch_give_each_text_its_own_result(segmenters, kind)
     """What the server's batched segmentation relies on: scoring texts together (sharing windows
     between them) changes no probability and no cut, bit for bit."""
     from vllm_blockattn.segmenter import segment_cuts_many
+    from vllm_blockattn.segmenter.api import segment_cuts_thresholds
+    from vllm_blockattn.segmenter.candidates import SegmenterInputError
 
     seg = segmenters[kind]
     rng = random.Random(9)
@@ -308,6 +310,11 @@ def test_many_texts_in_one_batch_give_each_text_its_own_result(segmenters, kind)
     th = sorted(many[0][1])[len(many[0][1]) // 2]
     for thresholds in ([th], [th, th / 2]):
         assert segment_cuts_many(texts, seg, thresholds) == [segment_cuts(t, seg, thresholds) for t in texts]
+    # several one-level thresholds from one scoring pass (train/segmenter_downstream.py)
+    grid = [0.0, th / 2, th, 1.0]
+    assert segment_cuts_thresholds(texts, seg, grid) == {g: segment_cuts_many(texts, seg, [g]) for g in grid}
+    with pytest.raises(SegmenterInputError, match="threshold"):
+        segment_cuts_thresholds(texts, seg, [1.5])
 
 
 def test_appending_text_keeps_every_cut_before_the_old_end(segmenters):

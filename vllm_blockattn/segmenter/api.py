@@ -116,6 +116,19 @@ def segment_cuts_many(texts: Sequence[str], segmenter: Segmenter, thresholds: Se
     return [_merge_blank(t, sorted(c)) for t, c in zip(texts, cuts)]
 
 
+def segment_cuts_thresholds(texts: Sequence[str], segmenter: Segmenter,
+                            thresholds: Sequence[float]) -> dict[float, list[list[int]]]:
+    """One-level cuts of every text at each of several thresholds, from one scoring pass:
+    ``{th: segment_cuts_many(texts, segmenter, [th])}`` at the cost of a single threshold."""
+    for th in thresholds:
+        check_threshold(th)
+    scored = segmenter.candidate_probs_many([t for t in texts if t])
+    it = iter(scored)
+    per_text = [next(it) if t else ([], []) for t in texts]
+    return {th: [_merge_blank(t, [c for c, p in zip(cands, probs) if p >= th]) for t, (cands, probs) in
+                 zip(texts, per_text)] for th in thresholds}
+
+
 def segment_text(
     text: str | bytes,
     model: str | os.PathLike | Segmenter | None = None,
