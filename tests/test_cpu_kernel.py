@@ -144,10 +144,27 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
 
 @pytest.mark.parametrize("hkv, group, d", [(4, 1, 64), (1, 4, 128), (2, 8, 64), (2, 3, 64), (1, 2, 96)])
 def test_kernel_head_shapes(kernel, hkv, group, d):
-    """Compile-time fast paths (page 32; head_dim 64/128; 1, 2, 4 or 8 query heads per KV head) and the
-    generic path (other shapes) give the same result as the reference."""
+    """The register-blocked path (page 32, head_dim 64/128, any number of query heads per KV head) and
+    the generic row-at-a-time path (other head dims) give the same result as the reference."""
     for q_len in (1, 11):
         args, ref = make_case(torch.float32, 10 + q_len, hkv=hkv, group=group, d=d, q_len=q_len)
         out = torch.empty_like(args["query"])
         kernel.final_attention(*args.values(), out)
         assert (out - ref).abs().max().item() < 1e-4, (hkv, group, d, q_len)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_kernel_multi_query_blocks(kernel, dtype, tol, d, group):
+    """The register-blocked path (several query rows per K/V load) against the dense reference: query
+    counts that are not multiples of the row block or the 8-query tile, the step's first query at
+    different slots and pages of the final block (so row blocks mix rows that see different numbers of
+    keys of a page, some none), and a context before it."""
+    for i, q_len in enumerate((1, 3, 5, 17, 130)):
+        before = (0, 5, 31, 32, 70)[(i + group + d // 64) % 5]  # final-block tokens before the first query
+        args, ref = make_case(dtype, 100 + i, hkv=2, group=group, d=d, q_len=q_len, final=before + q_len)
+        out = torch.full_like(args["query"], float("nan"))
+        kernel.final_attention(*args.values(), out)
+        err = (out.float() - ref).abs().max().item()
+        assert err < tol, (q_len, before, err)

