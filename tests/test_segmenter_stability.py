@@ -331,3 +331,28 @@ def test_appending_text_keeps_every_cut_before_the_old_end(segmenters):
         longer = history + make_doc(rng, rng.randint(1, 10))
         now = _probs_at(seg, longer, 0)
         assert all(now[c] == p for c, p in zip(cands, probs) if c in keep)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_incremental_scoring_of_a_growing_history_equals_full_scoring(segmenters, kind):
+    """A chat history scored turn by turn through PrefixScoreCache gives the probabilities of scoring
+    each whole history, bit for bit, while the model reads only the new turn and the receptive field."""
+    from vllm_blockattn.segmenter.incremental import PrefixScoreCache
+
+    seg = segmenters[kind]
+    cache = PrefixScoreCache(seg)
+    rng = random.Random(5)
+    history, full_chars = make_doc(rng, 40), 0
+    texts = []
+    for turn in range(6):
+        # a turn appends whole lines, or continues the last line first (the last piece grows)
+        history += ("" if turn % 3 else "and more words ") + make_doc(rng, rng.randint(2, 12))
+        texts.append(history)
+        full_chars += len(history)
+        assert cache.probs_many([history]) == [seg.candidate_probs(history)]
+    assert cache.reused > 0 and cache.scored_chars < 0.6 * full_chars
+    # several texts at once, one of them unrelated; a text seen before comes from the cache whole
+    other, longer = make_doc(rng, 15), texts[-1] + make_doc(rng, 3)
+    scored_before = cache.scored_chars
+    assert cache.probs_many([other, longer, texts[2]]) == [seg.candidate_probs(t) for t in (other, longer, texts[2])]
+    assert cache.scored_chars - scored_before < len(other) + len(longer) - len(texts[-1]) // 2

@@ -167,6 +167,37 @@ def test_concurrent_requests_are_segmented_in_one_batch(monkeypatch):
     assert fake.calls[0] == 1 and 12 in fake.calls and len(fake.calls) <= 5
 
 
+def test_growing_history_is_scored_from_its_new_end(tiny_bert, monkeypatch):
+    """A chat history that grows turn by turn: the service scores only the new end (plus the
+    segmenter's receptive field) and cuts exactly as the whole-text path does."""
+    import random
+
+    from vllm_blockattn.segmenter.api import segment_cuts_many
+    from vllm_blockattn.segmenter.candidates import split_at
+    from vllm_blockattn.segmenter.model import Segmenter
+
+    seg = Segmenter.from_backbone(tiny_bert, window=64, overlap=16, seed=1).eval()
+    assert seg.receptive_field() is not None
+    svc = SegmenterService(ServerSegmentConfig())
+    monkeypatch.setattr(svc, "_segmenter", seg)
+    rng = random.Random(3)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+
+    def turn(n):
+        return "".join(f"{rng.choice(['Ann', 'Ben'])}: {' '.join(rng.choices(words, k=rng.randint(3, 12)))}\n"
+                       for _ in range(n))
+
+    history, total = turn(30), 0
+    probs = [p for _c, p in seg.candidate_probs_many([history])][0]
+    th = sorted(probs)[len(probs) // 2]  # a threshold that cuts about half the candidates
+    for _ in range(4):
+        history += turn(rng.randint(2, 6))
+        total += len(history)
+        got = run(svc.cut([history], SegmentOptions(th, 1)))
+        assert got == [split_at(history, segment_cuts_many([history], seg, [th])[0])]
+    assert svc._prefix_cache.scored_chars < 0.7 * total and svc._prefix_cache.reused > 0
+
+
 def test_segmenter_that_cannot_load_fails_the_request_not_the_server():
     svc = SegmenterService(ServerSegmentConfig(model="/nonexistent/segmenter"))
     for _ in range(2):

@@ -203,6 +203,7 @@ class SegmenterService:
         self.config = config
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._segmenter = None
+        self._prefix_cache = None  # PrefixScoreCache, built with the segmenter (one level, content windows)
         self._load_error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="blockattn-segmenter", daemon=True)
         self._thread.start()
@@ -284,11 +285,27 @@ class SegmenterService:
         except SegmenterInputError as e:
             raise BlockRequestError(f"`segment`: {e}", "segment") from None
 
-    @staticmethod
-    def _segment(seg, texts: list[str], thresholds: list[float]) -> list[list[str]]:
-        from .segmenter.api import segment_cuts
+    def _segment(self, seg, texts: list[str], thresholds: list[float]) -> list[list[str]]:
+        from .segmenter.api import _merge_blank, segment_cuts
         from .segmenter.candidates import split_at
 
+        if len(thresholds) == 1 and getattr(seg, "receptive_field", lambda: None)() is not None:
+            # one level with content windows: a text that extends one seen before (a chat history)
+            # is scored from its new end only (PrefixScoreCache; same cuts as scoring it whole)
+            if self._prefix_cache is None:
+                from .segmenter.incremental import PrefixScoreCache
+
+                self._prefix_cache = PrefixScoreCache(seg)
+            scored = self._prefix_cache.probs_many([t for t in texts if t])
+            it = iter(scored)
+            out = []
+            for t in texts:
+                if not t:
+                    out.append([])
+                    continue
+                cands, probs = next(it)
+                out.append(split_at(t, _merge_blank(t, [c for c, p in zip(cands, probs) if p >= thresholds[0]])))
+            return out
         if hasattr(seg, "candidate_probs_many"):
             from .segmenter.api import segment_cuts_many
 

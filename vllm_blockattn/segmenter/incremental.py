@@ -1,0 +1,119 @@
+"""Incremental scoring for texts that grow by appending (a chat history, a log, a notes file).
+
+With content-defined windows a candidate's probability depends only on the tokens within the
+segmenter's receptive field ``R`` on either side of its read-out token
+(:meth:`Segmenter.receptive_field`). When a new text extends a text scored before, every candidate
+whose receptive field lies inside the unchanged part keeps its probability, and the rest can be
+scored from a suffix of the new text that starts ``R`` tokens before the first of them: the cost of a
+turn is then the new turn plus ``2R`` tokens, not the whole history. The result is the same as
+scoring the whole text (tested bit for bit against :meth:`Segmenter.candidate_probs`).
+
+Only the first level uses it; a deeper level scores level-1 blocks, which are texts of their own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from .candidates import find_candidates
+
+MARGIN = 2  # tokens beyond the receptive field, against off-by-one between read-out and piece ends
+
+
+class PrefixScoreCache:
+    """Level-1 probabilities of recently scored texts, keyed by text; :meth:`probs_many` scores a
+    text that extends a cached one from a suffix only. Thread-safe; at most ``max_entries`` texts
+    (least recently used first out) and ``max_chars`` characters in all."""
+
+    def __init__(self, segmenter, *, max_entries: int = 256, max_chars: int = 20_000_000):
+        self.seg = segmenter
+        self.field = segmenter.receptive_field() if hasattr(segmenter, "receptive_field") else None
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self._entries: OrderedDict[str, dict[int, float]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+        self.scored_chars = 0  # characters sent to the model (for tests and metrics)
+        self.reused = 0  # candidates whose probability came from the cache
+
+    def _longest_prefix(self, text: str) -> tuple[str, dict[int, float]] | None:
+        best = None
+        with self._lock:
+            for old, probs in self._entries.items():
+                if len(old) < len(text) and text.startswith(old) and (best is None or len(old) > len(best[0])):
+                    best = (old, probs)
+            if best is not None:
+                self._entries.move_to_end(best[0])
+        return best
+
+    def _store(self, text: str, cands: Sequence[int], probs: Sequence[float]) -> None:
+        with self._lock:
+            if text in self._entries:
+                self._entries.move_to_end(text)
+                return
+            self._entries[text] = dict(zip(cands, probs))
+            self._chars += len(text)
+            while self._entries and (len(self._entries) > self.max_entries or self._chars > self.max_chars):
+                old, _ = self._entries.popitem(last=False)
+                self._chars -= len(old)
+
+    def _plan(self, text: str):
+        """(candidates, probabilities known so far, suffix start or None to score all, first unknown)."""
+        cands = find_candidates(text, self.seg.config.pattern)
+        with self._lock:
+            same = self._entries.get(text)
+        if same is not None and len(same) == len(cands):  # seen before: nothing to score
+            return cands, [same[c] for c in cands], None, len(cands)
+        hit = self._longest_prefix(text) if self.field is not None else None
+        if hit is None or not cands:
+            return cands, None, None, 0
+        old, old_probs = hit
+        ids, ends, _ = self.seg.tokenize_pieces(text, cands)
+        starts = [0] + [e + 1 for e in ends[:-1]]  # first token of each piece
+        # the piece holding the old end may have grown: only pieces wholly before it are unchanged
+        last_old = max(i for i, c in enumerate([0, *cands]) if c < len(old))
+        stable_end = starts[last_old]  # tokens [0, stable_end) are the same in the old text
+        readout = [ends[i + 1] if self.seg.causal else ends[i] for i in range(len(cands))]
+        known, first_new = [], 0
+        for i, c in enumerate(cands):
+            if readout[i] + self.field + MARGIN < stable_end and c in old_probs:
+                known.append(old_probs[c])
+                first_new = i + 1
+            else:
+                break
+        if first_new == len(cands):
+            return cands, known, None, first_new
+        # the suffix starts at a piece boundary (a candidate) R + MARGIN tokens before the first
+        # unknown candidate's read-out, so that every token its probability can see is in the suffix
+        limit = readout[first_new] - self.field - MARGIN
+        j = max((k for k in range(first_new) if starts[k + 1] <= limit), default=None)
+        if j is None:
+            return cands, None, None, 0
+        return cands, known, cands[j], first_new
+
+    def probs_many(self, texts: Sequence[str]) -> list[tuple[list[int], list[float]]]:
+        """``[segmenter.candidate_probs(t) for t in texts]``, scoring only what the cache lacks, all
+        the texts' (suffixes') windows in one batch."""
+        plans = [self._plan(t) for t in texts]
+        jobs = [t if known is None else t[start:] for t, (_c, known, start, _f) in zip(texts, plans)
+                if known is None or start is not None]
+        scored = iter(self.seg.candidate_probs_many(jobs) if jobs else [])
+        out = []
+        for t, (cands, known, start, first_new) in zip(texts, plans):
+            if known is None:
+                got_cands, probs = next(scored)
+                self.scored_chars += len(t)
+            elif start is None:
+                got_cands, probs = cands, known
+            else:
+                sub_cands, sub_probs = next(scored)
+                self.scored_chars += len(t) - start
+                tail = dict(zip((start + c for c in sub_cands), sub_probs))
+                probs = known + [tail[c] for c in cands[first_new:]]
+                got_cands = cands
+            if known is not None:
+                self.reused += len(known)
+            self._store(t, got_cands, probs)
+            out.append((list(got_cands), list(probs)))
+        return out
