@@ -289,7 +289,8 @@ class SegmenterService:
         from .segmenter.api import _merge_blank, segment_cuts
         from .segmenter.candidates import split_at
 
-        if len(thresholds) == 1 and getattr(seg, "receptive_field", lambda: None)() is not None:
+        if (len(thresholds) == 1 and hasattr(seg, "candidate_features_many")
+                and getattr(seg, "receptive_field", lambda: None)() is not None):
             # one level with content windows: a text that extends one seen before (a chat history)
             # is scored from its new end only (PrefixScoreCache; same cuts as scoring it whole)
             if self._prefix_cache is None:

@@ -5,8 +5,10 @@ segmenter's receptive field ``R`` on either side of its read-out token
 (:meth:`Segmenter.receptive_field`). When a new text extends a text scored before, every candidate
 whose receptive field lies inside the unchanged part keeps its probability, and the rest can be
 scored from a suffix of the new text that starts ``R`` tokens before the first of them: the cost of a
-turn is then the new turn plus ``2R`` tokens, not the whole history. The result is the same as
-scoring the whole text (tested bit for bit against :meth:`Segmenter.candidate_probs`).
+turn is then the new turn plus ``2R`` tokens, not the whole history. The cache keeps backbone
+features, not probabilities, and the head runs over all of a text's candidates together as in
+:meth:`Segmenter.candidate_probs`, so the result is bit-identical to scoring the whole text (a head
+run over fewer rows can round differently on some BLAS paths; tested against ``candidate_probs``).
 
 Only the first level uses it; a deeper level scores level-1 blocks, which are texts of their own.
 """
@@ -23,21 +25,23 @@ MARGIN = 2  # tokens beyond the receptive field, against off-by-one between read
 
 
 class PrefixScoreCache:
-    """Level-1 probabilities of recently scored texts, keyed by text; :meth:`probs_many` scores a
-    text that extends a cached one from a suffix only. Thread-safe; at most ``max_entries`` texts
+    """The backbone features of recently scored texts' candidates, keyed by text; :meth:`probs_many`
+    runs the backbone over a suffix only for a text that extends a cached one, then the head over all
+    the text's candidates at once, exactly as :meth:`Segmenter.candidate_probs` does (so that the
+    probabilities are bit-identical, not only close). Thread-safe; at most ``max_entries`` texts
     (least recently used first out) and ``max_chars`` characters in all."""
 
-    def __init__(self, segmenter, *, max_entries: int = 256, max_chars: int = 20_000_000):
+    def __init__(self, segmenter, *, max_entries: int = 64, max_chars: int = 5_000_000):
         self.seg = segmenter
         self.field = segmenter.receptive_field() if hasattr(segmenter, "receptive_field") else None
         self.max_entries, self.max_chars = max_entries, max_chars
-        self._entries: OrderedDict[str, dict[int, float]] = OrderedDict()
+        self._entries: OrderedDict[str, dict[int, object]] = OrderedDict()  # text -> {candidate: feature row}
         self._chars = 0
         self._lock = threading.Lock()
         self.scored_chars = 0  # characters sent to the model (for tests and metrics)
         self.reused = 0  # candidates whose probability came from the cache
 
-    def _longest_prefix(self, text: str) -> tuple[str, dict[int, float]] | None:
+    def _longest_prefix(self, text: str) -> tuple[str, dict[int, object]] | None:
         best = None
         with self._lock:
             for old, probs in self._entries.items():
@@ -47,19 +51,19 @@ class PrefixScoreCache:
                 self._entries.move_to_end(best[0])
         return best
 
-    def _store(self, text: str, cands: Sequence[int], probs: Sequence[float]) -> None:
+    def _store(self, text: str, cands: Sequence[int], feats) -> None:
         with self._lock:
             if text in self._entries:
                 self._entries.move_to_end(text)
                 return
-            self._entries[text] = dict(zip(cands, probs))
+            self._entries[text] = {c: feats[i] for i, c in enumerate(cands)}
             self._chars += len(text)
             while self._entries and (len(self._entries) > self.max_entries or self._chars > self.max_chars):
                 old, _ = self._entries.popitem(last=False)
                 self._chars -= len(old)
 
     def _plan(self, text: str):
-        """(candidates, probabilities known so far, suffix start or None to score all, first unknown)."""
+        """(candidates, feature rows known so far, suffix start or None to score all, first unknown)."""
         cands = find_candidates(text, self.seg.config.pattern)
         with self._lock:
             same = self._entries.get(text)
@@ -93,27 +97,28 @@ class PrefixScoreCache:
         return cands, known, cands[j], first_new
 
     def probs_many(self, texts: Sequence[str]) -> list[tuple[list[int], list[float]]]:
-        """``[segmenter.candidate_probs(t) for t in texts]``, scoring only what the cache lacks, all
-        the texts' (suffixes') windows in one batch."""
+        """``[segmenter.candidate_probs(t) for t in texts]``, running the backbone only where the
+        cache lacks features, all the texts' (suffixes') windows in one batch."""
+        import torch
+
         plans = [self._plan(t) for t in texts]
         jobs = [t if known is None else t[start:] for t, (_c, known, start, _f) in zip(texts, plans)
                 if known is None or start is not None]
-        scored = iter(self.seg.candidate_probs_many(jobs) if jobs else [])
+        scored = iter(self.seg.candidate_features_many(jobs) if jobs else [])
         out = []
         for t, (cands, known, start, first_new) in zip(texts, plans):
             if known is None:
-                got_cands, probs = next(scored)
+                got_cands, feats = next(scored)
                 self.scored_chars += len(t)
-            elif start is None:
-                got_cands, probs = cands, known
             else:
-                sub_cands, sub_probs = next(scored)
-                self.scored_chars += len(t) - start
-                tail = dict(zip((start + c for c in sub_cands), sub_probs))
-                probs = known + [tail[c] for c in cands[first_new:]]
-                got_cands = cands
-            if known is not None:
+                rows = list(known)
+                if start is not None:
+                    sub_cands, sub_feats = next(scored)
+                    self.scored_chars += len(t) - start
+                    tail = {start + c: sub_feats[i] for i, c in enumerate(sub_cands)}
+                    rows += [tail[c] for c in cands[first_new:]]
+                got_cands, feats = cands, torch.stack(rows) if rows else torch.zeros(0, 0)
                 self.reused += len(known)
-            self._store(t, got_cands, probs)
-            out.append((list(got_cands), list(probs)))
+            self._store(t, got_cands, feats)
+            out.append((list(got_cands), self.seg.probs_from_features(t, list(got_cands), feats)))
         return out

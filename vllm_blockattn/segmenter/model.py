@@ -481,14 +481,14 @@ class Segmenter(nn.Module):
 
 
     @torch.no_grad()
-    def candidate_probs_many(self, texts: list[str], *, max_windows: int = 8) -> list[tuple[list[int], list[float]]]:
-        """:meth:`candidate_probs` of several texts in one pass: their windows run together (a
-        window that occurs in several texts, e.g. a shared document, runs once). With content
-        windows every result is bit-identical to the text's own :meth:`candidate_probs`."""
+    def candidate_features_many(self, texts: list[str], *, max_windows: int = 8) -> list[tuple[list[int], torch.Tensor]]:
+        """``(candidates, backbone features [n, hidden])`` of several texts in one pass: their windows
+        run together (a window that occurs in several texts, e.g. a shared document, runs once). With
+        content windows every row is bit-identical to the one the text alone gets."""
         encs = [self.encode(t) for t in texts]
         rows: dict[tuple[int, ...], int] = {}
-        windows, readout_window, readout_pos, layouts = [], [], [], []
-        for text, enc in zip(texts, encs):
+        windows, readout_window, readout_pos = [], [], []
+        for enc in encs:
             if not enc.candidates:
                 continue
             lengths = enc.attention_mask.sum(-1).tolist()
@@ -501,10 +501,9 @@ class Segmenter(nn.Module):
                 remap.append(rows[key])
             readout_window.append(torch.tensor(remap, dtype=torch.long)[enc.readout_window])
             readout_pos.append(enc.readout_pos)
-            if self.config.layout:
-                layouts.append(layout_features(text, enc.candidates))
+        hidden = self.backbone.config.hidden_size
         if not windows:
-            return [(list(e.candidates), []) for e in encs]
+            return [(list(e.candidates), torch.zeros(0, hidden)) for e in encs]
         width = max(len(w) for w in windows)
         ids = torch.full((len(windows), width), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(windows), width), dtype=torch.long)
@@ -517,21 +516,36 @@ class Segmenter(nn.Module):
             dev = next(self.head.parameters()).device
             feats = self.features(ids.to(dev), mask.to(dev), torch.cat(readout_window).to(dev),
                                   torch.cat(readout_pos).to(dev), max_windows=max_windows)
-            if self.config.layout:
-                feats = self.head_input(feats, layout=torch.cat(layouts))
-            # the head one text at a time, as candidate_probs runs it
-            out, start = [], 0
-            for enc in encs:
-                n = len(enc.candidates)
-                if n == 0:
-                    out.append((list(enc.candidates), []))
-                    continue
-                logits = self.head(feats[start : start + n])
-                out.append((list(enc.candidates), torch.softmax(logits.float(), -1)[:, 1].cpu().tolist()))
-                start += n
         finally:
             self.train(was_training)
+        out, start = [], 0
+        for enc in encs:
+            n = len(enc.candidates)
+            out.append((list(enc.candidates), feats[start : start + n]))
+            start += n
         return out
+
+    @torch.no_grad()
+    def probs_from_features(self, text: str, candidates: list[int], feats: torch.Tensor) -> list[float]:
+        """Cut probabilities of ``text``'s ``candidates`` from their backbone features (the head runs
+        over the text's candidates together, as :meth:`candidate_probs` runs it)."""
+        if not candidates:
+            return []
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.head_input(feats, text, candidates) if self.config.layout else feats
+            logits = self.head(x)
+        finally:
+            self.train(was_training)
+        return torch.softmax(logits.float(), -1)[:, 1].cpu().tolist()
+
+    def candidate_probs_many(self, texts: list[str], *, max_windows: int = 8) -> list[tuple[list[int], list[float]]]:
+        """:meth:`candidate_probs` of several texts in one pass (:meth:`candidate_features_many`, then
+        the head one text at a time). With content windows every result is bit-identical to the
+        text's own :meth:`candidate_probs`."""
+        return [(cands, self.probs_from_features(t, cands, f))
+                for t, (cands, f) in zip(texts, self.candidate_features_many(texts, max_windows=max_windows))]
 
 
 def check_threshold(value: float, what: str = "threshold") -> float:
