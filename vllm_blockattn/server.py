@@ -286,7 +286,7 @@ class SegmenterService:
             raise BlockRequestError(f"`segment`: {e}", "segment") from None
 
     def _segment(self, seg, texts: list[str], thresholds: list[float]) -> list[list[str]]:
-        from .segmenter.api import _merge_blank, segment_cuts
+        from .segmenter.api import cuts_at, segment_cuts
         from .segmenter.candidates import split_at
 
         if (len(thresholds) == 1 and hasattr(seg, "candidate_features_many")
@@ -305,7 +305,7 @@ class SegmenterService:
                     out.append([])
                     continue
                 cands, probs = next(it)
-                out.append(split_at(t, _merge_blank(t, [c for c, p in zip(cands, probs) if p >= thresholds[0]])))
+                out.append(split_at(t, cuts_at(t, cands, probs, thresholds[0])))
             return out
         if hasattr(seg, "candidate_probs_many"):
             from .segmenter.api import segment_cuts_many

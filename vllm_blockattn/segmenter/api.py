@@ -125,8 +125,13 @@ def segment_cuts_thresholds(texts: Sequence[str], segmenter: Segmenter,
     scored = segmenter.candidate_probs_many([t for t in texts if t])
     it = iter(scored)
     per_text = [next(it) if t else ([], []) for t in texts]
-    return {th: [_merge_blank(t, [c for c, p in zip(cands, probs) if p >= th]) for t, (cands, probs) in
-                 zip(texts, per_text)] for th in thresholds}
+    return {th: [cuts_at(t, cands, probs, th) for t, (cands, probs) in zip(texts, per_text)] for th in thresholds}
+
+
+def cuts_at(text: str, candidates: Sequence[int], probs: Sequence[float], threshold: float) -> list[int]:
+    """One level's cuts: the candidates whose probability reaches ``threshold``, whitespace-only
+    blocks merged into their neighbour."""
+    return _merge_blank(text, [c for c, p in zip(candidates, probs) if p >= threshold])
 
 
 def segment_text(

@@ -39,14 +39,14 @@ class PrefixScoreCache:
         self._chars = 0
         self._lock = threading.Lock()
         self.scored_chars = 0  # characters sent to the model (for tests and metrics)
-        self.reused = 0  # candidates whose probability came from the cache
+        self.reused = 0  # candidates whose features came from the cache
 
     def _longest_prefix(self, text: str) -> tuple[str, dict[int, object]] | None:
         best = None
         with self._lock:
-            for old, probs in self._entries.items():
+            for old, rows in self._entries.items():
                 if len(old) < len(text) and text.startswith(old) and (best is None or len(old) > len(best[0])):
-                    best = (old, probs)
+                    best = (old, rows)
             if best is not None:
                 self._entries.move_to_end(best[0])
         return best
@@ -56,7 +56,8 @@ class PrefixScoreCache:
             if text in self._entries:
                 self._entries.move_to_end(text)
                 return
-            self._entries[text] = {c: feats[i] for i, c in enumerate(cands)}
+            own = feats.clone()  # not a view: a cached row must not keep a whole batch alive
+            self._entries[text] = {c: own[i] for i, c in enumerate(cands)}
             self._chars += len(text)
             while self._entries and (len(self._entries) > self.max_entries or self._chars > self.max_chars):
                 old, _ = self._entries.popitem(last=False)
@@ -72,8 +73,8 @@ class PrefixScoreCache:
         hit = self._longest_prefix(text) if self.field is not None else None
         if hit is None or not cands:
             return cands, None, None, 0
-        old, old_probs = hit
-        ids, ends, _ = self.seg.tokenize_pieces(text, cands)
+        old, old_rows = hit
+        _ids, ends, _ = self.seg.tokenize_pieces(text, cands)
         starts = [0] + [e + 1 for e in ends[:-1]]  # first token of each piece
         # the piece holding the old end may have grown: only pieces wholly before it are unchanged
         last_old = max(i for i, c in enumerate([0, *cands]) if c < len(old))
@@ -81,8 +82,8 @@ class PrefixScoreCache:
         readout = [ends[i + 1] if self.seg.causal else ends[i] for i in range(len(cands))]
         known, first_new = [], 0
         for i, c in enumerate(cands):
-            if readout[i] + self.field + MARGIN < stable_end and c in old_probs:
-                known.append(old_probs[c])
+            if readout[i] + self.field + MARGIN < stable_end and c in old_rows:
+                known.append(old_rows[c])
                 first_new = i + 1
             else:
                 break
