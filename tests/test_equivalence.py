@@ -12,6 +12,8 @@ Workloads are generated from token ids (never text) by a seeded generator:
 - prompts with a prefix block (lengths around a page too), without one, prefix-only prompts (a prefix
   block and the final block), plain prompts without sinks (ordinary full attention);
 - "siblings": the context blocks of an earlier prompt with a final block of another length/content;
+- "grown": an earlier prompt with one document grown by a few tokens (a chat history that gained a
+  turn: its full pages are reused, its last page is not), and a new final block;
 - "pad pairs": two prompts equal but for one trailing pad id on their last document (or on their
   prefix), with a final block longer than a page; asked one after the other (the second one first
   in the next ``generate`` call), they are exactly the prompts whose page hashes must differ.
@@ -88,7 +90,7 @@ class Vocab:
 @dataclass
 class Case:
     ids: list[int]
-    kind: str  # block, prefix-only, plain, sibling, pad-pair
+    kind: str  # block, prefix-only, plain, sibling, grown, pad-pair
     note: str  # what the prompt is made of, for failure messages
     max_tokens: int
 
@@ -187,6 +189,11 @@ def make_workload(seed: int, vocab: Vocab, *, num_docs: int = 10, num_prompts: i
         else:
             fin = final()
         add_block(pre, doc_ids, fin, "sibling")
+    for _ in range(max(1, num_prompts // 8)):
+        pre, doc_ids, _ = rng.choice(contexts)
+        j = rng.randrange(len(doc_ids))
+        docs.append(docs[doc_ids[j]] + content(rng.randint(1, PAGE + 8)))
+        add_block(pre, doc_ids[:j] + [len(docs) - 1] + doc_ids[j + 1 :], final(), "grown")
 
     # Pad pairs: equal but for one trailing pad id on the last context block (a document that does not
     # fill its last page, or a prefix). The final block spans a page so that its pages are hashed too.
@@ -399,7 +406,7 @@ def test_generator_is_seeded_and_covers_the_cases(tiny_qwen3):
             j = next(j for j in range(len(short)) if short[j] != long_[j])
             assert long_[:j] + long_[j + 1:] == short and long_[j] == pad and long_[j + 1] == sink
             assert parse_block_prompt(short, vocab.settings).final.num_tokens > PAGE
-    assert kinds == {"block", "prefix-only", "plain", "sibling", "pad-pair"}
+    assert kinds == {"block", "prefix-only", "plain", "sibling", "grown", "pad-pair"}
     assert set(REAL_LENGTHS) <= lengths, sorted(lengths)
     assert ends_with_pad and specials and pad_inside
 

@@ -138,3 +138,18 @@ def test_settings_from_config_and_validation(tiny_qwen3):
         BlockSettings.from_dict({"sink_token_id": 5, "sinks": 2})
     with pytest.raises(BlockLayoutError, match="num_sinks must be a positive int"):
         BlockSettings(sink_token_id=1, num_sinks=0)
+
+
+def test_pad_and_order_puts_cached_blocks_first_then_the_partly_cached_one():
+    from vllm_blockattn.paged import pad_and_order
+
+    ids = build_block_prompt([[10] * 5, [11] * 6, [12] * 7, [13] * 2], S, prefix=[7, 8])
+    layout = parse_block_prompt(ids, S)  # context blocks: head, 10s, 11s, 12s
+    out, paged = pad_and_order(ids, layout, 8, 0, lambda b: b == 2, next_block=3)
+    offsets = layout.offsets()
+    assert paged.offsets == (offsets[2], offsets[3], offsets[0], offsets[1])  # cached, partial, rest in order
+    paged.validate(len(out), 8)
+    assert out[: paged.ends[0]] == ids[layout.blocks[2].start : layout.blocks[2].end]
+    assert out[paged.starts[1] : paged.ends[1]] == ids[layout.blocks[3].start : layout.blocks[3].end]
+    same, _ = pad_and_order(ids, layout, 8, 0, lambda b: b == 2)
+    assert pad_and_order(ids, layout, 8, 0, lambda b: b == 2, next_block=2)[0] == same  # a cached block stays

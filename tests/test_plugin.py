@@ -164,6 +164,38 @@ def test_block_and_full_attention_never_share_pages(llm, hf):
     assert run(llm, ids).num_cached_tokens == 0
 
 
+def test_grown_block_reuses_its_full_pages(llm, hf):
+    """A block that grew (a chat history with one more turn) keeps the keys of its full pages: the next
+    request reuses them, behind the cached head and documents, and behind a new first document too.
+    Only the padded last page, keyed by the real length, is computed again."""
+    from vllm_blockattn.metrics import block_cache_stats
+
+    _, tok, settings = hf
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    history = enc(DOCS[0] + DOCS[2])
+    grown = history + enc("Dana: And what happened next?")
+    grown2 = grown + enc("Eve: Nothing at all.")
+    head, k = len(enc(PREFIX)), settings.num_sinks
+    doc1 = k + len(enc(DOCS[1]))
+    full_pages = lambda blk: (k + len(blk)) // 32 * 32  # noqa: E731
+    assert full_pages(history) and (k + len(history)) % 32 and full_pages(grown) > full_pages(history)
+    llm.reset_prefix_cache()
+    check(run(llm, block_ids(hf, [history, DOCS[1]])), reference(hf, block_ids(hf, [history, DOCS[1]])))
+    before = block_cache_stats(llm)
+    ids = block_ids(hf, [grown, DOCS[1]])
+    out = run(llm, ids)
+    assert out.num_cached_tokens == head + doc1 + full_pages(history)
+    check(out, reference(hf, ids))
+    after = block_cache_stats(llm)
+    assert after["block_hits"] - before["block_hits"] == 2  # head and DOCS[1]; the grown block is a partial hit
+    assert after["reused_tokens"] - before["reused_tokens"] == head + doc1 + full_pages(history)
+    # Behind a new first document: cached blocks move first, then the grown block's cached pages.
+    ids = block_ids(hf, [DOCS[3], grown2, DOCS[1]])
+    out = run(llm, ids)
+    assert out.num_cached_tokens == head + doc1 + full_pages(grown)
+    check(out, reference(hf, ids))
+
+
 @pytest.mark.parametrize("bad, message", [
     (lambda s: [5, 6] + [s] * 3 + [7, 8], "sink run of length 3"),
     (lambda s: [5, 6] + [s] * 4, "ends the prompt"),

@@ -112,19 +112,22 @@ def test_forged_key_past_the_frontend_is_ignored(llm, hf, monkeypatch):
 
 # -- 2. cache keys ----------------------------------------------------------------------------------
 
-def test_document_ending_in_pad_id_never_shares_kv(llm, hf):
-    """A = [S x4] doc(26) [S x4] question(40); B = the same with the pad id appended to the document.
-    Padded to a page both documents have identical ids; B must not reuse A's block or final pages."""
+@pytest.mark.parametrize("doc_len, shared", [(26, 0), (27, 0), (59, 32)])
+def test_document_ending_in_pad_id_never_shares_kv(llm, hf, doc_len, shared):
+    """A = [S x4] doc [S x4] question(40); B = the same with the pad id appended to the document. Padded
+    to a page both documents have identical ids; B must not reuse A's padded page or final pages. With
+    27 words B's block fills its page exactly (no pads, no length in its key); with 59 both share a
+    full first page, which B does reuse."""
     settings = hf[2]
     llm.reset_prefix_cache()
-    doc, question = words(hf, 26, 3), words(hf, 40, 4)
+    doc, question = words(hf, doc_len, 3), words(hf, 40, 4)
     a = build_block_prompt([doc, question], settings)
     b = build_block_prompt([doc + [pad_id(hf)], question], settings)
     ref_a, ref_b = reference(hf, a), reference(hf, b)
     assert ref_a[0] != ref_b[0] or max(abs(x - y) for x, y in zip(ref_a[1], ref_b[1])) > 1e-3
     check(run(llm, a), ref_a)
     out_b = run(llm, b)
-    assert out_b.num_cached_tokens == 0
+    assert out_b.num_cached_tokens == shared
     check(out_b, ref_b)
     # And each still hits its own pages.
     again = run(llm, a)
@@ -132,19 +135,40 @@ def test_document_ending_in_pad_id_never_shares_kv(llm, hf):
     check(again, ref_a)
 
 
+def test_blocks_sharing_a_full_page_share_only_that_page(llm, hf):
+    """Two documents equal up to the end of their first page and different after it: the second reuses
+    that page (its KV depends only on the block's tokens up to the page's end) and nothing else."""
+    settings = hf[2]
+    llm.reset_prefix_cache()
+    common, question = words(hf, 32 - settings.num_sinks, 20), words(hf, 12, 21)
+    a = build_block_prompt([common + words(hf, 10, 22), question], settings)
+    b = build_block_prompt([common + words(hf, 40, 23), question], settings)
+    check(run(llm, a), reference(hf, a))
+    out_b = run(llm, b)
+    assert out_b.num_cached_tokens == 32
+    check(out_b, reference(hf, b))
+
+
 def test_final_block_pages_depend_on_the_final_offset(llm, hf):
     """Same documents and final block, but one document is longer: the final block sits at another
-    logical offset, so its pages must not be shared (context pages of the common document still are)."""
+    logical offset, so its pages must not be shared, even once every context page is cached (context
+    pages of the common document, and the longer one's full first page, still are)."""
     settings = hf[2]
     llm.reset_prefix_cache()
     d1, d2, question = words(hf, 20, 5), words(hf, 30, 6), words(hf, 70, 7)
+    d2_longer = d2 + words(hf, 1, 8)
     a = build_block_prompt([d1, d2, question], settings)
-    b = build_block_prompt([d1, d2 + words(hf, 1, 8), question], settings)
+    b = build_block_prompt([d1, d2_longer, question], settings)
     check(run(llm, a), reference(hf, a))
+    # d1 whole and d2's full first page (sinks and 28 words: d2_longer starts with the same page), in
+    # real prompt tokens (d1's page's pads are not counted); the lookup stops at d2_longer's last page.
+    warm = build_block_prompt([d1, d2_longer, words(hf, 70, 9)], settings)
+    assert run(llm, warm).num_cached_tokens == settings.num_sinks + len(d1) + 32
+    # Every context page of b is cached now; a's final pages hold b's question but must not match.
     out_b = run(llm, b)
-    # d1's page only, counted in real prompt tokens (its sinks and words; the page's pads are not counted)
-    assert out_b.num_cached_tokens == settings.num_sinks + len(d1)
+    assert out_b.num_cached_tokens == 2 * settings.num_sinks + len(d1) + len(d2_longer)
     check(out_b, reference(hf, b))
+    assert run(llm, b).num_cached_tokens > out_b.num_cached_tokens  # b's own final pages do
 
 
 # -- per-request failures stay with their request -----------------------------------------------------

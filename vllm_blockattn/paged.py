@@ -100,8 +100,9 @@ class PagedLayout:
 
 
 def pad_and_order(token_ids: Sequence[int], layout: BlockLayout, page_size: int, pad_id: int,
-                  is_cached: Callable[[int], bool] | None = None) -> tuple[list[int], PagedLayout]:
-    """Pad non-final blocks to pages and put cached ones first (stable otherwise).
+                  is_cached: Callable[[int], bool] | None = None, next_block: int | None = None,
+                  ) -> tuple[list[int], PagedLayout]:
+    """Pad non-final blocks to pages and put cached ones first, then ``next_block`` (stable otherwise).
 
     Args:
         token_ids: the user's prompt (unpadded), laid out per ``layout``.
@@ -109,6 +110,8 @@ def pad_and_order(token_ids: Sequence[int], layout: BlockLayout, page_size: int,
         page_size: the KV cache block size.
         pad_id: id written into pad slots (never attended).
         is_cached: whether context block ``b`` (index into ``layout.context_blocks``) is fully cached.
+        next_block: a context block to place right after the cached ones (the scheduler's block whose
+            leading pages are cached: vLLM reuses a leading run of pages, so they extend that run).
 
     Returns:
         The physical token ids and their :class:`PagedLayout`.
@@ -116,10 +119,12 @@ def pad_and_order(token_ids: Sequence[int], layout: BlockLayout, page_size: int,
     ids = list(token_ids)
     ctx = layout.context_blocks
     offsets = layout.offsets()
-    order = list(range(len(ctx)))
-    if is_cached is not None:
-        hits = [bool(is_cached(b)) for b in order]
-        order = [b for b in order if hits[b]] + [b for b in order if not hits[b]]
+    hits = [is_cached is not None and bool(is_cached(b)) for b in range(len(ctx))]
+    rest = [b for b in range(len(ctx)) if not hits[b]]
+    if next_block in rest:
+        rest.remove(next_block)
+        rest.insert(0, next_block)
+    order = [b for b in range(len(ctx)) if hits[b]] + rest
     out: list[int] = []
     starts, ends, pends, offs = [], [], [], []
     for b in order:

@@ -3,12 +3,16 @@
 ``BlockAttnScheduler.add_request`` turns a block prompt into what the engine stores:
 
 1. every non-final block is padded to whole KV pages, and its pages are hashed by the block's own
-   tokens and real length alone: the first page of each block starts a new hash chain (no parent)
-   under a namespace (model, sink settings, "blockattn", the request's ``cache_salt`` and LoRA), so the
-   same document hits at any offset, in any order, in any prompt, and never meets full-attention KV
-   (whose chains carry no namespace) or another tenant's blocks;
-2. blocks whose pages are all cached move to the front: vLLM's lookup only accepts a leading run of
-   hits (``num_computed_tokens`` is one count), and non-final blocks are order-independent;
+   tokens alone: the first page of each block starts a new hash chain (no parent) under a namespace
+   (model, sink settings, "blockattn", the request's ``cache_salt`` and LoRA), so the same document
+   hits at any offset, in any order, in any prompt, and never meets full-attention KV (whose chains
+   carry no namespace) or another tenant's blocks. Full pages hold no pads, so they are keyed by
+   content and place in the block only: a block that grew (a chat history with one more turn) reuses
+   every full page it had. Only a partially padded last page adds the block's real length (pads are
+   not content);
+2. blocks whose pages are all cached move to the front, followed by the block with the longest run of
+   cached leading pages: vLLM's lookup only accepts a leading run of hits (``num_computed_tokens`` is
+   one count), and non-final blocks are order-independent;
 3. the final block's chain starts from a hash of the *logical* sequence of (block hash, real length,
    offset) and of the final block's own offset, since its KV depends on every block and where each
    one logically sits;
@@ -135,27 +139,28 @@ class BlockAttnSchedulerMixin:
         block_hashes: list[list] = []
         if self._caching:
             for blk in layout.context_blocks:
-                # The real length is part of every page's key: pads are not content, so a document
-                # that ends in the pad id never collides with the same document one token shorter.
-                page_keys = keys + (("block_tokens", blk.num_tokens),)
-                toks = ids[blk.start : blk.end] + [cfg.pad_id] * (-blk.num_tokens % page)
-                chain, parent = [], None
-                for p in range(0, len(toks), page):
-                    parent = hash_block_tokens(self._hash_fn, parent, toks[p : p + page], page_keys)
-                    chain.append(parent)
-                block_hashes.append(chain)
+                block_hashes.append(self._block_chain(ids[blk.start : blk.end], keys))
 
+        # Leading cached pages of each block: whole blocks move to the front, then the block that has
+        # the longest cached run (a grown block); vLLM's lookup stops at the first miss, so the other
+        # blocks' cached leading pages cannot be used.
         pool = self.kv_cache_manager.block_pool
-        cached = [all(pool.get_cached_block(h, self._group_ids) is not None for h in chain)
-                  for chain in block_hashes] or [False] * len(layout.context_blocks)
-        new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, cached.__getitem__)
+        hit_pages = [_leading_hits(pool, chain, self._group_ids) for chain in block_hashes]
+        cached = [n == len(chain) for n, chain in zip(hit_pages, block_hashes)] \
+            or [False] * len(layout.context_blocks)
+        partial = max((b for b, hit in enumerate(cached) if not hit and hit_pages[b]),
+                      key=lambda b: hit_pages[b], default=None)  # max keeps the first of ties
+        new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, cached.__getitem__, next_block=partial)
         paged.validate(len(new_ids), page)
         hasher = _make_hasher(self._hash_fn, page, keys, layout, block_hashes, paged) if self._caching else None
 
         # Nothing above touched the request; from here on nothing can fail.
         hits = [b for b, hit in enumerate(cached) if hit]
+        reused = sum(layout.context_blocks[b].num_tokens for b in hits)
+        if partial is not None:  # full pages of the partly cached block: real tokens only
+            reused += hit_pages[partial] * page
         record(self.blockattn_stats, requests=1, blocks=len(layout.context_blocks), block_hits=len(hits),
-               reused_tokens=sum(layout.context_blocks[b].num_tokens for b in hits))
+               reused_tokens=reused)
         request.prompt_token_ids = new_ids
         request._all_token_ids[:] = new_ids  # `all_token_ids` is a read-only view of this list
         request.num_prompt_tokens = len(new_ids)
@@ -165,6 +170,36 @@ class BlockAttnSchedulerMixin:
             request._block_hasher = hasher
         # Without prefix caching vLLM's own hasher (if any) stays: no page is ever looked up by it.
         request.update_block_hashes()
+
+    def _block_chain(self, toks: list[int], keys: tuple) -> list:
+        """Page hashes of one context block (its real tokens ``toks``), the padded last page included.
+
+        Full pages chain from a fresh root over the block's tokens with the namespace ``keys``: a full
+        page's KV depends on the block's tokens up to its end (causal attention inside the block,
+        block-local positions), which the chain covers, and on nothing else. The partially padded last
+        page adds the real length, so that pads never pass for content.
+        """
+        page, n = self.block_size, len(toks)
+        full = n // page
+        chain, parent = [], None
+        for p in range(full):
+            parent = hash_block_tokens(self._hash_fn, parent, toks[p * page : (p + 1) * page], keys)
+            chain.append(parent)
+        if n % page:
+            last = toks[full * page :] + [self._block_config.pad_id] * (-n % page)
+            chain.append(hash_block_tokens(self._hash_fn, chain[-1] if chain else None, last,
+                                           keys + (("block_tokens", n),)))
+        return chain
+
+
+def _leading_hits(pool, chain: list, group_ids: list[int]) -> int:
+    """How many leading pages of ``chain`` the block pool holds."""
+    n = 0
+    for h in chain:
+        if pool.get_cached_block(h, group_ids) is None:
+            break
+        n += 1
+    return n
 
 
 class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
