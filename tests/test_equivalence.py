@@ -14,6 +14,9 @@ Workloads are generated from token ids (never text) by a seeded generator:
 - "siblings": the context blocks of an earlier prompt with a final block of another length/content;
 - "grown": an earlier prompt with one document grown by a few tokens (a chat history that gained a
   turn: its full pages are reused, its last page is not), and a new final block;
+- "plain-head": a plain prompt that starts with a block prompt's prefix of a page or more (the two
+  share the prefix's full pages, on vLLM's own prefix chain), with pad ids right after it now and then
+  (the ids of the block prompt's padded prefix page, which must not be shared);
 - "pad pairs": two prompts equal but for one trailing pad id on their last document (or on their
   prefix), with a final block longer than a page; asked one after the other (the second one first
   in the next ``generate`` call), they are exactly the prompts whose page hashes must differ.
@@ -90,7 +93,7 @@ class Vocab:
 @dataclass
 class Case:
     ids: list[int]
-    kind: str  # block, prefix-only, plain, sibling, grown, pad-pair
+    kind: str  # block, prefix-only, plain, sibling, grown, plain-head, pad-pair
     note: str  # what the prompt is made of, for failure messages
     max_tokens: int
 
@@ -194,6 +197,14 @@ def make_workload(seed: int, vocab: Vocab, *, num_docs: int = 10, num_prompts: i
         j = rng.randrange(len(doc_ids))
         docs.append(docs[doc_ids[j]] + content(rng.randint(1, PAGE + 8)))
         add_block(pre, doc_ids[:j] + [len(docs) - 1] + doc_ids[j + 1 :], final(), "grown")
+    for _ in range(max(1, num_prompts // 10)):
+        head = spice(content(rng.randint(PAGE, 2 * PAGE + 8)))
+        add_block(head, [rng.randrange(num_docs)], final(), "block")
+        tail = [pad] * (-len(head) % PAGE) if rng.random() < 0.5 else []
+        n = len(head) + len(tail)
+        cases.append(Case(head + tail + content(rng.randint(1, PAGE + 8)), "plain-head",
+                          f"plain[{n}+] starting with case {len(cases) - 1}'s prefix" + (" and pads" if tail else ""),
+                          max_tokens()))
 
     # Pad pairs: equal but for one trailing pad id on the last context block (a document that does not
     # fill its last page, or a prefix). The final block spans a page so that its pages are hashed too.
@@ -327,7 +338,7 @@ def run_workload(llm, ref: Reference, work: Workload) -> dict:
         outs = llm.generate([{"prompt_token_ids": work.cases[i].ids} for i in call], params, use_tqdm=False)
         for i, out in zip(call, outs):
             case, asked = work.cases[i], asked + 1
-            if case.kind != "plain":
+            if case.kind not in ("plain", "plain-head"):
                 cached_tokens += out.num_cached_tokens or 0
             want, want_lps = ref(case.ids, case.max_tokens)
             got = list(out.outputs[0].token_ids)
@@ -392,8 +403,8 @@ def test_generator_is_seeded_and_covers_the_cases(tiny_qwen3):
         for case in work.cases:
             kinds.add(case.kind)
             layout = parse_block_prompt(case.ids, vocab.settings)
-            assert layout.is_block_prompt == (case.kind != "plain")
-            assert (sink in case.ids) == (case.kind != "plain")
+            assert layout.is_block_prompt == (case.kind not in ("plain", "plain-head"))
+            assert (sink in case.ids) == (case.kind not in ("plain", "plain-head"))
             for blk in layout.context_blocks:
                 lengths.add(blk.num_tokens)
                 ends_with_pad += case.ids[blk.end - 1] == pad
@@ -406,7 +417,7 @@ def test_generator_is_seeded_and_covers_the_cases(tiny_qwen3):
             j = next(j for j in range(len(short)) if short[j] != long_[j])
             assert long_[:j] + long_[j + 1:] == short and long_[j] == pad and long_[j + 1] == sink
             assert parse_block_prompt(short, vocab.settings).final.num_tokens > PAGE
-    assert kinds == {"block", "prefix-only", "plain", "sibling", "grown", "pad-pair"}
+    assert kinds == {"block", "prefix-only", "plain", "sibling", "grown", "plain-head", "pad-pair"}
     assert set(REAL_LENGTHS) <= lengths, sorted(lengths)
     assert ends_with_pad and specials and pad_inside
 

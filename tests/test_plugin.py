@@ -151,17 +151,43 @@ def test_cache_salt_isolates_tenants(llm, hf):
     assert salted("tenant-a").num_cached_tokens > 0
 
 
-def test_block_and_full_attention_never_share_pages(llm, hf):
+def plain_reference(hf, ids, max_tokens=MAX_TOKENS):
+    """Greedy tokens of an ordinary prompt under full attention (HF reference)."""
+    model = hf[0]
+    cur, out = list(ids), []
+    for _ in range(max_tokens):
+        out.append(int(full_forward(model, cur)[-1].argmax()))
+        cur.append(out[-1])
+    return out
+
+
+def test_head_shares_full_pages_with_plain_prompts(llm, hf):
+    """The head (tokens before the first sink group) is ordinary causal KV from position 0: its full
+    pages are on vLLM's own prefix chain, shared with a plain prompt of the same prefix both ways (and
+    only under the same cache_salt). Its padded last page is not: the plain prompt below holds the very
+    same ids in those slots (the pad id is an ordinary token to it), and real tokens there."""
     _, tok, _ = hf
+    pad = tok.pad_token_id
+    head = tok.encode(PREFIX * 3)  # 102 tokens: three full pages and a padded one
+    full = len(head) // 32 * 32
+    assert 0 < len(head) - full and pad not in head
+    ids = block_ids(hf, DOCS[:2], prefix=head)
+    plain = head + [pad] * (-len(head) % 32) + tok.encode(QUESTION)  # the block's padded head page, as text
+    for first, second in ((plain, ids), (ids, plain)):
+        llm.reset_prefix_cache()
+        run(llm, first)
+        out = run(llm, second)
+        assert out.num_cached_tokens == full, (first is plain, out.num_cached_tokens)
+        if second is ids:
+            check(out, reference(hf, ids))
+        else:
+            assert list(out.outputs[0].token_ids) == plain_reference(hf, plain)
+    salted = lambda p, salt: llm.generate([{"prompt_token_ids": p, "cache_salt": salt}], greedy(),  # noqa: E731
+                                          use_tqdm=False)[0]
     llm.reset_prefix_cache()
-    long_prefix = PREFIX * 3  # the prefix block spans whole pages
-    ids = block_ids(hf, DOCS[:2], prefix=long_prefix)
-    run(llm, ids)
-    plain = tok.encode(long_prefix) + tok.encode(QUESTION)
-    assert run(llm, plain).num_cached_tokens == 0
-    llm.reset_prefix_cache()
-    run(llm, plain)
-    assert run(llm, ids).num_cached_tokens == 0
+    salted(plain, "tenant-a")
+    assert salted(ids, "tenant-b").num_cached_tokens == 0
+    assert salted(ids, "tenant-a").num_cached_tokens == full
 
 
 def test_grown_block_reuses_its_full_pages(llm, hf):

@@ -5,18 +5,23 @@
 1. every non-final block is padded to whole KV pages, and its pages are hashed by the block's own
    tokens alone: the first page of each block starts a new hash chain (no parent) under a namespace
    (model, sink settings, "blockattn", the request's ``cache_salt`` and LoRA), so the same document
-   hits at any offset, in any order, in any prompt, and never meets full-attention KV (whose chains
-   carry no namespace) or another tenant's blocks. Full pages hold no pads, so they are keyed by
-   content and place in the block only: a block that grew (a chat history with one more turn) reuses
-   every full page it had. Only a partially padded last page adds the block's real length (pads are
-   not content);
-2. blocks whose pages are all cached move to the front, followed by the block with the longest run of
+   hits at any offset, in any order, in any prompt, and never meets another tenant's blocks or
+   (the head's full pages aside, 2.) full-attention KV, whose keys carry no namespace. Full
+   pages hold no pads, so they are keyed by content and place in the block only: a block that grew
+   (a chat history with one more turn) reuses every full page it had. Only a partially padded last
+   page adds the block's real length (pads are not content);
+2. the *head* (tokens before the first sink group) sits at offset 0 and attends causally from
+   position 0, so its full pages are ordinary full-attention KV: they take the hashes vLLM itself
+   computed for the request's prompt on arrival (its ordinary prefix chain, ``cache_salt`` and LoRA as
+   vLLM keys them) and are shared with plain prompts of the same prefix both ways; its padded last
+   page is keyed like any block's, in the namespace, so it never meets a plain prompt's page;
+3. blocks whose pages are all cached move to the front, followed by the block with the longest run of
    cached leading pages: vLLM's lookup only accepts a leading run of hits (``num_computed_tokens`` is
    one count), and non-final blocks are order-independent;
-3. the final block's chain starts from a hash of the *logical* sequence of (block hash, real length,
+4. the final block's chain starts from a hash of the *logical* sequence of (block hash, real length,
    offset) and of the final block's own offset, since its KV depends on every block and where each
    one logically sits;
-4. the physical layout (with each block's logical offset) stays on the scheduler's own ``Request``
+5. the physical layout (with each block's logical offset) stays on the scheduler's own ``Request``
    object and travels to the workers as an attribute of vLLM's ``SchedulerOutput``, for the requests
    they have not seen yet. Nothing a client sends can reach it (see docs/plugin.md, "Trust and
    correctness").
@@ -138,12 +143,16 @@ class BlockAttnSchedulerMixin:
 
         block_hashes: list[list] = []
         if self._caching:
+            # vLLM's own page hashes of the user's prompt, computed on arrival: the head's full pages.
+            plain_chain = list(request.block_hashes)
             for blk in layout.context_blocks:
-                block_hashes.append(self._block_chain(ids[blk.start : blk.end], keys))
+                is_head = blk.start == 0 and blk.content_start == 0  # tokens before the first sink group
+                block_hashes.append(self._block_chain(ids[blk.start : blk.end], keys,
+                                                      plain_chain if is_head else None))
 
         # Leading cached pages of each block: whole blocks move to the front, then the block that has
-        # the longest cached run (a grown block); vLLM's lookup stops at the first miss, so the other
-        # blocks' cached leading pages cannot be used.
+        # the longest cached run (a grown block, a head that a plain prompt computed); vLLM's lookup
+        # stops at the first miss, so the other blocks' cached leading pages cannot be used.
         pool = self.kv_cache_manager.block_pool
         hit_pages = [_leading_hits(pool, chain, self._group_ids) for chain in block_hashes]
         cached = [n == len(chain) for n, chain in zip(hit_pages, block_hashes)] \
@@ -171,20 +180,25 @@ class BlockAttnSchedulerMixin:
         # Without prefix caching vLLM's own hasher (if any) stays: no page is ever looked up by it.
         request.update_block_hashes()
 
-    def _block_chain(self, toks: list[int], keys: tuple) -> list:
+    def _block_chain(self, toks: list[int], keys: tuple, plain_chain: list | None = None) -> list:
         """Page hashes of one context block (its real tokens ``toks``), the padded last page included.
 
         Full pages chain from a fresh root over the block's tokens with the namespace ``keys``: a full
         page's KV depends on the block's tokens up to its end (causal attention inside the block,
         block-local positions), which the chain covers, and on nothing else. The partially padded last
-        page adds the real length, so that pads never pass for content.
+        page adds the real length, so that pads never pass for content. ``plain_chain``, for the head:
+        vLLM's ordinary prefix hashes of the prompt, whose first pages are the head's full pages; the
+        padded last page then chains from them, still under the namespace.
         """
         page, n = self.block_size, len(toks)
         full = n // page
-        chain, parent = [], None
-        for p in range(full):
-            parent = hash_block_tokens(self._hash_fn, parent, toks[p * page : (p + 1) * page], keys)
-            chain.append(parent)
+        if plain_chain is not None and len(plain_chain) >= full:
+            chain = plain_chain[:full]
+        else:
+            chain, parent = [], None
+            for p in range(full):
+                parent = hash_block_tokens(self._hash_fn, parent, toks[p * page : (p + 1) * page], keys)
+                chain.append(parent)
         if n % page:
             last = toks[full * page :] + [self._block_config.pad_id] * (-n % page)
             chain.append(hash_block_tokens(self._hash_fn, chain[-1] if chain else None, last,
