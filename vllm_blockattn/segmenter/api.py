@@ -23,6 +23,7 @@ from pathlib import Path
 from ..layout import DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings, build_block_prompt, build_block_text
 from .candidates import SegmenterInputError, as_text, split_at
 from .model import Segmenter, check_threshold
+from .work import checkpoint
 
 # A head trained by train/segmenter_demo.py on the offline MiniLM backbone, shipped with the package.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
@@ -66,18 +67,17 @@ def load_segmenter(model: str | os.PathLike | Segmenter | None = None) -> Segmen
 def _merge_blank(text: str, cuts: list[int]) -> list[int]:
     """Drop cuts that would leave a whitespace-only block (it would tokenize to nothing in some
     tokenizers and carries no content); such a block joins its neighbour. Local: a cut is dropped
-    when the text up to the next cut is blank (the first block joins the one after it)."""
-    out = list(cuts)
-    changed = True
-    while changed and out:
-        changed = False
-        bounds = [0, *out, len(text)]
-        for i in range(len(bounds) - 1):
-            if not text[bounds[i] : bounds[i + 1]].strip():
-                # the blank block joins the block before it (or the one after it, for the first block)
-                out.pop(i - 1 if i > 0 else 0)
-                changed = True
-                break
+    when the text up to the next cut is blank. A blank block joins the block before it; blank blocks
+    at the start join the first block that has content. One pass (linear in the text)."""
+    bounds = [0, *cuts, len(text)]
+    blank = [not text[a:b].strip() for a, b in zip(bounds, bounds[1:])]
+    out = []
+    leading_blank = blank[0]  # everything before the current cut is whitespace
+    for k, c in enumerate(cuts):  # cut k separates block k from block k + 1
+        if leading_blank:
+            leading_blank = blank[k + 1]  # the blank start joins block k + 1
+        elif not blank[k + 1]:
+            out.append(c)
     return out
 
 
@@ -88,6 +88,7 @@ def segment_cuts(text: str, segmenter: Segmenter, thresholds: Sequence[float]) -
     for th in thresholds:
         nxt = []
         for off, piece in spans:
+            checkpoint()
             cands, probs = segmenter.candidate_probs(piece)
             local = [c for c, p in zip(cands, probs) if p >= th]
             cuts.update(off + c for c in local)
@@ -104,6 +105,7 @@ def segment_cuts_many(texts: Sequence[str], segmenter: Segmenter, thresholds: Se
     cuts: list[set[int]] = [set() for _ in texts]
     spans = [[(0, t)] if t else [] for t in texts]
     for th in thresholds:
+        checkpoint()
         flat = [(i, off, piece) for i, sp in enumerate(spans) for off, piece in sp]
         scored = segmenter.candidate_probs_many([piece for _i, _off, piece in flat])
         nxt: list[list[tuple[int, str]]] = [[] for _ in texts]

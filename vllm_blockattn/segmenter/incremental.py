@@ -15,65 +15,83 @@ Only the first level uses it; a deeper level scores level-1 blocks, which are te
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from .candidates import find_candidates
+from .work import checkpoint
 
 MARGIN = 2  # tokens beyond the receptive field, against off-by-one between read-out and piece ends
+ROW_OVERHEAD = 100  # bytes per cached candidate besides its feature row (its index entry), for the bound
 
 
 class PrefixScoreCache:
-    """The backbone features of recently scored texts' candidates, keyed by text; :meth:`probs_many`
-    runs the backbone over a suffix only for a text that extends a cached one, then the head over all
-    the text's candidates at once, exactly as :meth:`Segmenter.candidate_probs` does (so that the
-    probabilities are bit-identical, not only close). Thread-safe; at most ``max_entries`` texts
-    (least recently used first out) and ``max_chars`` characters in all."""
+    """The backbone features of recently scored texts' candidates, keyed by tenant and text;
+    :meth:`probs_many` runs the backbone over a suffix only for a text that extends a cached one of
+    the same tenant, then the head over all the text's candidates at once, exactly as
+    :meth:`Segmenter.candidate_probs` does (so that the probabilities are bit-identical, not only
+    close). Thread-safe.
 
-    def __init__(self, segmenter, *, max_entries: int = 64, max_chars: int = 5_000_000):
+    ``tenant`` is any hashable (the server passes the request's ``cache_salt`` and model): a text
+    is found again only under the tenant that sent it, so one client cannot learn from a fast answer
+    that another sent a text. Bounded by ``max_entries`` texts and ``max_bytes`` bytes of what it
+    stores (feature rows, the text, and the candidate index), least recently used out first."""
+
+    def __init__(self, segmenter, *, max_entries: int = 256, max_bytes: int = 256 << 20):
         self.seg = segmenter
         self.field = segmenter.receptive_field() if hasattr(segmenter, "receptive_field") else None
-        self.max_entries, self.max_chars = max_entries, max_chars
-        self._entries: OrderedDict[str, dict[int, object]] = OrderedDict()  # text -> {candidate: feature row}
-        self._chars = 0
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        # (tenant, text) -> (candidate -> feature row index, feature rows, bytes held)
+        self._entries: OrderedDict[tuple, tuple[dict[int, int], object, int]] = OrderedDict()
+        self.nbytes = 0
         self._lock = threading.Lock()
         self.scored_chars = 0  # characters sent to the model (for tests and metrics)
         self.reused = 0  # candidates whose features came from the cache
 
-    def _longest_prefix(self, text: str) -> tuple[str, dict[int, object]] | None:
+    def _longest_prefix(self, tenant, text: str):
         best = None
         with self._lock:
-            for old, rows in self._entries.items():
-                if len(old) < len(text) and text.startswith(old) and (best is None or len(old) > len(best[0])):
-                    best = (old, rows)
+            for key, entry in self._entries.items():
+                old = key[1]
+                if (key[0] == tenant and len(old) < len(text) and text.startswith(old)
+                        and (best is None or len(old) > len(best[0]))):
+                    best = (old, entry)
             if best is not None:
-                self._entries.move_to_end(best[0])
+                self._entries.move_to_end((tenant, best[0]))
         return best
 
-    def _store(self, text: str, cands: Sequence[int], feats) -> None:
+    def _store(self, tenant, text: str, cands: Sequence[int], feats) -> None:
+        key = (tenant, text)
+        own = feats.clone()  # not a view: a cached row must not keep a whole batch alive
+        size = own.element_size() * own.numel() + sys.getsizeof(text) + ROW_OVERHEAD * len(cands)
+        if size > self.max_bytes:
+            return
         with self._lock:
-            if text in self._entries:
-                self._entries.move_to_end(text)
+            if key in self._entries:
+                self._entries.move_to_end(key)
                 return
-            own = feats.clone()  # not a view: a cached row must not keep a whole batch alive
-            self._entries[text] = {c: own[i] for i, c in enumerate(cands)}
-            self._chars += len(text)
-            while self._entries and (len(self._entries) > self.max_entries or self._chars > self.max_chars):
-                old, _ = self._entries.popitem(last=False)
-                self._chars -= len(old)
+            self._entries[key] = ({c: i for i, c in enumerate(cands)}, own, size)
+            self.nbytes += size
+            while self._entries and (len(self._entries) > self.max_entries or self.nbytes > self.max_bytes):
+                _old, (_rows, _feats, freed) = self._entries.popitem(last=False)
+                self.nbytes -= freed
 
-    def _plan(self, text: str):
+    def _plan(self, tenant, text: str):
         """(candidates, feature rows known so far, suffix start or None to score all, first unknown)."""
         cands = find_candidates(text, self.seg.config.pattern)
         with self._lock:
-            same = self._entries.get(text)
-        if same is not None and len(same) == len(cands):  # seen before: nothing to score
-            return cands, [same[c] for c in cands], None, len(cands)
-        hit = self._longest_prefix(text) if self.field is not None else None
+            same = self._entries.get((tenant, text))
+            if same is not None:
+                self._entries.move_to_end((tenant, text))
+        if same is not None and len(same[0]) == len(cands):  # seen before: nothing to score
+            index, feats, _ = same
+            return cands, [feats[index[c]] for c in cands], None, len(cands)
+        hit = self._longest_prefix(tenant, text) if self.field is not None else None
         if hit is None or not cands:
             return cands, None, None, 0
-        old, old_rows = hit
+        old, (old_index, old_feats, _) = hit
         _ids, ends, _ = self.seg.tokenize_pieces(text, cands)
         starts = [0] + [e + 1 for e in ends[:-1]]  # first token of each piece
         # the piece holding the old end may have grown: only pieces wholly before it are unchanged
@@ -82,8 +100,8 @@ class PrefixScoreCache:
         readout = [ends[i + 1] if self.seg.causal else ends[i] for i in range(len(cands))]
         known, first_new = [], 0
         for i, c in enumerate(cands):
-            if readout[i] + self.field + MARGIN < stable_end and c in old_rows:
-                known.append(old_rows[c])
+            if readout[i] + self.field + MARGIN < stable_end and c in old_index:
+                known.append(old_feats[old_index[c]])
                 first_new = i + 1
             else:
                 break
@@ -97,12 +115,15 @@ class PrefixScoreCache:
             return cands, None, None, 0
         return cands, known, cands[j], first_new
 
-    def probs_many(self, texts: Sequence[str]) -> list[tuple[list[int], list[float]]]:
+    def probs_many(self, texts: Sequence[str], tenant=None) -> list[tuple[list[int], list[float]]]:
         """``[segmenter.candidate_probs(t) for t in texts]``, running the backbone only where the
-        cache lacks features, all the texts' (suffixes') windows in one batch."""
+        cache lacks features of ``tenant``'s texts, all the texts' (suffixes') windows in one batch."""
         import torch
 
-        plans = [self._plan(t) for t in texts]
+        plans = []
+        for t in texts:
+            checkpoint()
+            plans.append(self._plan(tenant, t))
         jobs = [t if known is None else t[start:] for t, (_c, known, start, _f) in zip(texts, plans)
                 if known is None or start is not None]
         scored = iter(self.seg.candidate_features_many(jobs) if jobs else [])
@@ -120,6 +141,6 @@ class PrefixScoreCache:
                     rows += [tail[c] for c in cands[first_new:]]
                 got_cands, feats = cands, torch.stack(rows) if rows else torch.zeros(0, 0)
                 self.reused += len(known)
-            self._store(t, got_cands, feats)
+            self._store(tenant, t, got_cands, feats)
             out.append((list(got_cands), self.seg.probs_from_features(t, list(got_cands), feats)))
         return out

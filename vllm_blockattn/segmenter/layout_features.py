@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .work import checkpoint
+
 NAMES = (
     "one_newline", "two_newlines", "three_or_more_newlines",
     "next_indent0", "prev_indent0",
@@ -31,6 +33,12 @@ _SPEAKER = re.compile(r"([A-Z][\w.' -]{0,30}?):[ \t]")
 _FENCE = re.compile(r"[ \t]*(```|~~~)")
 _LIST = re.compile(r"[ \t]*([-*+]|\d+[.)])[ \t]+\S")
 SPEAKER_LOOKBACK = 8  # lines
+# Bounds on how far back a candidate's features look, so that a text of many blank or whitespace-only
+# lines costs linear time, not quadratic (a server segments client text): whitespace before a
+# candidate beyond MAX_RUN characters, and lines beyond MAX_SCAN_LINES, are not read. Ordinary text
+# never reaches them (the newline-count features saturate at 3).
+MAX_RUN = 256
+MAX_SCAN_LINES = 64
 
 
 def _line_at(text: str, start: int) -> str:
@@ -42,7 +50,9 @@ def _prev_lines(text: str, end: int, n: int) -> list[str]:
     """Up to ``n`` non-blank lines ending before ``end``, nearest first."""
     out = []
     pos = end
-    while pos > 0 and len(out) < n:
+    for _ in range(MAX_SCAN_LINES):
+        if pos <= 0 or len(out) >= n:
+            break
         a = text.rfind("\n", 0, pos - 1) + 1 if pos > 1 else 0
         ln = text[a:pos].rstrip("\n")
         if ln.strip():
@@ -56,9 +66,11 @@ def _prev_lines(text: str, end: int, n: int) -> list[str]:
 def layout_features(text: str, candidates: Sequence[int]) -> torch.Tensor:
     """``[len(candidates), NUM_LAYOUT_FEATURES]`` float features (see :data:`NAMES`)."""
     rows = []
-    for c in candidates:
-        run_start = c
-        while run_start > 0 and text[run_start - 1] in "\n \t\r":
+    for k, c in enumerate(candidates):
+        if k % 64 == 63:
+            checkpoint()
+        run_start, floor = c, max(c - MAX_RUN, 0)
+        while run_start > floor and text[run_start - 1] in "\n \t\r":
             run_start -= 1
         newlines = text.count("\n", run_start, c)
         nxt = _line_at(text, c)

@@ -51,6 +51,7 @@ from torch import nn
 
 from .candidates import DEFAULT_PATTERN, SegmenterInputError, compile_pattern, find_candidates, split_at
 from .layout_features import NUM_LAYOUT_FEATURES, layout_features
+from .work import checkpoint
 
 CONFIG_NAME = "segmenter_config.json"
 HEAD_NAME = "head.safetensors"
@@ -373,7 +374,9 @@ class Segmenter(nn.Module):
         spans: dict[tuple[int, int], int] = {}
         win_of = []
         edge = -1  # the text's start and end bound a chunk at every level (rank below every piece's)
-        for r in readout:
+        for k, r in enumerate(readout):
+            if k % 32 == 31:
+                checkpoint()  # up to 2C token steps per read-out: a dense text is many of them
             q = piece_of[r]
             # Chunks at level tau: pieces of rank <= tau end a chunk. Where the chunk holding r can
             # end, nearest first: on the left the pieces before q whose rank is below all ranks
@@ -431,6 +434,7 @@ class Segmenter(nn.Module):
             groups.setdefault(self.padded_width(int(lengths[w])), []).append(w)
         for width, group in sorted(groups.items()):
             for i in range(0, len(group), max_windows):
+                checkpoint()
                 chunk = group[i : i + max_windows]
                 idx = torch.tensor(chunk, device=input_ids.device)
                 ids, mask = input_ids[idx, :width], attention_mask[idx, :width]
@@ -485,7 +489,10 @@ class Segmenter(nn.Module):
         """``(candidates, backbone features [n, hidden])`` of several texts in one pass: their windows
         run together (a window that occurs in several texts, e.g. a shared document, runs once). With
         content windows every row is bit-identical to the one the text alone gets."""
-        encs = [self.encode(t) for t in texts]
+        encs = []
+        for t in texts:
+            checkpoint()
+            encs.append(self.encode(t))
         rows: dict[tuple[int, ...], int] = {}
         windows, readout_window, readout_pos = [], [], []
         for enc in encs:
