@@ -27,6 +27,9 @@ import requests
 
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 2048
+# The shared segmentation server's additional_config["blockattn"]["segment"] (conftest.segment_server):
+# the default cuts prompts of 300 tokens or more.
+SEGMENT_SERVER = {"default": "auto", "min_tokens": 300, "threshold": 0.3}
 
 
 def free_port() -> int:
@@ -104,6 +107,16 @@ def completion(url: str, prompt, max_tokens: int, timeout: float = 120, **kw) ->
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True, **kw}
     return requests.post(url + "/v1/completions", json=body, timeout=timeout)
+
+
+def labelled_value(text: str, name: str, **labels) -> float:
+    """A Prometheus sample of ``name`` whose labels include ``labels``; 0 if absent."""
+    total = 0.0
+    for got, value in re.findall(rf"^{re.escape(name)}{{([^}}]*)}} ([0-9.e+-]+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', got))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def metric_value(text: str, name: str) -> float:

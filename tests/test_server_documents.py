@@ -7,8 +7,6 @@ ordinary short prompts (untouched), malformed options (400s), and per-request re
 ``usage.prompt_tokens_details.cached_tokens``.
 """
 
-import json
-
 import pytest
 import requests
 from openai import BadRequestError, OpenAI
@@ -18,7 +16,7 @@ from vllm_blockattn.reference import block_generate
 from vllm_blockattn.segmenter import load_segmenter, segment_cuts, split_at, thresholds_for
 
 from tests._reference import load_hf
-from tests._server import MODEL_NAME, metric_value, serve
+from tests._server import MODEL_NAME, SEGMENT_SERVER, metric_value
 
 DOCS = [
     "Alice moved to Paris in 2019 and works as a nurse at a large hospital near the river.",
@@ -27,20 +25,17 @@ DOCS = [
 ]
 QUESTION = "Question: Where does Alice live? Answer:"
 MAX_TOKENS = 4
-MIN_TOKENS = 300
+MIN_TOKENS = SEGMENT_SERVER["min_tokens"]
 LONG = "\n\n".join(
     f"## Part {i}\n{DOCS[i % 3]} Then the story goes on with part {i}, and more about the mill and the chest.\n"
     f"Another line of part {i} with numbers {i * 7} and {i * 13}." for i in range(12)
 ) + "\n\nQuestion: Who keeps books in a chest? Answer:"
-SERVER_SEGMENT = {"default": "auto", "min_tokens": MIN_TOKENS, "threshold": 0.3}
+SERVER_SEGMENT = SEGMENT_SERVER
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen3, tmp_path_factory):
-    extra = ("--enable-prompt-tokens-details", "--additional-config",
-             json.dumps({"blockattn": {"segment": SERVER_SEGMENT}}))
-    with serve(tiny_qwen3, tmp_path_factory.mktemp("server-docs"), *extra) as srv:
-        yield srv
+def server(segment_server):
+    return segment_server
 
 
 @pytest.fixture(scope="module")

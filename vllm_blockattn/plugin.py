@@ -172,15 +172,16 @@ def _patch_server_blocks() -> None:
         vllm_config = getattr(self.renderer, "config", None)
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_completion(self, request, *args, **kwargs)
-        from .server import BlockRequestError, completion_ids, server_blocks
+        from .server import BlockRequestError, completion_ids, server_blocks, tenant_of
 
         extra = request.model_extra or {}
         try:
             ids = await completion_ids(server_blocks(vllm_config), self.renderer.tokenizer, request.prompt,
                                        extra.get("documents"), extra.get("segment"),
-                                       add_special_tokens=getattr(request, "add_special_tokens", True))
+                                       add_special_tokens=getattr(request, "add_special_tokens", True),
+                                       tenant=tenant_of(request))
         except BlockRequestError as e:
-            return self.create_error_response(str(e), param=e.param)
+            return _error_response(self, e)
         if ids is not None:
             request.prompt = ids
         return await original_completion(self, request, *args, **kwargs)
@@ -191,34 +192,40 @@ def _patch_server_blocks() -> None:
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_chat(self, request, *args, **kwargs)
         from .server import (BlockRequestError, chat_ids, chat_placeholder_messages, last_user_index,
-                             parse_documents, parse_segment, server_blocks)
+                             parse_documents, parse_segment, server_blocks, tenant_of)
 
         tokenizer = self.renderer.tokenizer
+        by_default = False  # only the server's default asks for blocks: it never fails the request
         try:
             blocks = server_blocks(vllm_config)
             documents = parse_documents(request.documents)
             requested = parse_segment((request.model_extra or {}).get("segment"))
             if documents is None and (requested == "off" or (requested is None and blocks.segment.default == "off")):
                 return await original_chat(self, request, *args, **kwargs)
+            by_default = documents is None and requested is None
             sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.sink_token_id)
             index = last_user_index(request.messages)
             messages, text = chat_placeholder_messages(request.messages, index, sink_text)
         except BlockRequestError as e:
-            return self.create_error_response(str(e), param=e.param)
+            if by_default:  # no user message, or one with non-text parts: rendered as sent
+                return await original_chat(self, request, *args, **kwargs)
+            return _error_response(self, e)
         placeholder = request.model_copy(update={"messages": messages, "documents": None})
         result = await original_chat(self, placeholder, *args, **kwargs)
-        if not isinstance(result, tuple):
-            return result  # an ErrorResponse
-        conversation, engine_inputs = result
-        if len(engine_inputs) != 1 or "prompt_token_ids" not in engine_inputs[0]:
+        if not isinstance(result, tuple) or len(result[1]) != 1 or "prompt_token_ids" not in result[1][0]:
+            if by_default:
+                return await original_chat(self, request, *args, **kwargs)
+            if not isinstance(result, tuple):
+                return result  # an ErrorResponse
             return self.create_error_response("block chat prompts need a token prompt", param="messages")
+        conversation, engine_inputs = result
         try:
             ids = await chat_ids(blocks, tokenizer, list(engine_inputs[0]["prompt_token_ids"]), text, documents,
-                                 requested)
+                                 requested, tenant=tenant_of(request))
         except LookupError:
             return await original_chat(self, request, *args, **kwargs)
         except BlockRequestError as e:
-            return self.create_error_response(str(e), param=e.param)
+            return _error_response(self, e)
         engine_input = {k: v for k, v in engine_inputs[0].items() if k != "prompt_token_offsets"}
         engine_input["prompt_token_ids"] = ids
         engine_input["prompt"] = tokenizer.decode(ids)
@@ -231,6 +238,12 @@ def _patch_server_blocks() -> None:
     setattr(render_chat, _PATCHED, True)
     OnlineRenderer.render_completion = render_completion
     OnlineRenderer.render_chat = render_chat
+
+
+def _error_response(renderer, error):
+    """The error response of a request the server could not turn into a block prompt."""
+    return renderer.create_error_response(str(error), err_type=error.err_type, status_code=error.status,
+                                          param=error.param)
 
 
 def _check_params(params, resumable: bool) -> None:

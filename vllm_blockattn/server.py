@@ -24,28 +24,31 @@ A server can make automatic segmentation its default for long ordinary prompts::
 Everything here runs in the API-server process, before the engine sees the request: the prompt the
 engine receives is exactly ``build_block_prompt(blocks, prefix=...)`` of the blocks named above, so
 the engine's checks, cache keys and results are those of any block prompt. The segmenter is loaded
-once per process, runs on its own thread (never on the event loop) and segments the texts of
-concurrent requests together; its time per request is the ``vllm_blockattn:segmentation_seconds``
-histogram on ``/metrics``. Requests that send neither field are untouched.
+once per process and shared safely by every client (``segment_service.py``: text that cannot fit the
+model is refused before segmentation, requests take turns, a budget and a timeout bound each one, a
+disconnected client's work stops, a failure stays with its request, the cache is per tenant). The
+server's default is best effort: a request it cannot apply to is left as sent. Requests that send
+neither field are untouched.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
+import math
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from .layout import BlockLayoutError, BlockSettings, build_block_prompt
+from .segment_service import SegmentationError, SegmenterService, SegmentLimits, count_refused, count_scored
 
 logger = logging.getLogger("vllm_blockattn")
 
 SEGMENT_KEYS = {"threshold", "depth"}
-SERVER_SEGMENT_KEYS = {"model", "threshold", "depth", "default", "min_tokens"}
+LIMIT_KEYS = ("budget_seconds", "timeout_seconds", "max_pending", "cache_mib")
+SERVER_SEGMENT_KEYS = {"model", "threshold", "depth", "default", "min_tokens", *LIMIT_KEYS}
 DOCUMENT_KEYS = {"text", "title"}
 MAX_DOCUMENTS = 4096
 MAX_DEPTH = 8  # segmentation levels a request may ask for
@@ -56,11 +59,32 @@ MAX_CHARS_PER_TOKEN = 32
 
 
 class BlockRequestError(ValueError):
-    """A malformed ``documents`` or ``segment`` field; the server answers 400 naming it."""
+    """A request the server cannot turn into a block prompt; the server answers ``status`` (400 for a
+    malformed ``documents``, ``segment``, ``prompt`` or ``messages``, naming it in ``param``; 503
+    when the segmenter is busy)."""
 
-    def __init__(self, message: str, param: str):
+    def __init__(self, message: str, param: str | None, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
         super().__init__(message)
-        self.param = param
+        self.param, self.status = param, status
+
+    @property
+    def err_type(self) -> str:
+        return {HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
+                HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError"}.get(self.status, "BadRequestError")
+
+
+def check_text(text: str, what: str, param: str, *, for_segmenter: bool = False) -> None:
+    """Refuse text that tokenizers cannot take, naming the field: lone surrogates (valid JSON escapes
+    such as ``"\\ud800"``, but not Unicode text) and, for text the segmenter reads, NUL characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BlockRequestError(f"{what} is not valid Unicode text: it holds a lone surrogate "
+                                f"(U+{ord(text[e.start]):04X}) at character {e.start}; send UTF-8 text (a JSON string "
+                                f"must not contain an unpaired \\ud800-\\udfff escape)", param) from None
+    if for_segmenter and "\x00" in text:
+        raise BlockRequestError(f"{what} holds a NUL character at character {text.index(chr(0))}; automatic "
+                                f"segmentation takes text only", param)
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -81,6 +105,7 @@ class ServerSegmentConfig:
     depth: int | None = None
     default: str = "off"
     min_tokens: int = 2048
+    limits: SegmentLimits = SegmentLimits()
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> ServerSegmentConfig:
@@ -108,7 +133,17 @@ class ServerSegmentConfig:
             opts = _segment_knobs(entry, "additional_config['blockattn']['segment']")
         except BlockRequestError as e:
             raise ValueError(str(e)) from None
-        return cls(model, opts.threshold, opts.depth, default, min_tokens)
+        limits = {}
+        for key in LIMIT_KEYS:
+            if key not in entry:
+                continue
+            value, integral = entry[key], key == "max_pending"
+            if (isinstance(value, bool) or not isinstance(value, int if integral else int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"additional_config['blockattn']['segment']['{key}'] must be a positive "
+                                 f"{'int' if integral else 'number'}, got {value!r}")
+            limits[key] = value
+        return cls(model, opts.threshold, opts.depth, default, min_tokens, SegmentLimits(**limits))
 
 
 def _segment_knobs(entry: dict, what: str) -> SegmentOptions:
@@ -185,176 +220,79 @@ def parse_documents(value: Any) -> list[str] | None:
         else:
             raise BlockRequestError(f"documents[{i}] must be a string or an object, got {type(doc).__name__}",
                                     "documents")
+        check_text(text, f"documents[{i}]", "documents")
         if not text.strip():
             raise BlockRequestError(f"documents[{i}] is empty", "documents")
         out.append(text)
     return out or None
 
 
-# -- the segmenter service -------------------------------------------------------------------------
+# -- the segmenter service (segment_service.py holds its rules) ---------------------------------------
 
 
-class SegmenterService:
-    """One segmenter per process, on its own thread: requests queue their texts, the thread takes
-    everything queued and segments it together, and each request's future resolves on its event loop.
-    The event loop never runs the model."""
+def _resolve_thresholds(seg, options: SegmentOptions) -> list[float]:
+    """The request's thresholds, else the server's, else the checkpoint's own (runs once the
+    segmenter is loaded; the server's configuration is bound in :func:`segmenter_service`)."""
+    from .segmenter.api import thresholds_for
+    from .segmenter.candidates import SegmenterInputError
 
-    def __init__(self, config: ServerSegmentConfig):
-        self.config = config
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._segmenter = None
-        self._prefix_cache = None  # PrefixScoreCache, built with the segmenter (one level, content windows)
-        self._load_error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="blockattn-segmenter", daemon=True)
-        self._thread.start()
-
-    async def cut(self, texts: Sequence[str], options: SegmentOptions) -> list[list[str]]:
-        """Blocks of every text (each list concatenates to its text)."""
-        if not texts:
-            return []
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        started = time.perf_counter()
-        self._jobs.put((loop, future, list(texts), options))
-        try:
-            return await future
-        finally:
-            _observe_segmentation(time.perf_counter() - started, sum(map(len, texts)))
-
-    def _load(self):
-        if self._segmenter is None and self._load_error is None:
-            try:
-                from .segmenter.api import load_segmenter
-
-                self._segmenter = load_segmenter(self.config.model)
-                logger.info("blockattn: segmenter loaded (%s)", self.config.model or "packaged default")
-            except Exception as e:  # noqa: BLE001 - reported to every request that asks for segmentation
-                self._load_error = e
-                logger.error("blockattn: the segmenter could not be loaded: %s", e)
-        if self._load_error is not None:
-            raise BlockRequestError(f"automatic segmentation is not available on this server: the segmenter "
-                                    f"could not be loaded ({self._load_error})", "segment")
-        return self._segmenter
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._jobs.get()]
-            while True:
-                try:
-                    batch.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            self._serve(batch)
-
-    def _serve(self, batch: list) -> None:
-        """Segment every job of ``batch``: jobs with the same thresholds are scored together (one batch
-        of windows per level across requests, ``segment_cuts_many``); a failure fails its jobs only."""
-        groups: dict[tuple, list] = {}
-        for job in batch:
-            loop, future, texts, options = job
-            try:
-                thresholds = self._resolve(options)
-                groups.setdefault(tuple(thresholds), []).append(job)
-            except Exception as e:  # noqa: BLE001 - the request fails, the thread goes on
-                loop.call_soon_threadsafe(_settle, future, e, False)
-        for thresholds, jobs in groups.items():
-            try:
-                texts = [t for job in jobs for t in job[2]]
-                blocks = self._segment(self._segmenter, texts, list(thresholds))
-                results, i = [], 0
-                for job in jobs:
-                    results.append(blocks[i : i + len(job[2])])
-                    i += len(job[2])
-                outcome = [(r, True) for r in results]
-            except Exception as e:  # noqa: BLE001
-                outcome = [(e, False)] * len(jobs)
-            for (loop, future, _texts, _options), (result, ok) in zip(jobs, outcome):
-                loop.call_soon_threadsafe(_settle, future, result, ok)
-
-    def _resolve(self, options: SegmentOptions):
-        from .segmenter.api import thresholds_for
-        from .segmenter.candidates import SegmenterInputError
-
-        seg = self._load()
-        threshold = options.threshold if options.threshold is not None else self.config.threshold
-        depth = options.depth if options.depth is not None else self.config.depth
-        if threshold is None:
-            threshold = seg.config.threshold
-        try:
-            return thresholds_for(threshold, depth)
-        except SegmenterInputError as e:
-            raise BlockRequestError(f"`segment`: {e}", "segment") from None
-
-    def _segment(self, seg, texts: list[str], thresholds: list[float]) -> list[list[str]]:
-        from .segmenter.api import cuts_at, segment_cuts
-        from .segmenter.candidates import split_at
-
-        if (len(thresholds) == 1 and hasattr(seg, "candidate_features_many")
-                and getattr(seg, "receptive_field", lambda: None)() is not None):
-            # one level with content windows: a text that extends one seen before (a chat history)
-            # is scored from its new end only (PrefixScoreCache; same cuts as scoring it whole)
-            if self._prefix_cache is None:
-                from .segmenter.incremental import PrefixScoreCache
-
-                self._prefix_cache = PrefixScoreCache(seg)
-            scored = self._prefix_cache.probs_many([t for t in texts if t])
-            it = iter(scored)
-            out = []
-            for t in texts:
-                if not t:
-                    out.append([])
-                    continue
-                cands, probs = next(it)
-                out.append(split_at(t, cuts_at(t, cands, probs, thresholds[0])))
-            return out
-        if hasattr(seg, "candidate_probs_many"):
-            from .segmenter.api import segment_cuts_many
-
-            cuts = segment_cuts_many(texts, seg, thresholds)
-        else:
-            cuts = [segment_cuts(t, seg, thresholds) if t else [] for t in texts]
-        return [split_at(t, c) if t else [] for t, c in zip(texts, cuts)]
-
-
-def _settle(future, result, ok: bool) -> None:
-    if future.done():  # the request was cancelled (client gone)
-        return
-    if ok:
-        future.set_result(result)
-    else:
-        future.set_exception(result)
-
-
-_METRICS = None
-
-
-def _observe_segmentation(seconds: float, chars: int) -> None:
-    global _METRICS
+    threshold, depth = options.threshold, options.depth
+    if threshold is None:
+        threshold = seg.config.threshold
     try:
-        if _METRICS is None:
-            from prometheus_client import Counter, Histogram
+        return thresholds_for(threshold, depth)
+    except SegmenterInputError as e:
+        raise SegmentationError(f"`segment`: {e}") from None
 
-            _METRICS = (
-                Histogram("vllm_blockattn:segmentation_seconds",
-                          "Wall time of a request's automatic segmentation in the API server (queue included)",
-                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
-                Counter("vllm_blockattn:segmented_chars", "Characters of text cut by the server's segmenter"),
-            )
-        _METRICS[0].observe(seconds)
-        _METRICS[1].inc(chars)
-    except Exception:  # noqa: BLE001 - metrics never fail a request
-        logger.debug("blockattn: segmentation metrics unavailable", exc_info=True)
+
+def _segment_texts(seg, texts: list[str], thresholds: list[float], cache, tenant) -> list[list[str]]:
+    """One request's texts cut at ``thresholds`` (runs on the request's segmenter thread)."""
+    from .segmenter.api import cuts_at, segment_cuts, segment_cuts_many
+    from .segmenter.candidates import split_at
+
+    if len(thresholds) == 1 and cache is not None:
+        # one level with content windows: a text that extends one this tenant sent before (a chat
+        # history) is scored from its new end only (PrefixScoreCache; same cuts as scoring it whole)
+        before = cache.scored_chars
+        scored = iter(cache.probs_many([t for t in texts if t], tenant))
+        count_scored(cache.scored_chars - before)
+        out = []
+        for t in texts:
+            if t:
+                cands, probs = next(scored)
+                out.append(split_at(t, cuts_at(t, cands, probs, thresholds[0])))
+            else:
+                out.append([])
+        return out
+    count_scored(sum(map(len, texts)))
+    if hasattr(seg, "candidate_probs_many"):
+        cuts = segment_cuts_many(texts, seg, thresholds)
+    else:
+        cuts = [segment_cuts(t, seg, thresholds) if t else [] for t in texts]
+    return [split_at(t, c) if t else [] for t, c in zip(texts, cuts)]
 
 
 _SERVICES: dict[ServerSegmentConfig, SegmenterService] = {}
 _SERVICES_LOCK = threading.Lock()
 
 
+def new_segmenter_service(config: ServerSegmentConfig) -> SegmenterService:
+    """A segmenter service for a server configuration (its segmenter loads on first use)."""
+
+    def resolve(seg, options: SegmentOptions) -> list[float]:
+        return _resolve_thresholds(seg, SegmentOptions(
+            options.threshold if options.threshold is not None else config.threshold,
+            options.depth if options.depth is not None else config.depth))
+
+    return SegmenterService(config.model, config.limits, _segment_texts, resolve)
+
+
 def segmenter_service(config: ServerSegmentConfig) -> SegmenterService:
+    """The process's segmenter service for a server configuration (one per configuration)."""
     with _SERVICES_LOCK:
         svc = _SERVICES.get(config)
         if svc is None:
-            svc = _SERVICES[config] = SegmenterService(config)
+            svc = _SERVICES[config] = new_segmenter_service(config)
         return svc
 
 
@@ -370,13 +308,26 @@ class ServerBlocks:
     segment: ServerSegmentConfig
     max_model_len: int
 
-    def check_size(self, texts: Sequence[str]) -> None:
-        limit = self.max_model_len * MAX_CHARS_PER_TOKEN
+    @property
+    def max_chars(self) -> int:
+        return self.max_model_len * MAX_CHARS_PER_TOKEN
+
+    def check_size(self, texts: Sequence[str], param: str = "documents") -> None:
+        """Refuse, before any tokenization, text far beyond what the model's window could hold."""
         total = sum(map(len, texts))
-        if total > limit:
-            raise BlockRequestError(f"documents and prompt hold {total} characters; at most {limit} "
+        if total > self.max_chars:
+            raise BlockRequestError(f"documents and prompt hold {total} characters; at most {self.max_chars} "
                                     f"({MAX_CHARS_PER_TOKEN} per token of max_model_len={self.max_model_len}) are "
-                                    f"accepted", "documents")
+                                    f"accepted", param)
+
+    def check_tokens(self, num_tokens: int, param: str) -> None:
+        """Refuse, before any segmentation, a request whose text alone cannot fit the model: the
+        segmenter's work is then bounded by what fits, whatever the text's shape."""
+        if num_tokens > self.max_model_len:
+            count_refused()
+            raise BlockRequestError(f"this request's text is {num_tokens} tokens (documents, prompt and chat template, "
+                                    f"before the block layout's sink tokens), more than the model's maximum context "
+                                    f"length of {self.max_model_len} tokens; it was refused before segmentation", param)
 
 
 _SERVER_BLOCKS: dict[int, tuple[object, ServerBlocks]] = {}
@@ -393,62 +344,95 @@ def server_blocks(vllm_config) -> ServerBlocks:
     return hit[1]
 
 
+def tenant_of(request) -> tuple:
+    """Whose texts a request's segmentation may find in the segmenter's cache: the request's
+    ``cache_salt`` (vLLM's tenant boundary for its prefix cache) and its model (a LoRA adapter is
+    served under a name of its own). Requests without a salt share the unsalted namespace, as in
+    vLLM's prefix cache."""
+    return (getattr(request, "cache_salt", None), getattr(request, "model", None))
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-async def _cut(blocks: ServerBlocks, texts: list[str], options: SegmentOptions | None) -> list[list[str]]:
+def _segmentable(text: str) -> bool:
+    try:
+        check_text(text, "text", "prompt", for_segmenter=True)
+    except BlockRequestError:
+        return False
+    return True
+
+
+async def _cut(blocks: ServerBlocks, texts: list[str], options: SegmentOptions | None, tenant) -> list[list[str]]:
     if options is None:
         return [[t] for t in texts]
-    pieces = await segmenter_service(blocks.segment).cut(texts, options)
+    try:
+        pieces = await segmenter_service(blocks.segment).cut(texts, options, tenant)
+    except SegmentationError as e:
+        raise BlockRequestError(str(e), e.param, e.status) from None
     return [[p for p in ps if p] or [t] for ps, t in zip(pieces, texts)]
 
 
-def _resolve_segment(blocks: ServerBlocks, requested, num_tokens: int | None) -> SegmentOptions | None:
-    """The request's own choice, else the server's default for prompts of ``min_tokens`` or more."""
-    if requested == "off":
-        return None
-    if isinstance(requested, SegmentOptions):
-        return requested
-    if blocks.segment.default == "auto" and num_tokens is not None and num_tokens >= blocks.segment.min_tokens:
-        return SegmentOptions()
-    return None
+def _left_as_sent(error: Exception) -> None:
+    logger.info("blockattn: the server's default segmentation left a request as sent: %s", error)
 
 
 async def completion_ids(blocks: ServerBlocks, tokenizer, prompt, documents, segment_field, *,
-                         add_special_tokens: bool = True) -> list[int] | None:
+                         add_special_tokens: bool = True, tenant=None) -> list[int] | None:
     """The token ids of a completion request's block prompt, or None to leave the request alone."""
     documents = parse_documents(documents)
     requested = parse_segment(segment_field)
-    if documents is None and requested is None and blocks.segment.default == "off":
-        return None
-    if not isinstance(prompt, str):
-        if documents is None and requested is None:
+    if documents is None and requested is None:
+        if blocks.segment.default == "off" or not isinstance(prompt, str):
             return None  # the server default only applies to a single text prompt
+        return await _completion_by_default(blocks, tokenizer, prompt, add_special_tokens, tenant)
+    if not isinstance(prompt, str):
         raise BlockRequestError("`documents` and `segment` need `prompt` to be a single string (the final block)",
                                 "prompt")
-    blocks.check_size([prompt, *(documents or ())])
-    if documents is None and requested is None:
-        ids = _encode(tokenizer, prompt)
-        if blocks.settings.sink_token_id in ids:
-            return None  # already a block prompt: the server default leaves it as sent
-        segment = _resolve_segment(blocks, None, len(ids))
-        if segment is None:
-            return None
-    else:
-        segment = _resolve_segment(blocks, requested, None)
+    segment = None if requested == "off" else requested
+    if documents is None and segment is None:
+        return None  # segment "off" and no documents: an ordinary prompt
+    check_text(prompt, "`prompt`", "prompt", for_segmenter=segment is not None)
+    param = "documents" if documents is not None else "prompt"
+    blocks.check_size([prompt, *(documents or ())], param)
     if not prompt:
         raise BlockRequestError("`prompt` (the final block) is empty", "prompt")
     head = tokenizer.encode("", add_special_tokens=True) if add_special_tokens else []
+    if segment is not None:
+        for i, d in enumerate(documents or ()):
+            check_text(d, f"documents[{i}]", "documents", for_segmenter=True)
+        n = len(head) + len(_encode(tokenizer, prompt)) + sum(len(_encode(tokenizer, d)) for d in documents or ())
+        blocks.check_tokens(n, param)
     if documents is not None:
-        cut = await _cut(blocks, documents, segment)
+        cut = await _cut(blocks, documents, segment, tenant)
         context, final = [p for ps in cut for p in ps], prompt
     else:
-        if segment is None:
-            return None  # segment "off" and no documents: an ordinary prompt
-        (pieces,) = await _cut(blocks, [prompt], segment)
+        (pieces,) = await _cut(blocks, [prompt], segment, tenant)
         context, final = pieces[:-1], pieces[-1]
     return _build(blocks, tokenizer, context, final, head)
+
+
+async def _completion_by_default(blocks: ServerBlocks, tokenizer, prompt: str, add_special_tokens: bool,
+                                 tenant) -> list[int] | None:
+    """The server's default segmentation of an ordinary prompt, best effort: a prompt it does not
+    apply to (short, longer than the model's window, already a block prompt, text the segmenter
+    cannot take) or cannot cut now (segmenter busy, over budget) is left as sent, so the request
+    gets exactly what it would get from a server without the default."""
+    if not prompt or len(prompt) > blocks.max_chars or not _segmentable(prompt):
+        return None
+    ids = _encode(tokenizer, prompt)
+    head = tokenizer.encode("", add_special_tokens=True) if add_special_tokens else []
+    if blocks.settings.sink_token_id in ids:
+        return None  # already a block prompt: the server default leaves it as sent
+    if not blocks.segment.min_tokens <= len(ids) or len(ids) + len(head) > blocks.max_model_len:
+        return None
+    try:
+        (pieces,) = await _cut(blocks, [prompt], SegmentOptions(), tenant)
+        return _build(blocks, tokenizer, pieces[:-1], pieces[-1], head)
+    except BlockRequestError as e:
+        _left_as_sent(e)
+        return None
 
 
 def _build(blocks: ServerBlocks, tokenizer, context: list, final, prefix) -> list[int]:
@@ -499,11 +483,24 @@ def chat_placeholder_messages(messages, index: int, sink_token: str):
 
 
 async def chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids: list[int], text: str, documents,
-                   requested) -> list[int]:
+                   requested, *, tenant=None) -> list[int]:
     """The chat prompt's token ids from the template rendered with a one-sink placeholder.
 
-    Raises LookupError when there is nothing to do (no documents, and the server's default
-    segmentation does not apply to a prompt this short): the request is then rendered as sent."""
+    Raises LookupError when the request is to be rendered as sent: there is nothing to do (no
+    documents, and the server's default segmentation does not apply to a prompt this short), or the
+    default cannot apply to it (the conversation already holds sink tokens, the segmenter is busy,
+    ...): the default never fails a request that would succeed without it."""
+    if documents is None and requested is None:
+        try:
+            return await _chat_ids(blocks, tokenizer, rendered_ids, text, None, None, tenant, by_default=True)
+        except BlockRequestError as e:
+            _left_as_sent(e)
+            raise LookupError from None
+    return await _chat_ids(blocks, tokenizer, rendered_ids, text, documents, requested, tenant, by_default=False)
+
+
+async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documents, requested, tenant, *,
+                    by_default: bool) -> list[int]:
     sink = blocks.settings.sink_token_id
     where = [i for i, t in enumerate(rendered_ids) if t == sink]
     if len(where) != 1:
@@ -511,27 +508,45 @@ async def chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids: list[int], tex
             "block chat prompts need the block sink token to appear nowhere in the messages and the chat template "
             f"to render the last user message once (found {len(where)} placeholders)", "messages")
     head, tail = rendered_ids[: where[0]], rendered_ids[where[0] + 1:]
-    blocks.check_size([text, *(documents or ())])
-    n = len(head) + len(tail) + len(_encode(tokenizer, text))
-    segment = _resolve_segment(blocks, requested, n)
-    if documents is None and segment is None:
-        raise LookupError  # nothing to do: the caller renders the request as sent
+    segment = SegmentOptions() if by_default else (None if requested == "off" else requested)
+    check_text(text, "the last user message", "messages", for_segmenter=segment is not None)
+    param = "documents" if documents is not None else "messages"
+    blocks.check_size([text, *(documents or ())], param)
+    text_ids = _encode(tokenizer, text)
+    n = len(head) + len(tail) + len(text_ids)
+    if by_default:
+        if not blocks.segment.min_tokens <= n <= blocks.max_model_len:
+            raise LookupError  # nothing to do: the caller renders the request as sent
+    elif segment is not None:
+        for i, d in enumerate(documents or ()):
+            check_text(d, f"documents[{i}]", "documents", for_segmenter=True)
+        blocks.check_tokens(n + sum(len(_encode(tokenizer, d)) for d in documents or ()), param)
+    elif documents is None:
+        raise LookupError
+    # One segmentation job for the request: the history before the last user message, every
+    # document, and the message itself (whose last piece stays in the final block).
+    texts = []
+    head_text = tokenizer.decode(head) if segment is not None and head else None
+    if head_text is not None:
+        texts.append(head_text)
+    texts.extend(documents or ())
+    if segment is not None and text:
+        texts.append(text)
+    cut = iter(await _cut(blocks, texts, segment, tenant))
     context: list = []
     prefix = head
-    if segment is not None and head:
-        head_text = tokenizer.decode(head)
-        (pieces,) = await _cut(blocks, [head_text], segment)
-        context.extend(pieces)
+    if head_text is not None:
+        context.extend(next(cut))
         prefix = None
-    if documents is not None:
-        for ps in await _cut(blocks, documents, segment):
-            context.extend(ps)
-    final_text = text
+    for _ in documents or ():
+        context.extend(next(cut))
+    final_ids = text_ids
     if segment is not None and text:
-        (pieces,) = await _cut(blocks, [text], segment)
+        pieces = next(cut)
         context.extend(pieces[:-1])
-        final_text = pieces[-1]
-    final = _encode(tokenizer, final_text) + tail if final_text else tail
+        if pieces[-1] != text:
+            final_ids = _encode(tokenizer, pieces[-1])
+    final = final_ids + tail
     if not final:
         raise BlockRequestError("the final block (last user message and the template's tail) is empty", "messages")
     return _build(blocks, tokenizer, context, final, prefix)
