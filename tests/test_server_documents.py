@@ -139,7 +139,9 @@ def test_server_default_segments_long_prompts_and_leaves_short_ones(client, serv
     assert hist >= 2
 
 
-def test_chat_segment_auto_cuts_history_and_message(client, hf):
+def test_chat_segment_auto_cuts_the_message_and_keeps_the_history_whole(client, hf):
+    """The history before the last user message stays the head block (ordinary KV on the prefix
+    chain, reused turn after turn); only the last message is cut, its last piece in the final block."""
     _, tok, settings = hf
     messages = [{"role": "user", "content": "Tell me about the mill."},
                 {"role": "assistant", "content": DOCS[2] + "\n\n" + DOCS[1]},
@@ -149,11 +151,27 @@ def test_chat_segment_auto_cuts_history_and_message(client, hf):
                                                                     "ignore_eos": True})
     head, tail = chat_head_tail(tok, settings, messages)
     message_pieces = segments(LONG)
-    want = build_block_prompt([*segments(tok.decode(head)), *message_pieces[:-1],
-                               tok.encode(message_pieces[-1], add_special_tokens=False) + tail],
-                              settings, tokenizer=tok)
+    assert len(message_pieces) > 2
+    want = build_block_prompt([*message_pieces[:-1], tok.encode(message_pieces[-1], add_special_tokens=False) + tail],
+                              settings, tokenizer=tok, prefix=head)
     assert out.prompt_token_ids == want
     assert out.choices[0].token_ids == reference(hf, want)
+
+
+def test_chat_history_reused_turn_after_turn_with_the_default_on(client, hf):
+    """A growing chat past the default's ``min_tokens``: each turn reuses the previous turn's history
+    pages (``cached_tokens``), as stock prefix caching would; short turns stay ordinary prompts."""
+    messages = [{"role": "system", "content": LONG}]
+    cached = []
+    for turn in range(3):
+        messages.append({"role": "user", "content": f"Question {turn}: what is in the chest?"})
+        out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=MAX_TOKENS,
+                                             temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert hf[2].sink_token_id not in out.prompt_token_ids  # nothing to cut: an ordinary prompt
+        cached.append(out.usage.prompt_tokens_details.cached_tokens)
+        messages.append({"role": "assistant", "content": out.choices[0].message.content or "ok"})
+    page = 32
+    assert all(c >= len(hf[1].encode(LONG)) - page for c in cached[1:]), cached
 
 
 @pytest.mark.parametrize("body, param, words", [

@@ -10,9 +10,11 @@ sink-token text itself:
 - ``/v1/completions``: the same ``documents`` field as an extension (``extra_body``); the ``prompt``
   is the final block;
 - both: ``"segment": "auto"`` (or ``{"threshold": ..., "depth": ...}``) has the server's segmenter
-  cut the long parts: every document, the chat history before the last user message, and the
-  message (or completion prompt) itself, whose last piece stays in the final block. ``"segment":
-  "off"`` opts out of a server default.
+  cut the long parts: every document, and the last user message (or completion prompt) itself,
+  whose last piece stays in the final block. A chat's history before the last user message is never
+  cut: it stays the head block, ordinary KV on vLLM's prefix chain, reused turn after turn as stock
+  prefix caching reuses it. When nothing is cut and there are no documents, the request stays an
+  ordinary prompt. ``"segment": "off"`` opts out of a server default.
 
 A server can make automatic segmentation its default for long ordinary prompts::
 
@@ -251,8 +253,9 @@ def _segment_texts(seg, texts: list[str], thresholds: list[float], cache, tenant
     from .segmenter.candidates import split_at
 
     if len(thresholds) == 1 and cache is not None:
-        # one level with content windows: a text that extends one this tenant sent before (a chat
-        # history) is scored from its new end only (PrefixScoreCache; same cuts as scoring it whole)
+        # one level with content windows: a text that extends one this tenant sent before (a prompt
+        # that grows turn by turn) is scored from its new end only (PrefixScoreCache; same cuts as
+        # scoring it whole)
         before = cache.scored_chars
         scored = iter(cache.probs_many([t for t in texts if t], tenant))
         count_scored(cache.scored_chars - before)
@@ -410,6 +413,8 @@ async def completion_ids(blocks: ServerBlocks, tokenizer, prompt, documents, seg
     else:
         (pieces,) = await _cut(blocks, [prompt], segment, tenant)
         context, final = pieces[:-1], pieces[-1]
+        if not context:
+            return None  # nothing was cut: the prompt stays an ordinary prompt
     return _build(blocks, tokenizer, context, final, head)
 
 
@@ -429,6 +434,8 @@ async def _completion_by_default(blocks: ServerBlocks, tokenizer, prompt: str, a
         return None
     try:
         (pieces,) = await _cut(blocks, [prompt], SegmentOptions(), tenant)
+        if len(pieces) < 2:
+            return None  # nothing was cut: the prompt stays an ordinary prompt
         return _build(blocks, tokenizer, pieces[:-1], pieces[-1], head)
     except BlockRequestError as e:
         _left_as_sent(e)
@@ -509,6 +516,8 @@ async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documen
             f"to render the last user message once (found {len(where)} placeholders)", "messages")
     head, tail = rendered_ids[: where[0]], rendered_ids[where[0] + 1:]
     segment = SegmentOptions() if by_default else (None if requested == "off" else requested)
+    if by_default and not text:
+        raise LookupError  # the default has nothing to cut: the history stays as it is
     check_text(text, "the last user message", "messages", for_segmenter=segment is not None)
     param = "documents" if documents is not None else "messages"
     blocks.check_size([text, *(documents or ())], param)
@@ -523,21 +532,18 @@ async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documen
         blocks.check_tokens(n + sum(len(_encode(tokenizer, d)) for d in documents or ()), param)
     elif documents is None:
         raise LookupError
-    # One segmentation job for the request: the history before the last user message, every
-    # document, and the message itself (whose last piece stays in the final block).
-    texts = []
-    head_text = tokenizer.decode(head) if segment is not None and head else None
-    if head_text is not None:
-        texts.append(head_text)
-    texts.extend(documents or ())
+    # The template's tokens before the last user message (system prompt, earlier turns) stay one
+    # head block, never cut: at offset 0 and causal, it is ordinary KV on vLLM's prefix chain, so a
+    # growing history is reused turn after turn exactly as stock prefix caching reuses it, and
+    # cutting it would reuse nothing more (docs/server.md, "Chat: the history is never cut").
+    # One segmentation job for the request: every document, and the message itself (whose last
+    # piece stays in the final block).
+    texts = list(documents or ())
     if segment is not None and text:
         texts.append(text)
     cut = iter(await _cut(blocks, texts, segment, tenant))
     context: list = []
     prefix = head
-    if head_text is not None:
-        context.extend(next(cut))
-        prefix = None
     for _ in documents or ():
         context.extend(next(cut))
     final_ids = text_ids
@@ -546,6 +552,8 @@ async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documen
         context.extend(pieces[:-1])
         if pieces[-1] != text:
             final_ids = _encode(tokenizer, pieces[-1])
+    if not context:
+        raise LookupError  # nothing was cut: the conversation is rendered as sent, an ordinary prompt
     final = final_ids + tail
     if not final:
         raise BlockRequestError("the final block (last user message and the template's tail) is empty", "messages")
