@@ -300,6 +300,7 @@ def test_preemption_and_eviction_keep_results_right(tiny_qwen3, hf):
         gc.collect()
 
 
+@pytest.mark.slow  # 20 s: Triton under the interpreter inside an engine (CUDA-path coverage stays in test_backend_cuda)
 def test_triton_kernels_inside_vllm_under_the_interpreter(tiny_qwen3, hf, monkeypatch):
     import blockattn_kernels
 

@@ -261,6 +261,7 @@ def _cli(args, stdin=None):
                           capture_output=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # 12 s: several CLI subprocesses, each loading torch
 def test_cli_jsonl_prompt_stdin_and_errors(tmp_path, encoder_seg):
     ck = encoder_seg.save_pretrained(tmp_path / "ck")
     f = tmp_path / "doc.txt"

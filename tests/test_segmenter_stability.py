@@ -293,10 +293,10 @@ def test_eval_hook_offers_the_stable_rule_segmenter():
     assert blocks == [b for b in stable_rule_segments(doc, 64, opts.count_tokens) if b.strip()]
 
 
-@pytest.mark.parametrize("kind", ["encoder", "causal"])
+@pytest.mark.parametrize("kind", ["encoder", pytest.param("causal", marks=pytest.mark.slow)])  # causal: 18 s
 def test_many_texts_in_one_batch_give_each_text_its_own_result(segmenters, kind):
-    """What the server's batched segmentation relies on: scoring texts together (sharing windows
-    between them) changes no probability and no cut, bit for bit."""
+    """What batched segmentation (one request's documents together) relies on: scoring texts
+    together (sharing windows between them) changes no probability and no cut, bit for bit."""
     from vllm_blockattn.segmenter import segment_cuts_many
     from vllm_blockattn.segmenter.api import segment_cuts_thresholds
     from vllm_blockattn.segmenter.candidates import SegmenterInputError
