@@ -140,6 +140,10 @@ def test_a_poison_text_fails_alone_and_names_its_field(server):
     assert err["param"] == "documents" and "documents[1]" in err["message"] and "surrogate" in err["message"]
     assert "TextEncodeInput" not in err["message"]
     assert all(g.status_code == 200 for g in good), [g.text for g in good if g.status_code != 200]
+    r = chat(server, [{"role": "assistant", "content": "x \ud800"}, {"role": "user", "content": "hi"}],
+             documents=[{"text": DOCS[0]}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "messages[0] is not valid Unicode" in r.json()["error"]["message"]
     assert server.alive()
 
 

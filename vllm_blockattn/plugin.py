@@ -191,8 +191,8 @@ def _patch_server_blocks() -> None:
         vllm_config = getattr(self.renderer, "config", None)
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_chat(self, request, *args, **kwargs)
-        from .server import (BlockRequestError, chat_ids, chat_placeholder_messages, last_user_index,
-                             parse_documents, parse_segment, server_blocks, tenant_of)
+        from .server import (BlockRequestError, chat_ids, chat_placeholder_messages, check_messages,
+                             last_user_index, parse_documents, parse_segment, server_blocks, tenant_of)
 
         tokenizer = self.renderer.tokenizer
         by_default = False  # only the server's default asks for blocks: it never fails the request
@@ -203,6 +203,8 @@ def _patch_server_blocks() -> None:
             if documents is None and (requested == "off" or (requested is None and blocks.segment.default == "off")):
                 return await original_chat(self, request, *args, **kwargs)
             by_default = documents is None and requested is None
+            if not by_default:
+                check_messages(request.messages)
             sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.sink_token_id)
             index = last_user_index(request.messages)
             messages, text = chat_placeholder_messages(request.messages, index, sink_text)

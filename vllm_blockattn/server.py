@@ -467,6 +467,19 @@ def _message_text(content) -> str:
     raise BlockRequestError("the last user message has no text content", "messages")
 
 
+def check_messages(messages) -> None:
+    """Refuse message text that tokenizers cannot take, naming ``messages`` (for requests that ask for
+    documents or segmentation; an ordinary request gets vLLM's own handling)."""
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        for part in parts:
+            text = part if isinstance(part, str) else (
+                part.get("text") if isinstance(part, dict) else getattr(part, "text", None))
+            if isinstance(text, str):
+                check_text(text, f"messages[{i}]", "messages")
+
+
 def last_user_index(messages) -> int:
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
