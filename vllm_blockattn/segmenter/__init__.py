@@ -1,4 +1,9 @@
-"""Learned segmentation of long text into blocks for block attention (DESIGN.md section 5).
+"""Learned segmentation of long text into blocks for block attention.
+
+A pretrained backbone (the packaged offline MiniLM by default) reads the text; a small head (Linear ->
+ReLU -> Linear -> 2 classes) decides, for every candidate cut point that a rule inserts (line
+breaks), whether to cut there. Granularity is a probability threshold per level and a recursion depth
+(each level re-cuts the blocks of the level above). docs/segmenter.md has the design and evidence.
 
 Public API::
 
