@@ -26,10 +26,11 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN
+from ..segmenter.rules import rule_based_segments  # noqa: F401 - part of this module's API (the "rule" form)
 
 DEFAULT_BLOCK_TOKENS = 512
 ENV = {
@@ -211,53 +212,6 @@ def split_before(text: str, pattern: str, min_units: int = 2) -> list[str] | Non
         return None
     cuts = [0] + [s for s in starts if s > 0] + [len(text)]
     return [text[a:b] for a, b in zip(cuts, cuts[1:]) if a < b]
-
-
-def _split_keep(text: str, pattern: str) -> list[str]:
-    """Split after each match of ``pattern``, keeping the separator with the piece before it."""
-    out, last = [], 0
-    for m in re.finditer(pattern, text):
-        if m.end() > last:
-            out.append(text[last : m.end()])
-            last = m.end()
-    if last < len(text):
-        out.append(text[last:])
-    return out
-
-
-_LEVELS = (r"\n\s*\n", r"\n", r"(?<=[.!?。！？；;])\s*", r"\s+")
-
-
-def rule_based_segments(text: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
-    """Pack paragraphs (then lines, sentences, words, characters for what is still too long) greedily
-    into blocks of at most ``max_tokens`` (by ``count``). The blocks concatenate to ``text``."""
-
-    def units(piece: str, level: int) -> list[str]:
-        if count(piece) <= max_tokens:
-            return [piece]
-        if level == len(_LEVELS):
-            step = max(1, len(piece) * max_tokens // max(count(piece), 1))
-            return [piece[i : i + step] for i in range(0, len(piece), step)]
-        parts = _split_keep(piece, _LEVELS[level])
-        if len(parts) == 1:
-            return units(piece, level + 1)
-        return [u for p in parts for u in units(p, level + 1)]
-
-    blocks: list[str] = []
-    current, current_len = "", 0
-    for unit in units(text, 0):
-        n = count(unit)
-        if current and current_len + n > max_tokens and current.strip():
-            blocks.append(current)
-            current, current_len = "", 0
-        current += unit
-        current_len += n
-    if current:
-        if blocks and not current.strip():
-            blocks[-1] += current
-        else:
-            blocks.append(current)
-    return blocks
 
 
 def segment(text: str, opts: FormOptions) -> list[str]:

@@ -1,7 +1,7 @@
 """A content-defined rule segmenter: blocks of at most ``max_tokens`` whose cuts depend on the text
 near them only, so a document is cut the same way wherever it appears (docs/auto_segmentation.md).
 
-The greedy rule segmenter (:func:`vllm_blockattn.eval.blocks.rule_based_segments`) packs units into a
+The greedy rule segmenter (:func:`rule_based_segments`, below) packs units into a
 block until the next one would not fit: every cut depends on where the previous block started, so a
 document placed after other text is cut differently all the way through. Here:
 
@@ -25,15 +25,62 @@ anywhere in a longer text is cut identically at every boundary ``b`` of ``D`` al
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import deque
 from collections.abc import Callable
 
-from ..eval.blocks import _LEVELS, _split_keep
 from .candidates import SegmenterInputError
 
-# paragraph break, line break, sentence end, whitespace: the greedy rule segmenter's levels and splitter
-LEVELS = _LEVELS
+
+def split_keep(text: str, pattern: str) -> list[str]:
+    """Split after each match of ``pattern``, keeping the separator with the piece before it."""
+    out, last = [], 0
+    for m in re.finditer(pattern, text):
+        if m.end() > last:
+            out.append(text[last : m.end()])
+            last = m.end()
+    if last < len(text):
+        out.append(text[last:])
+    return out
+
+
+# paragraph break, line break, sentence end, whitespace: the rule segmenters' levels
+LEVELS = (r"\n\s*\n", r"\n", r"(?<=[.!?。！？；;])\s*", r"\s+")
+
+
+def rule_based_segments(text: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
+    """Pack paragraphs (then lines, sentences, words, characters for what is still too long) greedily
+    into blocks of at most ``max_tokens`` (by ``count``). The blocks concatenate to ``text``."""
+
+    def units(piece: str, level: int) -> list[str]:
+        if count(piece) <= max_tokens:
+            return [piece]
+        if level == len(LEVELS):
+            step = max(1, len(piece) * max_tokens // max(count(piece), 1))
+            return [piece[i : i + step] for i in range(0, len(piece), step)]
+        parts = split_keep(piece, LEVELS[level])
+        if len(parts) == 1:
+            return units(piece, level + 1)
+        return [u for p in parts for u in units(p, level + 1)]
+
+    blocks: list[str] = []
+    current, current_len = "", 0
+    for unit in units(text, 0):
+        n = count(unit)
+        if current and current_len + n > max_tokens and current.strip():
+            blocks.append(current)
+            current, current_len = "", 0
+        current += unit
+        current_len += n
+    if current:
+        if blocks and not current.strip():
+            blocks[-1] += current
+        else:
+            blocks.append(current)
+    return blocks
+
+
 CHAR_LEVEL = len(LEVELS)
 
 
@@ -48,7 +95,7 @@ def atoms(text: str, max_tokens: int, count: Callable[[str], int]) -> tuple[list
             step = max(1, len(piece) * max_tokens // max(n, 1))
             parts = [piece[i : i + step] for i in range(0, len(piece), step)]
             return [(p, count(p)) for p in parts], [CHAR_LEVEL] * (len(parts) - 1)
-        parts = _split_keep(piece, LEVELS[level])
+        parts = split_keep(piece, LEVELS[level])
         if len(parts) == 1:
             return units(piece, level + 1)
         out, seps = [], []
