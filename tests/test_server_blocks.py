@@ -10,7 +10,8 @@ import pytest
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
 from vllm_blockattn.paged import pad_and_order
-from vllm_blockattn.segment_service import SegmentationError, SegmentLimits
+from vllm_blockattn.request_options import SegmentLimits
+from vllm_blockattn.segment_service import SegmentationError
 from vllm_blockattn.segmenter.work import checkpoint
 from vllm_blockattn.server import (BlockRequestError, SegmentOptions, ServerBlocks, ServerSegmentConfig, chat_ids,
                                    completion_ids, new_segmenter_service, parse_documents, parse_segment)

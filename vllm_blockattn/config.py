@@ -86,8 +86,8 @@ def _build(vllm_config) -> BlockEngineConfig:
         pad = 0 if settings.sink_token_id != 0 else 1
     model_config = vllm_config.model_config
     namespace = ("blockattn", str(model_config.model), settings.sink_token_id, settings.num_sinks)
-    if "segment" in override:  # the API server's segmenter settings (server.py); checked at start-up
-        from .server import ServerSegmentConfig
+    if "segment" in override:  # the API server's segmenter settings; checked at start-up
+        from .request_options import ServerSegmentConfig
 
         ServerSegmentConfig.from_additional_config(vllm_config.additional_config)
     kernel = override.get("kernel", "auto")

@@ -44,22 +44,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
+
+from .request_options import SegmentLimits
 
 logger = logging.getLogger("vllm_blockattn")
 
 OUTCOMES = ("ok", "refused", "cancelled", "timed_out", "failed")
-
-
-@dataclass(frozen=True)
-class SegmentLimits:
-    """The service's bounds (``additional_config["blockattn"]["segment"]`` keys of the same names)."""
-
-    budget_seconds: float = 30.0  # segmenter time one request may use (its own turns)
-    timeout_seconds: float = 120.0  # arrival to result, queue included
-    max_pending: int = 32  # requests segmenting or waiting; one more gets 503
-    cache_mib: float = 256.0  # the incremental cache's bound, MiB of what it stores
 
 
 class SegmentationError(Exception):
