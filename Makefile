@@ -21,6 +21,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
 test-slow: setup
