@@ -8,7 +8,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def _import_tools() -> None:
+    """The repository's ``tools/`` (test kits and device scripts, not installed) as the package
+    ``tools``, without putting the repository root on ``sys.path`` (where its ``triton_kernels/``
+    folder could pass for vLLM's package of that name)."""
+    root = Path(__file__).resolve().parents[1] / "tools"
+    if "tools" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("tools", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tools"] = module
+        spec.loader.exec_module(module)
+
+
+_import_tools()
 
 
 @pytest.fixture(scope="session")

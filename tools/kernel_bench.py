@@ -2,12 +2,12 @@
 
 Runs on a CUDA machine with torch and triton only (no vLLM, package not installed)::
 
-    PYTHONPATH=triton_kernels python -m blockattn_kernels.bench --json kernels_bench.json
-    python -m blockattn_kernels.bench --quick            # when the package is installed
+    python -m tools.kernel_bench --json kernels_bench.json
+    python -m tools.kernel_bench --quick            # when the package is installed
 
 CPU smoke run of the same code paths at tiny sizes (used by the tests)::
 
-    TRITON_INTERPRET=1 PYTHONPATH=triton_kernels python -m blockattn_kernels.bench --device cpu --quick
+    TRITON_INTERPRET=1 python -m tools.kernel_bench --device cpu --quick
 
 1. Correctness: prefill and decode kernels vs ``block_attention_torch`` (bf16 and fp32, page sizes 16
    and 32, GQA, several sequences per batch with pads, chunked queries, single-token final blocks).
@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .cases import SeqSpec, make_case
+from tools.kernel_cases import SeqSpec, make_case
 
 HEADS = dict(q_heads=32, kv_heads=8, head_dim=128)          # a Llama-3-8B-like layer
 TINY_HEADS = dict(q_heads=4, kv_heads=2, head_dim=32)
@@ -42,7 +42,7 @@ TOL = {torch.bfloat16: 3e-2, torch.float32: 2e-4}
 
 def _kernels():
     # imported late so that --device cpu can switch the interpreter on first
-    from . import block_attention_decode, block_attention_prefill, block_attention_torch
+    from blockattn_kernels import block_attention_decode, block_attention_prefill, block_attention_torch
 
     return block_attention_prefill, block_attention_decode, block_attention_torch
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device (use --device cpu for the smoke run)")
     if device.type == "cpu":
-        from . import enable_triton_interpreter
+        from blockattn_kernels import enable_triton_interpreter
 
         enable_triton_interpreter()
     import triton
