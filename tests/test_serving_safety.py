@@ -353,3 +353,32 @@ def test_version_contract_names_what_changed(tiny_qwen3, monkeypatch):
     assert any("extra_keys" in p for p in problems)
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32"):
         make_config(tiny_qwen3)
+
+
+def test_every_vllm_name_the_package_imports_is_in_the_version_contract():
+    """Walk the installed package's sources: every ``from vllm... import name`` (and ``import
+    vllm...``) must be checked by ``_vllm_api`` (its module path appears in a check), so an upgraded
+    vLLM that drops or moves it fails at start-up with a named reason, not at the first request."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import vllm_blockattn
+    import vllm_blockattn._vllm_api as api
+
+    contract = inspect.getsource(api)
+    root = Path(vllm_blockattn.__file__).parent
+    missing = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "vllm":
+                for alias in node.names:
+                    names = (f'"{node.module}:{alias.name}', f'"{node.module}.{alias.name}:', f'"{node.module}.{alias.name}"')
+                    if not any(n in contract for n in names):
+                        missing.append(f"{path.relative_to(root)}: from {node.module} import {alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    mod = alias.name
+                    if mod.split(".")[0] == "vllm" and mod != "vllm" and f'"{mod}:' not in contract:
+                        missing.append(f"{path.relative_to(root)}: import {mod}")
+    assert not missing, "vLLM names used but not in the version contract (_vllm_api.py):\n" + "\n".join(missing)

@@ -53,7 +53,7 @@ def _fields(path: str, *names: str) -> str | None:
     except Exception as e:  # noqa: BLE001
         return f"{path} is missing ({type(e).__name__}: {e})"
     have = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else \
-        set(getattr(cls, "__struct_fields__", ())) or set(dir(cls))
+        set(getattr(cls, "model_fields", ())) or set(getattr(cls, "__struct_fields__", ())) or set(dir(cls))
     missing = [n for n in names if n not in have]
     return f"{path} lacks fields {missing}" if missing else None
 
@@ -66,6 +66,16 @@ def _assigns(path: str, *attrs: str) -> str | None:
         return f"{path} is missing ({type(e).__name__}: {e})"
     missing = [a for a in attrs if f"self.{a}" not in src]
     return f"{path} no longer sets {['self.' + a for a in attrs if a in missing]}" if missing else None
+
+
+def _source_mentions(path: str, *names: str) -> str | None:
+    """Keys the plugin reads from what a method builds (dict keys appear only in its source)."""
+    try:
+        src = inspect.getsource(_obj(path))
+    except Exception as e:  # noqa: BLE001
+        return f"{path} is missing ({type(e).__name__}: {e})"
+    missing = [n for n in names if n not in src]
+    return f"{path} no longer mentions {missing}" if missing else None
 
 
 def _is_property(path: str) -> str | None:
@@ -110,7 +120,21 @@ COMMON = [
     ("server documents", lambda: _params("vllm.renderers.online_renderer:OnlineRenderer.render_chat", "request")),
     ("server documents", lambda: _has("vllm.renderers.online_renderer:OnlineRenderer.create_error_response")),
     ("server documents", lambda: _assigns("vllm.renderers.online_renderer:OnlineRenderer.__init__", "renderer")),
-    ("server documents", lambda: _assigns("vllm.renderers.base:BaseRenderer.__init__", "config")),
+    ("server documents", lambda: _assigns("vllm.renderers.base:BaseRenderer.__init__", "config", "tokenizer")),
+    ("server documents", lambda: _fields("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
+                                         "documents", "messages", "cache_salt", "model")),
+    ("server documents", lambda: _fields("vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+                                         "prompt", "cache_salt", "model", "add_special_tokens")),
+    # a chat prompt's token offsets, dropped from the engine input once the block prompt replaces it
+    ("server documents", lambda: _source_mentions("vllm.inputs.engine", "prompt_token_offsets")),
+    ("server CLI", lambda: _has("vllm.entrypoints.cli.main:main")),
+    ("platform", lambda: _has("vllm.platforms:current_platform")),
+    ("environment", lambda: _has("vllm.envs:VLLM_USE_V2_MODEL_RUNNER")),
+    ("class resolution", lambda: _params("vllm.utils.import_utils:resolve_obj_by_qualname", "qualname")),
+    ("offline metrics", lambda: _assigns("vllm.v1.engine.core:EngineCore.__init__", "scheduler")),
+    ("attention metadata", lambda: _fields("vllm.v1.attention.backend:CommonAttentionMetadata", "num_reqs",
+                                           "query_start_loc", "query_start_loc_cpu", "seq_lens", "num_actual_tokens",
+                                           "max_query_len", "block_table_tensor", "slot_mapping")),
     ("cached-token usage", lambda: _assigns("vllm.v1.request:Request.__init__", "prefill_stats")),
     ("cached-token usage", lambda: _fields("vllm.v1.metrics.stats:PrefillStats", "num_prompt_tokens",
                                            "num_computed_tokens", "num_cached_tokens", "num_local_cached_tokens",
