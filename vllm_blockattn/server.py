@@ -389,3 +389,78 @@ async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documen
     if not final:
         raise BlockRequestError("the final block (last user message and the template's tail) is empty", "messages")
     return _build(blocks, tokenizer, context, final, prefix)
+
+
+# -- the two request flows, as the API server's renderer runs them (plugin.py installs them) -----------
+
+
+def _error_response(renderer, error: BlockRequestError):
+    """The error response of a request the server could not turn into a block prompt."""
+    return renderer.create_error_response(str(error), err_type=error.err_type, status_code=error.status,
+                                          param=error.param)
+
+
+async def render_block_completion(renderer, vllm_config, request, render):
+    """``OnlineRenderer.render_completion`` for an engine that runs the backend: the prompt becomes
+    the block prompt of ``documents``/``segment`` (or stays as sent), then ``render(request)``, vLLM's
+    own rendering, takes it from there."""
+    extra = request.model_extra or {}
+    try:
+        ids = await completion_ids(server_blocks(vllm_config), renderer.renderer.tokenizer, request.prompt,
+                                   extra.get("documents"), extra.get("segment"),
+                                   add_special_tokens=getattr(request, "add_special_tokens", True),
+                                   tenant=tenant_of(request))
+    except BlockRequestError as e:
+        return _error_response(renderer, e)
+    if ids is not None:
+        request.prompt = ids
+    return await render(request)
+
+
+async def render_block_chat(renderer, vllm_config, request, render):
+    """``OnlineRenderer.render_chat`` for an engine that runs the backend: the conversation is
+    rendered by the model's own template with a one-sink placeholder for the last user message's
+    content (``render``, vLLM's own rendering), and the block prompt is built around it
+    (:func:`chat_ids`); a request that asks for nothing, or that the server's default cannot apply
+    to, is rendered as sent."""
+    tokenizer = renderer.renderer.tokenizer
+    by_default = False  # only the server's default asks for blocks: it never fails the request
+    try:
+        blocks = server_blocks(vllm_config)
+        documents = parse_documents(request.documents)
+        requested = parse_segment((request.model_extra or {}).get("segment"))
+        if documents is None and (requested == "off" or (requested is None and blocks.segment.default == "off")):
+            return await render(request)
+        by_default = documents is None and requested is None
+        if not by_default:
+            check_messages(request.messages)
+        sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.sink_token_id)
+        index = last_user_index(request.messages)
+        messages, text = chat_placeholder_messages(request.messages, index, sink_text)
+    except BlockRequestError as e:
+        if by_default:  # no user message, or one with non-text parts: rendered as sent
+            return await render(request)
+        return _error_response(renderer, e)
+    result = await render(request.model_copy(update={"messages": messages, "documents": None}))
+    if not isinstance(result, tuple) or len(result[1]) != 1 or "prompt_token_ids" not in result[1][0]:
+        if by_default:
+            return await render(request)
+        if not isinstance(result, tuple):
+            return result  # an ErrorResponse
+        return renderer.create_error_response("block chat prompts need a token prompt", param="messages")
+    conversation, engine_inputs = result
+    try:
+        ids = await chat_ids(blocks, tokenizer, list(engine_inputs[0]["prompt_token_ids"]), text, documents,
+                             requested, tenant=tenant_of(request))
+    except LookupError:
+        return await render(request)
+    except BlockRequestError as e:
+        return _error_response(renderer, e)
+    # the placeholder's token offsets no longer describe the prompt: dropped
+    engine_input = {k: v for k, v in engine_inputs[0].items() if k != "prompt_token_offsets"}
+    engine_input["prompt_token_ids"] = ids
+    engine_input["prompt"] = tokenizer.decode(ids)
+    for message in conversation:
+        if isinstance(message, dict) and message.get("content") == sink_text:
+            message["content"] = text
+    return conversation, [engine_input]
