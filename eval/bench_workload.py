@@ -221,6 +221,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.startup_s = None
+        self.probe: list[int] | None = None  # the cache-reset check's prompt (fresh_cache)
         cli = os.path.join(os.path.dirname(sys.executable), "vllm-blockattn")
         cmd = [cli, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", MODEL_NAME, "--dtype", args.dtype, "--max-model-len", str(max_model_len),
@@ -754,21 +755,29 @@ def replay(srv: Server, lanes: list[list[dict]], args, desc: str, keep_ids: int 
     return records, wall
 
 
-def probe_prompt(vocab: list[int]) -> list[int]:
+def probe_prompts(vocab: list[int], settings) -> dict:
+    """Per backend, the prompt that checks a cache reset: 256 random tokens, plain for stock; for
+    blockattn a block prompt (a head, two 96-token blocks and a final block), so the check covers the
+    block cache too."""
+    from vllm_blockattn import build_block_prompt
+
     rng = random.Random(12345)
-    return [rng.choice(vocab) for _ in range(256)]
+    ids = [rng.choice(vocab) for _ in range(256)]
+    return {"stock": ids, "blockattn": build_block_prompt([ids[32:128], ids[128:224], ids[224:]], settings,
+                                                          prefix=ids[:32])}
 
 
-def warm_up(srv: Server, probe: list[int], timeout: float) -> None:
-    rec = stream_completion(srv.url, probe, 4, timeout)
+def warm_up(srv: Server, timeout: float) -> None:
+    """One request, the cache-reset probe (so that it was served before the first reset)."""
+    rec = stream_completion(srv.url, srv.probe, 4, timeout)
     if "error" in rec:
         raise ServerError(f"warm-up request failed: {rec['error']}\n{srv.log_tail()}")
 
 
-def fresh_cache(srv: Server, probe: list[int], timeout: float) -> dict:
+def fresh_cache(srv: Server, timeout: float) -> dict:
     """Empty the cache and check it: the probe (served before) must find nothing cached; empty again."""
     srv.reset_cache()
-    rec = stream_completion(srv.url, probe, 1, timeout)
+    rec = stream_completion(srv.url, srv.probe, 1, timeout)
     if "error" in rec:
         raise ServerError(f"probe after the cache reset failed: {rec['error']}\n{srv.log_tail()}")
     srv.reset_cache()
@@ -788,14 +797,14 @@ def prime(srv: Server, prompts: list[list[int]], args) -> float:
     return time.perf_counter() - start
 
 
-def pressure_checks(srv: Server, records: list[dict], prompts: list[list[int]], probe, args, tok) -> dict:
+def pressure_checks(srv: Server, records: list[dict], prompts: list[list[int]], args, tok) -> dict:
     """Greedy tokens of a few replayed requests (of the second half, those that took most tokens from
     the cache) against the same prompt sent alone after emptying the cache."""
     n = len(records)
     by_req = {r["request"]: r for r in records if "error" not in r and r.get("output_ids")}
     late = [i for i in range(n // 2, n) if i in by_req]
     chosen = sorted(late, key=lambda i: (-(by_req[i].get("cached_tokens") or 0), -i))[:args.pressure_checks]
-    fresh_cache(srv, probe, args.request_timeout)
+    fresh_cache(srv, args.request_timeout)
     out = []
     for i in sorted(chosen):
         ref = stream_completion(srv.url, prompts[i], args.check_tokens, args.request_timeout,
@@ -972,11 +981,11 @@ def server_entry(srv: Server, out: str) -> dict:
             "log": os.path.relpath(srv.log_path, out)}
 
 
-def run_one(srv: Server, workload: str, name: str, run: dict, args, probe, keep_ids=0) -> tuple[dict, list]:
+def run_one(srv: Server, workload: str, name: str, run: dict, args, keep_ids=0) -> tuple[dict, list]:
     t0 = time.perf_counter()
     if not srv.alive():
         raise ServerError(f"server died before this run:\n{srv.log_tail()}")
-    reset = fresh_cache(srv, probe, args.request_timeout)
+    reset = fresh_cache(srv, args.request_timeout)
     prime_s = prime(srv, run["primes"], args) if run["primes"] else None
     before = srv.metrics()
     records, wall = replay(srv, run["lanes"], args, f"{workload} {name}", keep_ids=keep_ids)
@@ -1008,7 +1017,7 @@ def run(args, argv: list[str]) -> dict:
     vocab = [i for i in range(len(tok)) if i not in special]
     clean = clean_vocab(tok)
     e = Encoded(tok, settings)
-    probe = probe_prompt(vocab)
+    probes = probe_prompts(vocab, settings)
     page = args.block_size or 128
     locomo = {"path": args.locomo, "sha256": sha256(args.locomo), "source": LOCOMO_SOURCE} if args.locomo else None
     report = {
@@ -1064,7 +1073,8 @@ def run(args, argv: list[str]) -> dict:
             servers = {}
         try:
             for kind, srv in servers.items():
-                warm_up(srv, probe, args.request_timeout)
+                srv.probe = probes[kind]
+                warm_up(srv, args.request_timeout)
                 report["servers"][f"main-{kind}"] = {**server_entry(srv, args.out), "max_model_len": max_len,
                                                      "cache": srv.cache_info()}
             for workload, info in infos.items():
@@ -1079,9 +1089,9 @@ def run(args, argv: list[str]) -> dict:
                         res["failed"] = "server did not start"
                         continue
                     try:
-                        res["aggregate"], res["records"] = run_one(srv, workload, name, run_, args, probe)
+                        res["aggregate"], res["records"] = run_one(srv, workload, name, run_, args)
                         if workload == "rag" and args.vllm_bench_serve:
-                            fresh_cache(srv, probe, args.request_timeout)
+                            fresh_cache(srv, args.request_timeout)
                             print(f"rag / {name}: vllm bench serve", flush=True)
                             res["vllm_bench_serve"] = bench_serve_rag(srv, model, run_, tok, args, name)
                     except (ServerError, subprocess.SubprocessError, OSError) as err:
@@ -1112,7 +1122,8 @@ def run(args, argv: list[str]) -> dict:
         try:
             caps = {}
             for kind, srv in servers.items():
-                warm_up(srv, probe, args.request_timeout)
+                srv.probe = probes[kind]
+                warm_up(srv, args.request_timeout)
                 info_ = srv.cache_info()
                 caps[kind] = info_["capacity_tokens"]
                 report["servers"][f"pressure-{kind}"] = {**server_entry(srv, args.out), "max_model_len": max_len,
@@ -1137,7 +1148,7 @@ def run(args, argv: list[str]) -> dict:
                     srv = servers[server_of(name)]
                     res = entry["systems"][name] = {"server": f"pressure-{server_of(name)}"}
                     try:
-                        agg, records = run_one(srv, "pressure", name, run_, args, probe, keep_ids=args.check_tokens)
+                        agg, records = run_one(srv, "pressure", name, run_, args, keep_ids=args.check_tokens)
                         delta = agg["metrics_delta"]
                         agg["evictions"] = {
                             "kv_capacity_tokens": capacity,
@@ -1149,7 +1160,7 @@ def run(args, argv: list[str]) -> dict:
                         agg["evictions"]["happened"] = bool(agg["evictions"]["pages_reallocated"]
                                                             or agg["kv_written_tokens"] > capacity)
                         prompts = [it["prompt"] for lane in run_["lanes"] for it in lane]
-                        agg["correctness"] = pressure_checks(srv, records, prompts, probe, args, tok)
+                        agg["correctness"] = pressure_checks(srv, records, prompts, args, tok)
                         agg["correctness"]["all_answered"] = agg["errors"] == 0
                         res["aggregate"], res["records"] = agg, records
                         c = agg["correctness"]
@@ -1382,7 +1393,7 @@ def main(argv=None):
     g.add_argument("--chat-conversations", type=int, default=4, help="conversations replayed (LoCoMo has 10)")
     g.add_argument("--chat-session", type=int, default=3,
                    help="the replayed turns straddle the start of this session (1-based): half before, half in it")
-    g.add_argument("--chat-turns", type=int, default=12, help="turns replayed per conversation")
+    g.add_argument("--chat-turns", type=int, default=8, help="turns replayed per conversation")
     g.add_argument("--chat-answer-tokens", type=int, default=64)
     g.add_argument("--chat-prime", action=argparse.BooleanOptionalAction, default=True,
                    help="before the timed replay, serve each conversation's turn before the window once (untimed)")
