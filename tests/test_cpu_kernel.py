@@ -20,10 +20,28 @@ def kernel():
     return module
 
 
+def amx_available(kernel) -> bool:
+    """vLLM stores bf16 pages in its AMX layout here, and the kernel was built with its AMX path."""
+    return torch.cpu._is_amx_tile_supported() and kernel.has_amx()
+
+
+def run(kernel, args, out):
+    """The kernel entry for the case's page layout (``args["layout"]``)."""
+    a = dict(args)
+    layout = a.pop("layout")
+    if layout.amx:
+        kernel.final_attention_amx(*a.values(), out)
+    else:
+        kernel.final_attention(*a.values(), layout.k_col_major, layout.v_col_major, out)
+    return out
+
+
 def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), (32, 0), (7, 300)), final=45,
-              q_len=5, isa="vec"):
+              q_len=5, isa="vec", pad_value=None):
     """One request: context blocks (real length, logical offset) in physical order, then a final block
-    of ``final`` tokens whose last ``q_len`` are queries. Returns kernel args and the dense reference."""
+    of ``final`` tokens whose last ``q_len`` are queries. Returns kernel args (with the page layout as
+    ``layout``; call them with ``run``) and the dense reference. ``pad_value`` fills the cache before
+    the KV is written, so that pad slots and unwritten slots hold it (NaN: they must never count)."""
     from vllm import _custom_ops as ops
 
     from vllm_blockattn.backend import kernel_layout
@@ -40,12 +58,15 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
     n_pages = -(-total // page) + 3
     perm = torch.randperm(n_pages, generator=g)[: -(-total // page)].to(torch.int32)  # scattered pages
     cache = torch.randn(n_pages + 1, hkv, page, 2 * d, generator=g).to(dtype)
+    if pad_value is not None:
+        cache.fill_(pad_value)
     k = torch.randn(total, hkv, d, generator=g)
     v = torch.randn(total, hkv, d, generator=g)
     key_cache, value_cache = cache.view(n_pages + 1, hkv, 2 * page, d).chunk(2, dim=2)
     slots = (perm.long()[torch.arange(total) // page] * page + torch.arange(total) % page)
-    ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), key_cache, value_cache, slots, isa,
-                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    real = torch.cat([torch.arange(start, start + n) for start, n, _ in spans] + [torch.arange(final_start, total)])
+    ops.cpu_attn_reshape_and_cache(k[real].to(dtype), v[real].to(dtype), key_cache, value_cache, slots[real], isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")  # pads keep their old values
     q = torch.randn(q_len, hq, d, generator=g).to(dtype)
 
     # Reference: keys of block b rotated by its offset, final keys as stored; causal in the final block.
@@ -58,13 +79,13 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
     vs.append(v[final_start:].float())
     K, V = torch.cat(ks), torch.cat(vs)
     n_ctx = K.shape[0] - final
-    out_ref = torch.empty(q_len, hq, d)
-    for i in range(q_len):
-        visible = n_ctx + final - q_len + i + 1
-        kk = K[:visible].repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, N, D]
-        vv = V[:visible].repeat_interleave(group, dim=1).transpose(0, 1)
-        att = torch.softmax((q[i].float()[:, None, :] @ kk.transpose(1, 2)).squeeze(1) * d ** -0.5, dim=-1)
-        out_ref[i] = (att[:, None, :] @ vv).squeeze(1)
+    # Query i sees every context key and the final block up to its own slot.
+    visible = torch.arange(K.shape[0])[None, :] <= (n_ctx + final - q_len + torch.arange(q_len))[:, None]
+    kk = K.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, N, D]
+    vv = V.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = (q.float().transpose(0, 1) @ kk.transpose(1, 2)) * d ** -0.5  # [Hq, q_len, N]
+    att = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out_ref = (att @ vv).transpose(0, 1)  # [q_len, Hq, D]
 
     cos, sin = rope_cos_sin(-torch.tensor([float(o) for _, o in blocks] + [0.0]), inv_freq)
     cos[-1], sin[-1] = 1.0, 0.0
@@ -77,8 +98,7 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
         seg_ptr=torch.tensor([0, len(blocks) + 1], dtype=torch.int32),
         seg_page=torch.tensor([s // page for s, _, _ in spans] + [final_start // page], dtype=torch.int32),
         seg_len=torch.tensor([n for _, n, _ in spans] + [0], dtype=torch.int32),
-        seg_cos=cos.contiguous(), seg_sin=sin.contiguous(), scale=d ** -0.5, k_col_major=layout[0],
-        v_col_major=layout[1])
+        seg_cos=cos.contiguous(), seg_sin=sin.contiguous(), scale=d ** -0.5, layout=layout)
     return args, out_ref
 
 
@@ -86,19 +106,16 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
 def test_kernel_matches_dense_reference(kernel, dtype, tol):
     for seed in range(3):
         args, ref = make_case(dtype, seed)
-        out = torch.full_like(args["query"], float("nan"))
-        kernel.final_attention(*args.values(), out)
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
         assert (out.float() - ref).abs().max().item() < tol, seed
 
 
 def test_kernel_decode_single_query_and_no_context(kernel):
     args, ref = make_case(torch.float32, 7, q_len=1, final=33)
-    out = torch.empty_like(args["query"])
-    kernel.final_attention(*args.values(), out)
+    out = run(kernel, args, torch.empty_like(args["query"]))
     assert (out - ref).abs().max().item() < 1e-4
-    args, ref = make_case(torch.float32, 8, blocks=(), final=45, q_len=45)  # no context: plain causal, 6 tiles
-    out = torch.empty_like(args["query"])
-    kernel.final_attention(*args.values(), out)
+    args, ref = make_case(torch.float32, 8, blocks=(), final=45, q_len=45)  # no context: plain causal
+    out = run(kernel, args, torch.empty_like(args["query"]))
     assert (out - ref).abs().max().item() < 1e-4
 
 
@@ -106,10 +123,13 @@ def test_kernel_rejects_bad_arguments(kernel):
     args, _ = make_case(torch.float32, 9)
     args["block_table"] = args["block_table"].long()
     with pytest.raises(RuntimeError, match="int32"):
-        kernel.final_attention(*args.values(), torch.empty_like(args["query"]))
+        run(kernel, args, torch.empty_like(args["query"]))
 
 
-def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkeypatch, dtype):
+    """Inside vLLM the final path runs the kernel (in bf16 on an AMX CPU: its AMX entry, on vLLM's AMX
+    pages) and generation matches the HF block reference (bf16: tokens, log-probs to 0.1)."""
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
@@ -117,19 +137,27 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
 
     from tests._reference import assert_matches, block_reference
 
-    calls = []
+    calls, amx_calls = [], []
 
     class Counting:
+        def has_amx(self):
+            return kernel.has_amx()
+
         def final_attention(self, *a):
             calls.append(a[0].shape[0])
             return kernel.final_attention(*a)
+
+        def final_attention_amx(self, *a):
+            calls.append(a[0].shape[0])
+            amx_calls.append(a[0].shape[0])
+            return kernel.final_attention_amx(*a)
 
     monkeypatch.setattr(cpu_kernels, "_MODULE", Counting())
     settings = BlockSettings.from_pretrained(tiny_qwen3)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(10, 300, (n,), generator=g).tolist() for n in (45, 64, 20)]
     ids = build_block_prompt(docs + [torch.randint(10, 300, (12,), generator=g).tolist()], settings)
-    llm = LLM(model=tiny_qwen3, attention_backend="blockattn", dtype="float32", enforce_eager=True,
+    llm = LLM(model=tiny_qwen3, attention_backend="blockattn", dtype=dtype, enforce_eager=True,
               max_model_len=512, num_gpu_blocks_override=64, seed=0)
     try:
         out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=8, temperature=0.0, logprobs=0,
@@ -138,8 +166,10 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
         del llm
         gc.collect()
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
-    assert_matches(out, block_reference(model, settings, ids, 8))
+    assert_matches(out, block_reference(model, settings, ids, 8), tol=1e-3 if dtype == "float32" else 0.1)
     assert calls and all(c > 0 for c in calls)  # every layer of the prefill and each decode step
+    if dtype == "bfloat16" and amx_available(kernel):
+        assert amx_calls == calls
 
 
 @pytest.mark.parametrize("hkv, group, d", [(4, 1, 64), (1, 4, 128), (2, 8, 64), (2, 3, 64), (1, 2, 96)])
@@ -148,8 +178,7 @@ def test_kernel_head_shapes(kernel, hkv, group, d):
     the generic row-at-a-time path (other head dims) give the same result as the reference."""
     for q_len in (1, 11):
         args, ref = make_case(torch.float32, 10 + q_len, hkv=hkv, group=group, d=d, q_len=q_len)
-        out = torch.empty_like(args["query"])
-        kernel.final_attention(*args.values(), out)
+        out = run(kernel, args, torch.empty_like(args["query"]))
         assert (out - ref).abs().max().item() < 1e-4, (hkv, group, d, q_len)
 
 
@@ -164,7 +193,91 @@ def test_kernel_multi_query_blocks(kernel, dtype, tol, d, group):
     for i, q_len in enumerate((1, 3, 5, 17, 130)):
         before = (0, 5, 31, 32, 70)[(i + group + d // 64) % 5]  # final-block tokens before the first query
         args, ref = make_case(dtype, 100 + i, hkv=2, group=group, d=d, q_len=q_len, final=before + q_len)
-        out = torch.full_like(args["query"], float("nan"))
-        kernel.final_attention(*args.values(), out)
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
         err = (out.float() - ref).abs().max().item()
         assert err < tol, (q_len, before, err)
+
+
+def context_blocks(n_ctx: int, seed: int, block: int = 512) -> tuple[tuple[int, int], ...]:
+    """About ``n_ctx`` context tokens in blocks of up to ``block`` (some shorter, so their last page
+    is partly pads), in physical order, with logical offsets in a shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < n_ctx:
+        lens.append(min(block - int(torch.randint(0, 40, (1,), generator=g)), n_ctx - sum(lens)))
+    order = torch.randperm(len(lens), generator=g).tolist()
+    offsets, at = [0] * len(lens), 4  # the logical order starts after a 4-token head
+    for i in order:
+        offsets[i] = at
+        at += lens[i] + 4
+    return tuple(zip(lens, offsets))
+
+
+LAYOUTS = [  # (dtype, vLLM ISA of the page layout, tolerance)
+    pytest.param(torch.float32, "vec", 1e-4, id="fp32-vec"),
+    pytest.param(torch.bfloat16, "vec", 3e-2, id="bf16-vec"),
+    pytest.param(torch.bfloat16, "amx", 3e-2, id="bf16-amx"),
+]
+
+
+def skip_unless_layout(kernel, isa):
+    if isa == "amx" and not amx_available(kernel):
+        pytest.skip("no AMX here (vLLM stores bf16 pages in the vec layout): the AMX path is not reachable")
+
+
+@pytest.mark.parametrize("dtype, isa, tol", LAYOUTS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_prefill_shapes(kernel, dtype, isa, tol, d):
+    """Final-block prefill as the tiled and AMX paths see it, at small sizes: 16 and 115 queries (a
+    tile of 32 queries is two 32-row blocks at GQA 2, 115 leaves a 16-row tail) over ~1k tokens of
+    context in blocks with pad tails, GQA 2."""
+    skip_unless_layout(kernel, isa)
+    for i, (q_len, before) in enumerate(((16, 0), (115, 37))):
+        args, ref = make_case(dtype, 200 + i, hkv=2, group=2, d=d, blocks=context_blocks(1100, 200 + i), isa=isa,
+                              q_len=q_len, final=before + q_len)
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+        err = (out.float() - ref).abs().max().item()
+        assert err < tol, (q_len, err)
+
+
+@pytest.mark.parametrize("dtype, isa, tol", LAYOUTS)
+def test_kernel_pads_never_count(kernel, dtype, isa, tol):
+    """Pad slots of partial pages and the unwritten tail of the final page hold NaN: the result is
+    still the reference (scores are selected out, P.V never multiplies a pad's V)."""
+    skip_unless_layout(kernel, isa)
+    for q_len in (1, 40):
+        args, ref = make_case(dtype, 300 + q_len, d=64, isa=isa, q_len=q_len, final=q_len + 3,
+                              pad_value=float("nan"))
+        out = run(kernel, args, torch.empty_like(args["query"]))
+        err = (out.float() - ref).abs().max().item()
+        assert err < tol, (q_len, err)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_amx_rows(kernel, d, group):
+    """The AMX path's row blocks (32, and 16 for a tail, pad rows zero) and causal limits: the query
+    counts and first-query slots of ``test_kernel_multi_query_blocks``."""
+    skip_unless_layout(kernel, "amx")
+    for i, q_len in enumerate((1, 3, 5, 17, 130)):
+        before = (0, 5, 31, 32, 70)[(i + group + d // 64) % 5]
+        args, ref = make_case(torch.bfloat16, 100 + i, hkv=2, group=group, d=d, q_len=q_len, final=before + q_len,
+                              isa="amx")
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+        err = (out.float() - ref).abs().max().item()
+        assert err < 3e-2, (q_len, before, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, isa, tol", LAYOUTS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n_ctx", [2048, 4096, 8192])
+def test_kernel_prefill_shapes_full(kernel, dtype, isa, tol, d, n_ctx):
+    """The benchmark's shapes (eval/bench_final_kernel.py): 16, 115 and 512 queries over 2k-8k tokens."""
+    skip_unless_layout(kernel, isa)
+    for i, q_len in enumerate((16, 115, 512)):
+        args, ref = make_case(dtype, 400 + i, hkv=2, group=2, d=d, blocks=context_blocks(n_ctx, 400 + i), isa=isa,
+                              q_len=q_len, final=q_len)
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+        err = (out.float() - ref).abs().max().item()
+        assert err < tol, (q_len, err)

