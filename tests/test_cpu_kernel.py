@@ -281,3 +281,27 @@ def test_kernel_prefill_shapes_full(kernel, dtype, isa, tol, d, n_ctx):
         out = run(kernel, args, torch.full_like(args["query"], float("nan")))
         err = (out.float() - ref).abs().max().item()
         assert err < tol, (q_len, err)
+
+
+def test_benchmark_runs_both_kernels(kernel, tmp_path):
+    """eval/bench_final_kernel.py times the plugin against vLLM's own kernel on one cache; with every
+    block rotation set to zero the plugin must give vLLM's result (in vLLM's page layout for the dtype
+    here: vec, or amx for bf16 on AMX CPUs), and the JSON carries its provenance."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "bench_final_kernel.py")
+    spec = importlib.util.spec_from_file_location("bench_final_kernel", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--queries", "1,40", "--contexts", "96", "--block-len", "64", "--head-dims", "64",
+                       "--rounds", "1", "--calls", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"command", "cpu", "date", "vllm_blockattn_commit", "uncommitted_changes"} <= set(report["provenance"])
+    assert len(report["rows"]) == 4
+    for row in report["rows"]:
+        tol = 1e-4 if row["dtype"] == "float32" else 3e-2
+        assert row["max_abs_diff_vs_vllm"] < tol, row
+        assert row["plugin_ms"] > 0 and row["vllm_ms"] > 0 and row["sdpa_ms"] > 0
