@@ -1072,11 +1072,17 @@ def run(args, argv: list[str]) -> dict:
             report["servers"]["main"] = {"failed": str(err)[-3000:]}
             servers = {}
         try:
-            for kind, srv in servers.items():
+            for kind, srv in list(servers.items()):
                 srv.probe = probes[kind]
-                warm_up(srv, args.request_timeout)
-                report["servers"][f"main-{kind}"] = {**server_entry(srv, args.out), "max_model_len": max_len,
-                                                     "cache": srv.cache_info()}
+                try:
+                    warm_up(srv, args.request_timeout)
+                    report["servers"][f"main-{kind}"] = {**server_entry(srv, args.out), "max_model_len": max_len,
+                                                         "cache": srv.cache_info()}
+                except Exception as err:  # noqa: BLE001 - its runs are marked failed, the other server goes on
+                    print(f"main / {kind}: FAILED: {type(err).__name__}: {err}", flush=True)
+                    report["servers"][f"main-{kind}"] = {"failed": f"{type(err).__name__}: {err}"[-3000:]}
+                    srv.stop()
+                    del servers[kind]
             for workload, info in infos.items():
                 entry = report["workloads"][workload] = {k: v for k, v in info.items() if k != "runs"}
                 entry["systems"] = {}
@@ -1094,9 +1100,9 @@ def run(args, argv: list[str]) -> dict:
                             fresh_cache(srv, args.request_timeout)
                             print(f"rag / {name}: vllm bench serve", flush=True)
                             res["vllm_bench_serve"] = bench_serve_rag(srv, model, run_, tok, args, name)
-                    except (ServerError, subprocess.SubprocessError, OSError) as err:
-                        print(f"{workload} / {name}: FAILED: {err}", flush=True)
-                        res["failed"] = str(err)[-3000:]
+                    except Exception as err:  # noqa: BLE001 - one failed run (a dead server...) leaves the others
+                        print(f"{workload} / {name}: FAILED: {type(err).__name__}: {err}", flush=True)
+                        res["failed"] = f"{type(err).__name__}: {err}"[-3000:]
                     save()
         finally:
             for srv in servers.values():
@@ -1105,8 +1111,9 @@ def run(args, argv: list[str]) -> dict:
     # ---- cache pressure: its own pair with a small KV cache
     if "pressure" in workloads:
         kinds = [k for k in ("stock", "blockattn") if any(server_of(s) == k for s in args.systems)]
-        dummy = {"docs": [[0] * args.doc_tokens] * args.docs_per_request, "ranks": [1] * args.docs_per_request}
-        req = {"docs": list(range(args.docs_per_request)), "question": [0] * args.question_tokens}
+        filler = vocab[0]  # the longest pressure prompt: every request has the same lengths
+        dummy = {"docs": [[filler] * args.doc_tokens] * args.docs_per_request, "ranks": [1] * args.docs_per_request}
+        req = {"docs": list(range(args.docs_per_request)), "question": [filler] * args.question_tokens}
         max_len = max(max_len_for([rag_prompt(dummy, req, s, e)], args.answer_tokens, page, settings)
                       for s in ("stock", "blockattn"))
         extra = ["--kv-cache-metrics", "--kv-cache-metrics-sample", "1.0"]
@@ -1120,65 +1127,77 @@ def run(args, argv: list[str]) -> dict:
             entry["failed"] = str(err)[-3000:]
             servers = {}
         try:
-            caps = {}
-            for kind, srv in servers.items():
-                srv.probe = probes[kind]
-                warm_up(srv, args.request_timeout)
-                info_ = srv.cache_info()
-                caps[kind] = info_["capacity_tokens"]
-                report["servers"][f"pressure-{kind}"] = {**server_entry(srv, args.out), "max_model_len": max_len,
-                                                         "cache": info_}
-            if servers:
-                capacity = min(c for c in caps.values() if c) if any(caps.values()) else args.pressure_kv_tokens
-                if len(set(caps.values())) > 1:
-                    print(f"pressure: the servers report different KV capacities {caps}; sizing from {capacity}",
-                          flush=True)
-                info = build_pressure(args, e, clean, capacity)
-                stream = info.pop("_stream")
-                entry.update({k: v for k, v in info.items() if k != "runs"})
-                cfg = info["config"]
-                print(f"pressure: KV capacity {capacity} tokens, corpus {cfg['corpus']} documents = "
-                      f"{cfg['corpus_tokens']} tokens ({cfg['corpus_over_capacity']:.1f}x)", flush=True)
-                running = args.concurrency * (max_len_for([rag_prompt(stream, stream["requests"][0], "blockattn", e)],
-                                                          args.answer_tokens, page, settings))
-                if running > capacity / 2:
-                    print(f"pressure: warning: {args.concurrency} requests in flight may hold ~{running} of {capacity} "
-                          "KV tokens; expect preemptions (raise --pressure-kv-tokens)", flush=True)
-                for name, run_ in info["runs"].items():
-                    srv = servers[server_of(name)]
-                    res = entry["systems"][name] = {"server": f"pressure-{server_of(name)}"}
-                    try:
-                        agg, records = run_one(srv, "pressure", name, run_, args, keep_ids=args.check_tokens)
-                        delta = agg["metrics_delta"]
-                        agg["evictions"] = {
-                            "kv_capacity_tokens": capacity,
-                            "pages_reallocated": delta["vllm:kv_block_lifetime_seconds_count"],
-                            "pages_capacity": math.ceil(capacity / page),
-                            "kv_written_over_capacity": agg["kv_written_tokens"] / capacity,
-                            "preemptions": agg["preemptions"],
-                        }
-                        agg["evictions"]["happened"] = bool(agg["evictions"]["pages_reallocated"]
-                                                            or agg["kv_written_tokens"] > capacity)
-                        prompts = [it["prompt"] for lane in run_["lanes"] for it in lane]
-                        agg["correctness"] = pressure_checks(srv, records, prompts, args, tok)
-                        agg["correctness"]["all_answered"] = agg["errors"] == 0
-                        res["aggregate"], res["records"] = agg, records
-                        c = agg["correctness"]
-                        print(f"pressure / {name}: {agg['evictions']['pages_reallocated']:.0f} KV pages reallocated "
-                              f"({agg['evictions']['pages_capacity']} in the cache), KV written "
-                              f"{agg['evictions']['kv_written_over_capacity']:.1f}x capacity, "
-                              f"{agg['preemptions']:.0f} preemptions; checks: {c['matched']} match, "
-                              f"{c['near_ties']} near ties, {c['failed']} failed", flush=True)
-                    except ServerError as err:
-                        print(f"pressure / {name}: FAILED: {err}", flush=True)
-                        res["failed"] = str(err)[-3000:]
-                    save()
+            run_pressure(args, report, entry, servers, probes, e, clean, tok, settings, max_len, page, save)
+        except Exception as err:  # noqa: BLE001 - the results so far are kept
+            print(f"pressure: FAILED: {type(err).__name__}: {err}", flush=True)
+            entry["failed"] = f"{type(err).__name__}: {err}"[-3000:]
         finally:
             for srv in servers.values():
                 srv.stop()
     report["provenance"]["total_s"] = time.perf_counter() - t_start
     save()
     return report
+
+
+def run_pressure(args, report, entry, servers, probes, e, clean, tok, settings, max_len, page, save) -> None:
+    """The pressure runs on their pair of servers (started and stopped by the caller)."""
+    caps, pages = {}, {}
+    for kind, srv in servers.items():
+        srv.probe = probes[kind]
+        warm_up(srv, args.request_timeout)
+        info_ = srv.cache_info()
+        caps[kind] = info_["capacity_tokens"]
+        pages[kind] = int(info_["num_gpu_blocks"]) if info_.get("num_gpu_blocks", "").isdigit() else None
+        report["servers"][f"pressure-{kind}"] = {**server_entry(srv, args.out), "max_model_len": max_len,
+                                                 "cache": info_}
+    if servers:
+        capacity = min(c for c in caps.values() if c) if any(caps.values()) else args.pressure_kv_tokens
+        if not capacity:
+            raise ServerError("the pressure servers report no KV capacity (vllm:cache_config_info); "
+                              "pass --pressure-kv-tokens")
+        if len(set(caps.values())) > 1:
+            print(f"pressure: the servers report different KV capacities {caps}; sizing from {capacity}",
+                  flush=True)
+        info = build_pressure(args, e, clean, capacity)
+        stream = info.pop("_stream")
+        entry.update({k: v for k, v in info.items() if k != "runs"})
+        cfg = info["config"]
+        print(f"pressure: KV capacity {capacity} tokens, corpus {cfg['corpus']} documents = "
+              f"{cfg['corpus_tokens']} tokens ({cfg['corpus_over_capacity']:.1f}x)", flush=True)
+        running = args.concurrency * (max_len_for([rag_prompt(stream, stream["requests"][0], "blockattn", e)],
+                                                  args.answer_tokens, page, settings))
+        if running > capacity / 2:
+            print(f"pressure: warning: {args.concurrency} requests in flight may hold ~{running} of {capacity} "
+                  "KV tokens; expect preemptions (raise --pressure-kv-tokens)", flush=True)
+        for name, run_ in info["runs"].items():
+            srv = servers[server_of(name)]
+            res = entry["systems"][name] = {"server": f"pressure-{server_of(name)}"}
+            try:
+                agg, records = run_one(srv, "pressure", name, run_, args, keep_ids=args.check_tokens)
+                delta = agg["metrics_delta"]
+                agg["evictions"] = {
+                    "kv_capacity_tokens": capacity,
+                    "pages_reallocated": delta["vllm:kv_block_lifetime_seconds_count"],
+                    "pages_capacity": pages[server_of(name)] or math.ceil(capacity / page),
+                    "kv_written_over_capacity": agg["kv_written_tokens"] / capacity,
+                    "preemptions": agg["preemptions"],
+                }
+                agg["evictions"]["happened"] = bool(agg["evictions"]["pages_reallocated"]
+                                                    or agg["kv_written_tokens"] > capacity)
+                prompts = [it["prompt"] for lane in run_["lanes"] for it in lane]
+                agg["correctness"] = pressure_checks(srv, records, prompts, args, tok)
+                agg["correctness"]["all_answered"] = agg["errors"] == 0
+                res["aggregate"], res["records"] = agg, records
+                c = agg["correctness"]
+                print(f"pressure / {name}: {agg['evictions']['pages_reallocated']:.0f} KV pages reallocated "
+                      f"({agg['evictions']['pages_capacity']} in the cache), KV written "
+                      f"{agg['evictions']['kv_written_over_capacity']:.1f}x capacity, "
+                      f"{agg['preemptions']:.0f} preemptions; checks: {c['matched']} match, "
+                      f"{c['near_ties']} near ties, {c['failed']} failed", flush=True)
+            except Exception as err:  # noqa: BLE001 - one failed run leaves the others
+                print(f"pressure / {name}: FAILED: {type(err).__name__}: {err}", flush=True)
+                res["failed"] = f"{type(err).__name__}: {err}"[-3000:]
+            save()
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -1334,7 +1353,7 @@ def plot(report: dict, path: str) -> None:
             ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
             for patch, s in zip(box["boxes"], names):
                 patch.set_facecolor(colors.get(s, "tab:green"))
-            if key == "ttft":
+            if key == "ttft" and any(x > 0 for d in data for x in d):  # (nan > 0 is False: no data, no log scale)
                 ax.set_yscale("log")
                 ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
                 ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

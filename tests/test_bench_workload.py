@@ -185,6 +185,37 @@ def test_kv_cache_space_env(bw):
         bw.kv_cache_space_env(0.5)
 
 
+def test_report_tables(bw, tmp_path):
+    """Aggregates, the verdict ratios and the tables from synthetic records, a failed run included."""
+    zero = dict.fromkeys(bw.METRICS, 0.0)
+
+    def recs(ttft, kind="rag"):
+        return [{"kind": kind, "ttft": t, "itl": 0.01, "e2e": t + 1, "prompt_tokens": 100, "cached_tokens": 50,
+                 "completion_tokens": 8} for t in ttft]
+
+    after = {**zero, "vllm:prefix_cache_queries_total": 200.0, "vllm:prefix_cache_hits_total": 50.0}
+    stock = bw.aggregate(recs([1.0, 3.0]), 4.0, zero, after)
+    block = bw.aggregate(recs([0.5, 0.5]) + recs([0.2], "chat") + [{"kind": "chat", "error": "x", "e2e": 1}], 2.0,
+                         zero, after)
+    assert stock["ttft_s"]["mean"] == 2.0 and stock["prefix_cache_hit_rate"] == 0.25
+    assert stock["usage_cached_fraction"] == 0.5 and stock["kv_written_tokens"] == 2 * (100 - 50 + 8)
+    assert block["errors"] == 1 and set(block["by_kind"]) == {"chat", "rag"}
+    report = {"provenance": {"command": "x", "cpu": "cpu", "machine": "m", "vllm_version": "0.32.0",
+                             "dtype": "float32", "model": "m", "concurrency": 2, "block_size": 32,
+                             "vllm_blockattn_commit": "abc", "date": "d"},
+              "workloads": {"rag": {"systems": {"stock": {"aggregate": stock, "records": []},
+                                                "stock-popular": {"failed": "boom"},
+                                                "blockattn": {"aggregate": block, "records": []}}}}}
+    (v,) = [r for r in bw.verdict(report) if r["workload"] == "rag"]
+    assert v["baseline"] == "stock" and v["ttft_mean"] == pytest.approx(0.4 / 2.0)
+    assert v["requests_per_s"] == pytest.approx((3 / 2.0) / (2 / 4.0))  # answered requests only
+    md = bw.markdown(report)
+    assert "| rag | stock-popular | failed |" in md and "| rag (chat half) | blockattn |" in md
+    assert "| rag | blockattn | 4 (1 failed) |" in md
+    bw.plot(report, str(tmp_path / "w.png"))
+    assert (tmp_path / "w.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_every_workload_end_to_end(bw, tiny_qwen3, tmp_path):
     """A tiny run of every workload and system (two server pairs, about 3-4 minutes on 2 cores)."""
