@@ -1,11 +1,12 @@
 """Workload replay against the real server: is blockattn ever slower than stock vLLM?
 
     python eval/bench_workload.py --locomo PATH/locomo10.json --chat-layout plain sessions \\
-        --out docs/results/workload                                    # the full run (CPU defaults)
+        --vllm-bench-serve --out docs/results/workload                 # the full run (CPU defaults)
     python eval/bench_workload.py --workloads rag pressure             # no LoCoMo needed
-    python eval/bench_workload.py --requests 8 --corpus 32 --doc-tokens 64 --answer-tokens 8 \\
-        --chat-conversations 2 --chat-turns 4 --chat-answer-tokens 8 --pressure-requests 8 \\
-        --pressure-kv-tokens 4096 --locomo PATH/locomo10.json --out outputs/workload-smoke   # smoke run
+    python eval/bench_workload.py --concurrency 2 --requests 6 --corpus 16 --doc-tokens 64 \\
+        --docs-per-request 3 --answer-tokens 8 --chat-conversations 1 --chat-turns 4 \\
+        --chat-answer-tokens 8 --mixed-conversations 1 --pressure-requests 12 --pressure-kv-tokens 2048 \\
+        --locomo PATH/locomo10.json --out outputs/workload-smoke       # smoke run (the slow test's sizes)
     python eval/bench_workload.py --from-json docs/results/workload/workload.json   # re-render table, plot
 
 One run, one set of server settings for every system (the same KV page size, ``--block-size``, and
@@ -16,7 +17,8 @@ the same ``vllm serve`` flags; blockattn adds ``--attention-backend blockattn``,
   Before every (workload, system) replay the server's cache is emptied with vLLM's own
   ``POST /reset_prefix_cache`` (``VLLM_SERVER_DEV_MODE=1``; it clears the prefix cache and, since
   blockattn's block cache keeps its pages in vLLM's block pool under their own hashes, the block cache
-  too) and the reset is checked: a prompt served before the reset must come back with 0 cached tokens.
+  too) and the reset is checked: a prompt served before the reset (on the blockattn server a block
+  prompt) must come back with 0 cached tokens.
   So every replay starts from an empty cache on a warm process. The cache-pressure workload gets a
   second pair of servers whose KV cache is small (``--pressure-kv-tokens``).
 - **requests**: streamed ``/v1/completions`` calls on token ids with ``ignore_eos`` (fixed answer
@@ -1164,8 +1166,9 @@ def run_pressure(args, report, entry, servers, probes, e, clean, tok, settings, 
         cfg = info["config"]
         print(f"pressure: KV capacity {capacity} tokens, corpus {cfg['corpus']} documents = "
               f"{cfg['corpus_tokens']} tokens ({cfg['corpus_over_capacity']:.1f}x)", flush=True)
-        running = args.concurrency * (max_len_for([rag_prompt(stream, stream["requests"][0], "blockattn", e)],
-                                                  args.answer_tokens, page, settings))
+        longest = rag_prompt(stream, stream["requests"][0], "blockattn", e)  # all have the same length
+        blocks = longest.count(settings.sink_token_id) // settings.num_sinks + 1
+        running = args.concurrency * (len(longest) + page * blocks + args.answer_tokens)  # pads: < a page a block
         if running > capacity / 2:
             print(f"pressure: warning: {args.concurrency} requests in flight may hold ~{running} of {capacity} "
                   "KV tokens; expect preemptions (raise --pressure-kv-tokens)", flush=True)
@@ -1365,13 +1368,14 @@ def plot(report: dict, path: str) -> None:
             vals = [(systems[s][0].get(key) or 0) * scale for s in names]
             bars = ax.bar(names, vals, color=[colors.get(s, "tab:green") for s in names])
             ax.bar_label(bars, fmt="%.3g")
+            ax.margins(y=0.15)
             ax.tick_params(axis="x", labelsize=8)
             ax.set_title(f"{label}: {title}")
             ax.grid(True, axis="y", alpha=0.3)
     p = report["provenance"]
     fig.suptitle(f"{p['cpu']} ({p['machine']}), vllm {p['vllm_version']}, {p['dtype']}, "
                  f"concurrency {p['concurrency']}, KV page {p['block_size']}")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / len(panels)))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(panels))))  # 0.4 inch for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
