@@ -2,7 +2,7 @@
 attention kernel on the same queries and context.
 
     python eval/bench_final_kernel.py --threads 1 --clock thread --json docs/results/final_kernel.json
-    python eval/bench_final_kernel.py --baseline-source old.cpp   # also time another copy of the kernel source
+    python eval/bench_final_kernel.py --baseline-rev 138b79e   # also time the kernel as of another commit
 
 One request per step: ``--contexts`` tokens of context, then ``--queries`` new tokens (a chat turn or a
 question at prefill; 1 = a decode step). Both systems read one paged KV cache in the page layout vLLM
@@ -45,6 +45,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -222,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA reference")
     ap.add_argument("--baseline-source", help="another final_attention.cpp to build and time side by side "
                                               "(vec layout only)")
+    ap.add_argument("--baseline-rev", help="the same, the kernel source as of this git revision")
     ap.add_argument("--json", help="also write the rows and provenance to this file")
     a = ap.parse_args(argv)
     if a.threads:
@@ -234,7 +236,15 @@ def main(argv=None) -> int:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     kernel = build(None)
-    baseline = build(a.baseline_source) if a.baseline_source else None
+    source = a.baseline_source
+    if a.baseline_rev:
+        text = _git("show", f"{a.baseline_rev}:vllm_blockattn/csrc/final_attention.cpp")
+        if text is None:
+            ap.error(f"no kernel source at {a.baseline_rev}")
+        source = os.path.join(tempfile.mkdtemp(prefix="bench_final_kernel_"), "final_attention.cpp")
+        with open(source, "w") as f:
+            f.write(text + "\n")
+    baseline = build(source) if source else None
     rows = []
     for dt_name in a.dtypes.split(","):
         dtype = getattr(torch, dt_name.strip())
