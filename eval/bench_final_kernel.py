@@ -148,8 +148,8 @@ class Case:
             torch.tensor([1], dtype=torch.int32), torch.tensor([0, len(blocks) + 1], dtype=torch.int32),
             torch.tensor([s // PAGE for s in range(0, n_ctx, block_len)] + [n_ctx // PAGE], dtype=torch.int32),
             torch.tensor(blocks + [0], dtype=torch.int32),
-            torch.cat([ang.cos(), ang.cos()], dim=1).contiguous(), torch.cat([ang.sin(), ang.sin()], dim=1).contiguous(),
-            self.scale]
+            torch.cat([ang.cos(), ang.cos()], dim=1).contiguous(),
+            torch.cat([ang.sin(), ang.sin()], dim=1).contiguous(), self.scale]
         self.out_plugin = torch.empty_like(self.q)
         self.out_vllm = torch.empty_like(self.q)
 
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per shape")
     ap.add_argument("--calls", type=int, default=3, help="timed calls per system and round")
     ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA reference")
-    ap.add_argument("--baseline-source", help="another final_attention.cpp to build and time side by side "
-                                              "(vec layout only)")
+    ap.add_argument("--baseline-source", help="another final_attention.cpp to build and time side by side (the "
+                                              "amx layout only if it has final_attention_amx)")
     ap.add_argument("--baseline-rev", help="the same, the kernel source as of this git revision")
     ap.add_argument("--json", help="also write the rows and provenance to this file")
     a = ap.parse_args(argv)
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
                     case.vllm()
                     diff = (case.out_plugin.float() - case.out_vllm.float()).abs().max().item()
                     systems = {"plugin": lambda: case.plugin(kernel), "vllm": case.vllm}
-                    if baseline is not None and not case.layout.amx:
+                    if baseline is not None and (not case.layout.amx or hasattr(baseline, "final_attention_amx")):
                         systems["baseline"] = lambda: case.plugin(baseline)
                     if not a.no_sdpa:
                         qd, kd, vd, mask = case.sdpa_inputs()

@@ -172,14 +172,18 @@ def test_vllm_runs_the_kernel_for_final_block_queries(tiny_qwen3, kernel, monkey
         assert amx_calls == calls
 
 
-@pytest.mark.parametrize("hkv, group, d", [(4, 1, 64), (1, 4, 128), (2, 8, 64), (2, 3, 64), (1, 2, 96)])
-def test_kernel_head_shapes(kernel, hkv, group, d):
-    """The register-blocked path (page 32, head_dim 64/128, any number of query heads per KV head) and
-    the generic row-at-a-time path (other head dims) give the same result as the reference."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("hkv, group, d, page, isa", [
+    (4, 1, 64, 32, "vec"), (1, 4, 128, 32, "vec"), (2, 8, 64, 32, "vec"), (2, 3, 64, 32, "vec"),
+    (1, 2, 96, 32, "vec"), (1, 2, 32, 32, "vec"), (1, 2, 256, 64, "vec"), (2, 2, 80, 16, "vec16")])
+def test_kernel_head_shapes(kernel, dtype, tol, hkv, group, d, page, isa):
+    """The tiled path (head_dim 64/128 unrolled, other multiples of 32 at run time; pages of 32 or
+    more; any number of query heads per KV head; fp32 and fp16 pages) and the generic row-at-a-time
+    path (vLLM's "vec16" layout: head_dim 80, pages of 16) give the reference's result."""
     for q_len in (1, 11):
-        args, ref = make_case(torch.float32, 10 + q_len, hkv=hkv, group=group, d=d, q_len=q_len)
+        args, ref = make_case(dtype, 10 + q_len, hkv=hkv, group=group, d=d, q_len=q_len, page=page, isa=isa)
         out = run(kernel, args, torch.empty_like(args["query"]))
-        assert (out - ref).abs().max().item() < 1e-4, (hkv, group, d, q_len)
+        assert (out.float() - ref).abs().max().item() < tol, (hkv, group, d, q_len)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
