@@ -92,3 +92,13 @@ def segment_server(tiny_qwen3, tmp_path_factory):
              json.dumps({"blockattn": {"segment": SEGMENT_SERVER}}))
     with serve(tiny_qwen3, tmp_path_factory.mktemp("segment-server"), *extra) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def plain_server(tiny_qwen3, tmp_path_factory):
+    """One real server with the defaults (``tests._server.serve``), shared by the modules that need
+    nothing else (a server start costs tens of seconds); each module checks deltas, not totals."""
+    from tests._server import serve
+
+    with serve(tiny_qwen3, tmp_path_factory.mktemp("plain-server")) as srv:
+        yield srv

@@ -49,18 +49,21 @@ def cases(run):
     return cfg
 
 
+@pytest.mark.slow  # the GPU check script under the Triton interpreter: 30 s, shared by the module
 def test_script_smoke_run_passes(run):
     report, rc, log = run
     assert rc == 0 and report["ok"], log
     assert set(report) >= {"backend", "device_name", "ok"} and "bench" not in report and "engine" not in report
 
 
+@pytest.mark.slow  # the GPU check script under the Triton interpreter: 30 s, shared by the module
 def test_vllm_triton_kernels_ran_under_the_interpreter(cases):
     # None: vLLM's unified_attention ran (the reason it could not would be here otherwise)
     assert cases["stock_path"] is None
     assert all(not r.get("skipped") for r in cases["results"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BATCHES))
 def test_batch_matches_reference(cases, name):
     (r,) = [r for r in cases["results"] if r["batch"] == name]
@@ -79,6 +82,7 @@ def test_batch_matches_reference(cases, name):
         assert r["metadata"] == "TritonAttentionMetadata"
 
 
+@pytest.mark.slow  # the GPU check script under the Triton interpreter: 30 s, shared by the module
 def test_broken_block_metadata_is_caught(cases):
     tampered = {t["tamper"]: t for t in cases["tampered"]}
     assert set(tampered) == {"no_rotation", "causal"}
@@ -86,6 +90,7 @@ def test_broken_block_metadata_is_caught(cases):
         assert t["caught"] and t["max_abs_err"] > MIN_GAP, t
 
 
+@pytest.mark.slow  # the GPU check script under the Triton interpreter: 30 s, shared by the module
 def test_backend_promises(cases):
     facts = cases["facts"]
     assert facts["builder"] == "BlockAttnTritonMetadataBuilder" and facts["impl"] == "BlockAttnTritonImpl"

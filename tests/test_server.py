@@ -11,7 +11,7 @@ from vllm_blockattn.client import block_chat_request, block_completion_request, 
 from vllm_blockattn.reference import block_generate
 
 from tests._reference import load_hf
-from tests._server import completion, metric_value, serve
+from tests._server import completion, metric_value
 
 DOCS = [
     "Alice moved to Paris in 2019 and works as a nurse at a large hospital near the river.",
@@ -24,9 +24,8 @@ MAX_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen3, tmp_path_factory):
-    with serve(tiny_qwen3, tmp_path_factory.mktemp("server")) as srv:
-        yield srv.url
+def server(plain_server):
+    return plain_server.url
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Abuse of the real server (``vllm-blockattn serve``, multi-process engine, loopback, one server for
-the module): forged internal keys, malformed and oversized block prompts, many tiny blocks, odd
+"""Abuse of the real server (``vllm-blockattn serve``, multi-process engine, loopback; the session's
+plain server, shared with test_server.py, so every check is a delta over this module): forged
+internal keys, malformed and oversized block prompts, many tiny blocks, odd
 ``vllm_xargs`` values, and good and bad requests interleaved under concurrency.
 
 Every bad request must get its own 4xx naming its problem, every good one the HF reference's greedy
@@ -21,7 +22,7 @@ from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
 from vllm_blockattn.paged import padded_length
 from vllm_blockattn.reference import block_generate
 
-from tests._server import MAX_MODEL_LEN, MODEL_NAME, completion, metric_value, serve
+from tests._server import MAX_MODEL_LEN, MODEL_NAME, completion, metric_value
 
 MAX_TOKENS = 4
 PAGE = 32  # the plugin's CPU default KV page size
@@ -38,9 +39,8 @@ COUNTERS = ("block_requests", "context_blocks", "block_cache_hits", "reused_bloc
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen3, tmp_path_factory):
-    with serve(tiny_qwen3, tmp_path_factory.mktemp("server-abuse")) as srv:
-        yield srv
+def server(plain_server):
+    return plain_server
 
 
 @pytest.fixture(scope="module")
