@@ -40,7 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__) && \
@@ -138,16 +138,24 @@ inline float hsum(vec_t v) {
 #endif
 }
 
-// The page dtypes the tiled path reads in registers: fp32, bf16 and (where the compiler has _Float16) fp16.
+// fp16 pages are widened by vcvtph2ps (AVX-512 or F16C) for the vector width in use; without it they
+// take the generic path.
+#if defined(__AVX512F__) && !defined(BLOCKATTN_VEC_WIDTH)
+#define BLOCKATTN_HALF 16
+#elif defined(__F16C__) && (defined(BLOCKATTN_VEC_WIDTH) ? BLOCKATTN_VEC_WIDTH == 8 : !defined(__AVX512F__))
+#define BLOCKATTN_HALF 8
+#endif
+
+// The page dtypes the tiled path reads in registers: fp32, bf16 and (see above) fp16.
 template <typename T>
 constexpr bool kv_vectorized = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>
-#ifdef __FLT16_MAX__
+#ifdef BLOCKATTN_HALF
                                || std::is_same_v<T, c10::Half>
 #endif
     ;
 
 // kW values of the page as float: fp32 as stored, bf16 widened in registers (a shift of its bits), fp16
-// converted (vcvtph2ps with F16C or AVX-512).
+// converted (vcvtph2ps).
 template <typename KV>
 inline vec_t vload_kv(const KV* p) {
   static_assert(kv_vectorized<KV>, "the tiled path reads fp32, bf16 or fp16 pages");
@@ -160,11 +168,10 @@ inline vec_t vload_kv(const KV* p) {
     std::memcpy(&h, p, sizeof(h));
     return (vec_t)(__builtin_convertvector(h, u32v) << 16);
   } else {
-#ifdef __FLT16_MAX__
-    typedef _Float16 f16v __attribute__((vector_size(kW * sizeof(_Float16))));
-    f16v h;
-    std::memcpy(&h, p, sizeof(h));
-    return __builtin_convertvector(h, vec_t);
+#if BLOCKATTN_HALF == 16
+    return (vec_t)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif BLOCKATTN_HALF == 8
+    return (vec_t)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #endif
   }
 }
