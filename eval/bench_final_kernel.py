@@ -22,11 +22,11 @@ their ratio is the cost of block attention's final path over vLLM's own attentio
 the plugin runs once with every rotation set to zero, where it must give vLLM's result
 (``max_abs_diff_vs_vllm``).
 
-Timing: the systems are interleaved (A, B, C, A, B, C, ...) for ``--rounds`` rounds of ``--calls``
-calls each, after a warm-up; a round's time is the median of its calls, the reported time the median
-of the rounds (every round is kept in the JSON). ``--threads 1 --clock thread`` measures the calling
-thread's CPU time with one thread: steadier than wall time on a shared machine. Useful GFLOP/s =
-``4 * D * Hq`` FLOPs per visible query-key pair.
+Timing: the systems are interleaved (A, B, C, B, C, A, C, A, B, ...: the first rotates) for
+``--rounds`` rounds of one untimed and ``--calls`` timed calls each; a round's time is the median of
+its calls, the reported time the median of the rounds (every round is kept in the JSON).
+``--threads 1 --clock thread`` measures the calling thread's CPU time with one thread: steadier than
+wall time on a shared machine. Useful GFLOP/s = ``4 * D * Hq`` FLOPs per visible query-key pair.
 
 Defaults: 8 query heads, 4 KV heads (GQA 2), head_dim 64 and 128, page 32. The JSON (``--json``)
 holds the rows and the provenance (command, commit, uncommitted changes, CPU, date, versions).
@@ -190,12 +190,16 @@ class Case:
 
 
 def interleaved(systems: dict, rounds: int, calls: int, clock) -> dict:
-    """Per system: the median over rounds of the median of ``calls`` calls, the systems interleaved."""
-    for fn in systems.values():
-        fn()  # warm-up
-    samples = {name: [] for name in systems}
-    for _ in range(rounds):
-        for name, fn in systems.items():
+    """Per system: the median over rounds of the median of ``calls`` calls. The systems take turns within
+    a round, the first one rotating from round to round, and each turn starts with an untimed call:
+    a system never inherits a cache that the previous one filled with other data (SDPA's dense copy
+    of the context) or emptied for it."""
+    names = list(systems)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = systems[name]
+            fn()
             times = []
             for _ in range(calls):
                 t = clock()
