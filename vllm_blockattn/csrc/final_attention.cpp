@@ -600,6 +600,10 @@ void run_tiled(const torch::Tensor& query, const torch::Tensor& kv_cache, const 
     float* s = scratch<float, 5>(kMR * kKvTile);
     const scalar_t* ksub[kKvTile / kSub];
     const scalar_t* vsub[kKvTile / kSub];
+    float* kwide = std::is_same_v<scalar_t, float> ? nullptr : scratch<float, 6>(kKvTile * HD);
+    float* vwide = std::is_same_v<scalar_t, float> ? nullptr : scratch<float, 7>(kKvTile * HD);
+    const float* kwf[kKvTile / kSub];
+    const float* vwf[kKvTile / kSub];
     for (int64_t it = begin; it < end; ++it) {
       const Work& w = items[it];
       const int64_t rows = w.nt * group;
@@ -632,6 +636,30 @@ void run_tiled(const torch::Tensor& query, const torch::Tensor& kv_cache, const 
             next_k = page_of(pages, k0 + kKvTile) + (k0 + kKvTile) % page;
           else if (seg + 1 < last)
             next_k = page_of(a.bt + a.btrow[w.e] * a.bt_stride + a.spage[seg + 1], 0);
+          if constexpr (!std::is_same_v<scalar_t, float>) {
+            if (rows > 4 * kMR) {
+              // Five or more row blocks will read the tile: widen it to fp32 once (K as [HD][32] per
+              // sub-page, V as [32][HD]) instead of in every block's loads (measured on bf16: 4-8% faster
+              // with 8 blocks, 9% slower with 4).
+              const int64_t nsub = (kn + kSub - 1) / kSub;
+              for (int64_t sp = 0; sp < nsub; ++sp) {
+                float* kf = kwide + sp * kSub * HD;
+                float* vf = vwide + sp * kSub * HD;
+                const scalar_t* pk = sp + 1 < nsub ? ksub[sp + 1] : next_k;
+                for (int64_t d = 0; d < HD; ++d) {
+                  if (pk != nullptr) __builtin_prefetch(pk + d * page);
+                  if (sp + 1 < nsub) __builtin_prefetch(vsub[sp + 1] + d * kSub);
+                  for (int64_t i = 0; i < kSub; i += kW) vstore(kf + d * kSub + i, vload_kv(ksub[sp] + d * page + i));
+                }
+                for (int64_t i = 0; i < kSub * HD; i += kW) vstore(vf + i, vload_kv(vsub[sp] + i));
+                kwf[sp] = kf;
+                vwf[sp] = vf;
+              }
+              rows_vec<HDC>(rows, qr, HD, kwf, vwf, kSub, kn, is_final, final_base, group, k0, s, m, l, acc,
+                            static_cast<const float*>(nullptr));
+              continue;
+            }
+          }
           rows_vec<HDC>(rows, qr, HD, ksub, vsub, page, kn, is_final, final_base, group, k0, s, m, l, acc, next_k);
         }
       }
