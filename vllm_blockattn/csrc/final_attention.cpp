@@ -391,8 +391,8 @@ inline int64_t row_limit(bool is_final, int64_t final_base, int64_t r, int64_t g
 // Tiled path, vector micro-kernels ("vec" layout).
 
 // Scores of M rows against one 32-key sub-page: s[r][0, 32) = q[r] . k[j]. K is [HD][ldk] (column-major
-// page; ldk = page size). Each K vector feeds the M rows; with M <= 2 the head dimension is split into
-// two halves summed separately, so that enough FMA chains are in flight. pf_k / pf_v (or null): a
+// page; ldk = page size). Each K vector feeds the M rows; with M <= 2 even and odd d are summed
+// separately, so that enough FMA chains are in flight while K is still read as one stream. pf_k / pf_v (or null): a
 // sub-page's K ([HD][ldk]) and V ([32][HD]) to prefetch meanwhile, one 32-key row of each per d: the
 // next sub-page's keys and this one's values, which a decode step would otherwise wait for (pages are
 // scattered, so the hardware prefetcher stops at every page).
@@ -401,25 +401,25 @@ inline void qk_rows(const float* __restrict__ q, int64_t hd, const KV* __restric
                     float* __restrict__ s, int64_t lds, const KV* pf_k, const KV* pf_v) {
   const int64_t HD = HDC ? HDC : hd;
   constexpr int64_t CH = M <= 2 ? 2 : 1;
-  const int64_t DC = HD / CH;
   constexpr int64_t kLine = 64 / sizeof(KV);
 #pragma GCC unroll 4
   for (int64_t pass = 0; pass < kSub; pass += 2 * kW) {
     vec_t a[CH][M][2] = {};
-    for (int64_t d = 0; d < DC; ++d) {
+    for (int64_t d0 = 0; d0 < HD; d0 += CH) {
 #pragma GCC unroll 2
       for (int64_t c = 0; c < CH; ++c) {
+        const int64_t d = d0 + c;
         if (pass == 0 && pf_k != nullptr) {
           for (int64_t i = 0; i < kSub; i += kLine) {
-            __builtin_prefetch(pf_k + (d + c * DC) * ldk + i);
-            __builtin_prefetch(pf_v + (d + c * DC) * kSub + i);
+            __builtin_prefetch(pf_k + d * ldk + i);
+            __builtin_prefetch(pf_v + d * kSub + i);
           }
         }
-        const KV* kd = k + (d + c * DC) * ldk + pass;
+        const KV* kd = k + d * ldk + pass;
         const vec_t k0 = vload_kv(kd), k1 = vload_kv(kd + kW);
 #pragma GCC unroll 8
         for (int64_t r = 0; r < M; ++r) {
-          const vec_t b = vbcast(q[r * HD + d + c * DC]);
+          const vec_t b = vbcast(q[r * HD + d]);
           a[c][r][0] += b * k0;
           a[c][r][1] += b * k1;
         }
@@ -479,7 +479,7 @@ inline void pv_rows(const float* __restrict__ p, int64_t ldp, const KV* const* _
 template <int64_t M, int64_t HDC, typename KV>
 inline void block_vec(const float* qr, int64_t HD, int64_t r0, const KV* const* ksub, const KV* const* vsub,
                       int64_t ldk, int64_t kn, bool is_final, int64_t final_base, int64_t group, int64_t k0, float* s,
-                      float* m, float* l, float* o, const KV* next_k, bool more_blocks) {
+                      float* m, float* l, float* o, const KV* next_k) {
   int64_t lim[M];
   int64_t jmax = 0;
   for (int64_t r = 0; r < M; ++r) {
@@ -488,12 +488,12 @@ inline void block_vec(const float* qr, int64_t HD, int64_t r0, const KV* const* 
   }
   if (jmax <= 0) return;  // no row of the block sees a key of this tile
   const int64_t nsub = (jmax + kSub - 1) / kSub;
-  // The tile's first row block reads it from memory: it prefetches one sub-page ahead when more row
-  // blocks follow (measured: 5-25% faster prefill at 4k-8k context; a decode step, one block of a few
-  // rows, ran 3-8% slower with it).
+  // The tile's first row block reads it from memory: it prefetches one sub-page ahead (measured: prefill
+  // 5-25% faster at 4k-8k context; a decode step at 8k 10-30% faster when the pages are not in cache,
+  // as in serving, where every layer's KV passes through, and 2-6% slower when they are).
   const int64_t nsub_tile = (kn + kSub - 1) / kSub;
   for (int64_t sp = 0; sp < nsub; ++sp) {
-    const bool pf = r0 == 0 && more_blocks;
+    const bool pf = r0 == 0;
     const KV* pf_k = !pf ? nullptr : sp + 1 < nsub_tile ? ksub[sp + 1] : next_k;
     qk_rows<M, HDC>(qr + r0 * HD, HD, ksub[sp], ldk, s + sp * kSub, kKvTile, pf_k, pf_k ? vsub[sp] : nullptr);
   }
@@ -521,14 +521,12 @@ inline void rows_vec(int64_t rows, const float* qr, int64_t HD, const KV* const*
                      float* m, float* l, float* o, const KV* next_k) {
   int64_t r = 0;
   for (; r + kMR <= rows; r += kMR)
-    block_vec<kMR, HDC>(qr, HD, r, ksub, vsub, ldk, kn, is_final, final_base, group, k0, s, m, l, o, next_k,
-                   rows > kMR);
+    block_vec<kMR, HDC>(qr, HD, r, ksub, vsub, ldk, kn, is_final, final_base, group, k0, s, m, l, o, next_k);
   const int64_t rest = rows - r;
 #define BLOCKATTN_TAIL(n)                                                                                 \
   case n:                                                                                                 \
     if constexpr (n < kMR)                                                                                \
-      block_vec<n, HDC>(qr, HD, r, ksub, vsub, ldk, kn, is_final, final_base, group, k0, s, m, l, o, next_k, \
-                        rows > kMR);                                                                      \
+      block_vec<n, HDC>(qr, HD, r, ksub, vsub, ldk, kn, is_final, final_base, group, k0, s, m, l, o, next_k); \
     break;
   switch (rest) {
     BLOCKATTN_TAIL(1)
