@@ -81,7 +81,7 @@ def provenance(argv: list[str], extra: dict) -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "vllm_version": vllm_version, "torch_version": torch.__version__,
         "vllm_blockattn_commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": None if dirty is None else [line[3:] for line in dirty.splitlines()],
+        "uncommitted_changes": None if dirty is None else [line.split(maxsplit=1)[1] for line in dirty.splitlines()],
         **extra,
     }
 
