@@ -169,8 +169,12 @@ def git_commit() -> str | None:
 
 def git_dirty() -> list[str] | None:
     """Paths with uncommitted changes (the numbers belong to the commit plus these)."""
-    out = _git("status", "--porcelain", "--untracked-files=no")
-    return None if out is None else [line[3:] for line in out.splitlines()]
+    try:  # not _git(): its strip() would eat the first line's leading status column
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if out.returncode else [line[3:] for line in out.stdout.splitlines() if line.strip()]
 
 
 def sha256(path: str) -> str:
