@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vllm_blockattn import cpu_kernels  # noqa: E402
+from vllm_blockattn.worker import cpu_kernels  # noqa: E402
 from vllm_blockattn.eval.benchkit import cpu_model  # noqa: E402
 
 PAGE = 32
@@ -107,7 +107,7 @@ class Case:
     def __init__(self, n_ctx: int, n_q: int, block_len: int, hq: int, hkv: int, d: int, dtype, isa: str, seed=0):
         from vllm import _custom_ops as ops
 
-        from vllm_blockattn.backend import kernel_layout
+        from vllm_blockattn.worker.backend_cpu import kernel_layout
 
         if n_ctx % PAGE or block_len % PAGE:
             raise SystemExit(f"contexts and --block-len must be multiples of the page ({PAGE})")
@@ -174,7 +174,7 @@ class Case:
             self.table, 0.0, self.sched, None, None, 1.0, 1.0, "auto")
 
     def sdpa_inputs(self):
-        from vllm_blockattn.backend import cache_index
+        from vllm_blockattn.worker.backend_cpu import cache_index
 
         kidx, vidx = cache_index(self.isa, self.dtype, PAGE, 2 * self.d)
         total = self.n_ctx + self.n_q

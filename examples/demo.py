@@ -37,7 +37,7 @@ def main():
     from vllm import LLM, SamplingParams
 
     from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-    from vllm_blockattn.metrics import block_cache_stats
+    from vllm_blockattn import block_cache_stats
 
     path = args.model
     if path is None:
@@ -66,7 +66,7 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vllm_blockattn.reference import block_generate
+    from vllm_blockattn.core.reference import block_generate
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ref = block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=args.max_tokens)

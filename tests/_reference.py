@@ -2,7 +2,7 @@
 with it (greedy tokens identical, chosen-token log-probabilities within 1e-3)."""
 
 from vllm_blockattn import parse_block_prompt
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn.core.reference import block_generate
 
 
 def load_hf(path):

@@ -6,8 +6,8 @@ import gc
 import pytest
 import torch
 
-from vllm_blockattn import cpu_kernels
-from vllm_blockattn.reference import apply_rotation, rope_cos_sin
+from vllm_blockattn.worker import cpu_kernels
+from vllm_blockattn.core.rope import apply_rotation, rope_cos_sin
 
 vllm = pytest.importorskip("vllm")
 
@@ -44,7 +44,7 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
     the KV is written, so that pad slots and unwritten slots hold it (NaN: they must never count)."""
     from vllm import _custom_ops as ops
 
-    from vllm_blockattn.backend import kernel_layout
+    from vllm_blockattn.worker.backend_cpu import kernel_layout
 
     g = torch.Generator().manual_seed(seed)
     hq = hkv * group

@@ -40,7 +40,7 @@ def test_decode_64_tokens_mixed_batch_equals_reference(tiny_qwen3, kernel, monke
 
     if kernel == "torch":
         monkeypatch.setenv("VLLM_BLOCKATTN_CPU_KERNEL", "0")
-        import vllm_blockattn.cpu_kernels as ck
+        import vllm_blockattn.worker.cpu_kernels as ck
 
         monkeypatch.setattr(ck, "_MODULE", None)
     batch = prompts(tiny_qwen3)

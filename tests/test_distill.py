@@ -11,8 +11,8 @@ from vllm_blockattn.distill.config import BlockDistillationConfig
 from vllm_blockattn.distill.data import (BlockDataCollator, ChatBlockFormatter, load_chatqa2, load_hotpotqa,
                                          load_records, load_segmenter, make_retrieval_records, split_paragraphs)
 from vllm_blockattn.distill.sinks import add_sink_token, apply_sink_peft, write_block_config
-from vllm_blockattn.layout import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_attention_mask, full_attention_mask
+from vllm_blockattn.core.layout import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn.core.reference import block_attention_mask, full_attention_mask
 
 S = 99  # sink id of the hand-made layouts
 SETTINGS = BlockSettings(sink_token_id=S, num_sinks=2)
@@ -406,7 +406,7 @@ def _trainer(tmp_path, model_path, **kw):
 
 
 def test_distill_step_loss_terms(tmp_path, tiny_qwen3):
-    from vllm_blockattn.reference import block_forward, full_forward
+    from vllm_blockattn.core.reference import block_forward, full_forward
 
     trainer = _trainer(tmp_path, tiny_qwen3, ce_tau=-1e9)  # every response token is "hard": weight 1
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

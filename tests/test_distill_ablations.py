@@ -7,7 +7,7 @@ import torch
 
 from vllm_blockattn.distill import losses
 from vllm_blockattn.distill.data import BlockDataCollator, ChatBlockFormatter, layout_from_lengths, make_retrieval_records
-from vllm_blockattn.layout import BlockSettings
+from vllm_blockattn.core.layout import BlockSettings
 
 ABLATIONS = {
     "full_method": {},
@@ -105,7 +105,7 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
 def test_no_sinks_uses_the_block_pattern_from_block_lengths(tmp_path, tiny_qwen3):
     """Without sinks the blocks still attend alone: with every token weighted 1 and no KL, the CE equals the
     reference block forward over the layout the lengths describe (and differs from full attention)."""
-    from vllm_blockattn.reference import block_forward
+    from vllm_blockattn.core.reference import block_forward
 
     trainer = _trainer(tmp_path, tiny_qwen3, num_sinks=0, kl_weight=0.0, use_token_weights=False)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory):
 def test_checkpoint_is_plain_hf_with_block_config(checkpoint):
     from transformers import AutoTokenizer
 
-    from vllm_blockattn.layout import SINK_TOKEN, BlockSettings
+    from vllm_blockattn.core.layout import SINK_TOKEN, BlockSettings
 
     settings = BlockSettings.from_pretrained(checkpoint)
     tok = AutoTokenizer.from_pretrained(checkpoint)
@@ -51,8 +51,8 @@ def test_checkpoint_trained_and_generates_under_block_attention(checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_blockattn.distill.data import ChatBlockFormatter, make_retrieval_records
-    from vllm_blockattn.layout import BlockSettings, parse_block_prompt
-    from vllm_blockattn.reference import block_forward, block_forward_cached, block_generate
+    from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
+    from vllm_blockattn.core.reference import block_forward, block_forward_cached, block_generate
 
     base = load_file(os.path.join(checkpoint, "base", "model.safetensors"))
     tuned = load_file(os.path.join(checkpoint, "model.safetensors"))
@@ -77,7 +77,7 @@ def test_plain_python_lora_run_merges_and_trains_only_the_sink_row(tmp_path):
     matrix only the sink row moved (PEFT's trainable-token adapter)."""
     from safetensors.torch import load_file
 
-    from vllm_blockattn.layout import BlockSettings
+    from vllm_blockattn.core.layout import BlockSettings
 
     out = str(tmp_path / "lora")
     cmd = [sys.executable, os.path.join(REPO, "train", "distill.py"), "--config", TINY_CONFIG, "--output_dir", out,
@@ -104,8 +104,8 @@ def test_vllm_plugin_serves_the_checkpoint_in_block_mode(checkpoint):
     from vllm.inputs import TokensPrompt
 
     from vllm_blockattn.distill.data import ChatBlockFormatter, make_retrieval_records
-    from vllm_blockattn.layout import BlockSettings, parse_block_prompt
-    from vllm_blockattn.reference import block_forward, block_generate, full_forward
+    from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
+    from vllm_blockattn.core.reference import block_forward, block_generate, full_forward
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     settings = BlockSettings.from_pretrained(checkpoint)

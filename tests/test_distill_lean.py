@@ -10,8 +10,8 @@ import torch
 
 from vllm_blockattn.distill import losses, masks
 from vllm_blockattn.distill.data import BlockDataCollator, ChatBlockFormatter, make_retrieval_records
-from vllm_blockattn.layout import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_attention_mask, full_attention_mask
+from vllm_blockattn.core.layout import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn.core.reference import block_attention_mask, full_attention_mask
 
 S = 99
 SETTINGS = BlockSettings(sink_token_id=S, num_sinks=2)

@@ -63,8 +63,8 @@ def test_prepare_distill_evaluate_serve(tmp_path):
     from vllm.inputs import TokensPrompt
 
     from vllm_blockattn.distill.data import ChatBlockFormatter, load_records
-    from vllm_blockattn.layout import BlockSettings, parse_block_prompt
-    from vllm_blockattn.reference import block_generate
+    from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
+    from vllm_blockattn.core.reference import block_generate
 
     tok = AutoTokenizer.from_pretrained(out)
     settings = BlockSettings.from_pretrained(out)

@@ -45,7 +45,7 @@ def _rows(model, i):
 def _dataset():
     from datasets import Dataset
 
-    from vllm_blockattn.layout import BlockSettings, build_block_prompt
+    from vllm_blockattn.core.layout import BlockSettings, build_block_prompt
 
     ids = build_block_prompt([[2, 3], [4, 5, 2]], BlockSettings(sink_token_id=6, num_sinks=4))
     return Dataset.from_list([{"input_ids": ids, "labels": [-100] * (len(ids) - 2) + ids[-2:]}])

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn.core.reference import block_generate
 
 from tests._server import MODEL_NAME, completion, free_port, metric_value, serve, serve_command
 

@@ -45,8 +45,8 @@ import pytest
 import torch
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.paged import padded_length
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn.core.paged import padded_length
+from vllm_blockattn.core.reference import block_generate
 
 vllm = pytest.importorskip("vllm")
 

@@ -11,7 +11,7 @@ import pytest
 from vllm_blockattn.eval import locomo, longbench
 from vllm_blockattn.eval.__main__ import main as run_main
 from vllm_blockattn.eval.__main__ import prepare
-from vllm_blockattn.layout import BlockSettings, parse_block_prompt
+from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(ROOT, "eval", "tasks")
@@ -95,7 +95,7 @@ def test_hf_block_generation_is_the_reference(hf_out, tiny_qwen3):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_blockattn.reference import block_generate
+    from vllm_blockattn.core.reference import block_generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_qwen3)
@@ -137,11 +137,11 @@ def test_vllm_stock_backend_full_form(tiny_qwen3, hf_out, metadata):
 
 def _backend_missing() -> str | None:
     try:
-        if importlib.util.find_spec("vllm_blockattn.backend") is None:
-            return "vllm_blockattn.backend is not importable yet"
-        importlib.import_module("vllm_blockattn.backend")
+        if importlib.util.find_spec("vllm_blockattn.worker.backend_cpu") is None:
+            return "vllm_blockattn.worker.backend_cpu is not importable yet"
+        importlib.import_module("vllm_blockattn.worker.backend_cpu")
     except ImportError as e:
-        return f"vllm_blockattn.backend cannot be imported: {e}"
+        return f"vllm_blockattn.worker.backend_cpu cannot be imported: {e}"
     return None
 
 

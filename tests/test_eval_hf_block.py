@@ -5,8 +5,8 @@ import torch
 from lm_eval.api.instance import Instance
 
 from vllm_blockattn.eval.hf_block import HFBlockLM, resolve_settings
-from vllm_blockattn.layout import BlockSettings, build_block_text, parse_block_prompt
-from vllm_blockattn.reference import block_forward, block_generate, full_forward
+from vllm_blockattn.core.layout import BlockSettings, build_block_text, parse_block_prompt
+from vllm_blockattn.core.reference import block_forward, block_generate, full_forward
 
 BLOCKS = [
     "The lighthouse keeper counted ships every night by the harbour.\n",

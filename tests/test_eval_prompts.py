@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vllm_blockattn.eval import blocks, locomo, longbench
-from vllm_blockattn.layout import BlockSettings, parse_block_prompt
+from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "longbench")
 # a small conversation of our own in LoCoMo's format (all five categories); the real locomo10.json

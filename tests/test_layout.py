@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_blockattn.layout import (
+from vllm_blockattn.core.layout import (
     SINK_TOKEN,
     Block,
     BlockLayoutError,
@@ -141,7 +141,7 @@ def test_settings_from_config_and_validation(tiny_qwen3):
 
 
 def test_pad_and_order_puts_cached_blocks_first_then_the_partly_cached_one():
-    from vllm_blockattn.paged import pad_and_order
+    from vllm_blockattn.core.paged import pad_and_order
 
     ids = build_block_prompt([[10] * 5, [11] * 6, [12] * 7, [13] * 2], S, prefix=[7, 8])
     layout = parse_block_prompt(ids, S)  # context blocks: head, 10s, 11s, 12s

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_forward, full_forward
+from vllm_blockattn.core.reference import block_forward, full_forward
 
 from tests._reference import assert_matches, block_reference
 
@@ -194,7 +194,7 @@ def test_grown_block_reuses_its_full_pages(llm, hf):
     """A block that grew (a chat history with one more turn) keeps the keys of its full pages: the next
     request reuses them, behind the cached head and documents, and behind a new first document too.
     Only the padded last page, keyed by the real length, is computed again."""
-    from vllm_blockattn.metrics import block_cache_stats
+    from vllm_blockattn.engine.metrics import block_cache_stats
 
     _, tok, settings = hf
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_blockattn.layout import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import (
+from vllm_blockattn.core.layout import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn.core.reference import (
     block_attention_mask,
     block_forward,
     block_forward_cached,

@@ -17,9 +17,9 @@ def test_backend_name_any_case_sets_up_the_engine(tiny_qwen3, name):
 
     cfg = _config(tiny_qwen3, attention_backend=name)
     assert cfg.attention_config.backend == AttentionBackendEnum.CUSTOM
-    assert AttentionBackendEnum.CUSTOM.get_path() == "vllm_blockattn.backend.BlockAttnCPUBackend"
-    assert cfg.scheduler_config.scheduler_cls.startswith("vllm_blockattn.scheduler.BlockAttn")
-    assert cfg.parallel_config.worker_cls == "vllm_blockattn.worker.BlockAttnCPUWorker"
+    assert AttentionBackendEnum.CUSTOM.get_path() == "vllm_blockattn.worker.backend_cpu.BlockAttnCPUBackend"
+    assert cfg.scheduler_config.scheduler_cls.startswith("vllm_blockattn.engine.scheduler.BlockAttn")
+    assert cfg.parallel_config.worker_cls == "vllm_blockattn.worker.hooks.BlockAttnCPUWorker"
     assert cfg.cache_config.block_size == 32
 
 
@@ -38,7 +38,7 @@ def test_other_backends_and_settings_untouched(tiny_qwen3):
 
 
 def test_block_settings_come_from_config_and_overrides(tiny_qwen3):
-    from vllm_blockattn.config import get_block_config
+    from vllm_blockattn.core.config import get_block_config
 
     cfg = get_block_config(_config(tiny_qwen3, attention_backend="blockattn"))
     assert (cfg.settings.sink_token_id, cfg.settings.num_sinks, cfg.page_size) == (3, 4, 32)
@@ -54,7 +54,7 @@ def test_model_without_sink_settings_needs_an_override(tmp_path):
     import json
     import os
 
-    from vllm_blockattn.config import get_block_config
+    from vllm_blockattn.core.config import get_block_config
     from vllm_blockattn.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path / "plain", "llama")

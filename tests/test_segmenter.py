@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from vllm_blockattn.layout import BlockSettings, parse_block_prompt
+from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
 from vllm_blockattn.segmenter import (
     Segmenter, SegmenterConfig, SegmenterInputError, find_candidates, segment_cuts, segment_text, thresholds_for,
     to_block_prompt,

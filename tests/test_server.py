@@ -8,7 +8,7 @@ import requests
 
 from vllm_blockattn import parse_block_prompt
 from vllm_blockattn.client import block_chat_request, block_completion_request, block_prompt_text
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn.core.reference import block_generate
 
 from tests._reference import load_hf
 from tests._server import completion, metric_value

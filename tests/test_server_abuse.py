@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.paged import padded_length
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn.core.paged import padded_length
+from vllm_blockattn.core.reference import block_generate
 
 from tests._server import MAX_MODEL_LEN, MODEL_NAME, completion, metric_value
 

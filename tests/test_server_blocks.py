@@ -9,11 +9,11 @@ import time
 import pytest
 
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.paged import pad_and_order
-from vllm_blockattn.request_options import SegmentLimits
-from vllm_blockattn.segment_service import SegmentationError
+from vllm_blockattn.core.paged import pad_and_order
+from vllm_blockattn.core.request_options import SegmentLimits
+from vllm_blockattn.frontend.segment_service import SegmentationError
 from vllm_blockattn.segmenter.work import checkpoint
-from vllm_blockattn.server import (BlockRequestError, SegmentOptions, ServerBlocks, ServerSegmentConfig, chat_ids,
+from vllm_blockattn.frontend.server import (BlockRequestError, SegmentOptions, ServerBlocks, ServerSegmentConfig, chat_ids,
                                    completion_ids, new_segmenter_service, parse_documents, parse_segment)
 from vllm_blockattn.tiny import build_tokenizer
 
@@ -265,7 +265,7 @@ def test_texts_tokenizers_cannot_take_are_refused_naming_the_field(tok, settings
 def test_text_that_cannot_fit_the_model_is_refused_before_segmentation(tok, settings, monkeypatch):
     fake = _SlowFake()
     b = ServerBlocks(settings, ServerSegmentConfig(), max_model_len=64)
-    import vllm_blockattn.server as server
+    import vllm_blockattn.frontend.server as server
 
     monkeypatch.setattr(server, "segmenter_service", lambda cfg: pytest.fail("segmentation ran"))
     dense = "x\n" * 100  # a token per character: 200 tokens, far below the character cap
@@ -277,7 +277,7 @@ def test_text_that_cannot_fit_the_model_is_refused_before_segmentation(tok, sett
 
 def test_the_server_default_never_fails_a_request(tok, settings, monkeypatch):
     """With ``default: auto``, whatever would succeed with the default off is left as sent."""
-    import vllm_blockattn.server as server
+    import vllm_blockattn.frontend.server as server
 
     b = ServerBlocks(settings, ServerSegmentConfig(default="auto", min_tokens=8), max_model_len=4096)
     long_text = "word " * 50 + "\n\nmore words here " * 10

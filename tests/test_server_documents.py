@@ -12,7 +12,7 @@ import requests
 from openai import BadRequestError, OpenAI
 
 from vllm_blockattn import build_block_prompt, parse_block_prompt
-from vllm_blockattn.reference import block_generate
+from vllm_blockattn.core.reference import block_generate
 from vllm_blockattn.segmenter import load_segmenter, segment_cuts, split_at, thresholds_for
 
 from tests._reference import load_hf

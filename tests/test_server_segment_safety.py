@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from vllm_blockattn.client import block_chat_request
-from vllm_blockattn.layout import build_block_text
+from vllm_blockattn.core.layout import build_block_text
 
 from tests._reference import load_hf
 from tests._server import MODEL_NAME, SEGMENT_SERVER, completion, labelled_value, metric_value

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_blockattn import BlockSettings, build_block_prompt
-from vllm_blockattn.reference import full_forward
+from vllm_blockattn.core.reference import full_forward
 
 from tests._reference import assert_matches, block_reference
 
@@ -174,7 +174,7 @@ def test_final_block_pages_depend_on_the_final_offset(llm, hf):
 # -- per-request failures stay with their request -----------------------------------------------------
 
 def test_a_failing_request_fails_alone(llm, hf, monkeypatch):
-    from vllm_blockattn.scheduler import BlockAttnSchedulerMixin
+    from vllm_blockattn.engine.scheduler import BlockAttnSchedulerMixin
 
     settings = hf[2]
     bad = build_block_prompt([words(hf, 33, 9), words(hf, 10, 10)], settings)
@@ -241,7 +241,7 @@ def variant(tmp_path, base, name, **config_updates):
 
 
 def test_supported_model_configures(tiny_qwen3):
-    from vllm_blockattn.support import unsupported_features
+    from vllm_blockattn.engine.support import unsupported_features
 
     config = make_config(tiny_qwen3)
     assert unsupported_features(config) == []
@@ -280,7 +280,7 @@ def test_unsupported_settings_are_refused_at_start_up(tiny_qwen3, kwargs, messag
 def test_user_named_scheduler_and_worker_classes(tiny_qwen3):
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vllm_blockattn.scheduler import BlockAttnScheduler
+    from vllm_blockattn.engine.scheduler import BlockAttnScheduler
 
     class Mine(Scheduler):
         pass
@@ -298,7 +298,7 @@ def test_user_named_scheduler_and_worker_classes(tiny_qwen3):
 def test_feature_checks_on_exotic_models():
     """Models this CPU build cannot even load (MLA, attention sinks, M-RoPE, hybrid) are refused by the
     same function the config hook calls."""
-    from vllm_blockattn.support import _model_problems
+    from vllm_blockattn.engine.support import _model_problems
 
     def model(arch="Qwen3ForCausalLM", **flags):
         hf = types.SimpleNamespace(rope_theta=10000.0, head_dim=32, **flags.pop("hf", {}))

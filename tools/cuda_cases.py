@@ -41,8 +41,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_blockattn.layout import BlockSettings, build_block_prompt, parse_block_prompt
-from vllm_blockattn.paged import PagedLayout, pad_and_order
+from vllm_blockattn.core.layout import BlockSettings, build_block_prompt, parse_block_prompt
+from vllm_blockattn.core.paged import PagedLayout, pad_and_order
 
 SINK_ID, PAD_ID, CONTENT_ID = 1, 2, 7
 SETTINGS = BlockSettings(sink_token_id=SINK_ID, num_sinks=4)
@@ -218,7 +218,7 @@ class Backend:
 def make_backend(vllm_config, *, page_size: int, device: torch.device) -> Backend:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from vllm_blockattn.backend_cuda import BlockAttnTritonBackend
+    from vllm_blockattn.worker.backend_cuda import BlockAttnTritonBackend
 
     mc = vllm_config.model_config
     hq, hkv = mc.get_num_attention_heads(vllm_config.parallel_config), mc.get_num_kv_heads(vllm_config.parallel_config)
@@ -248,24 +248,11 @@ def allocate_kv_cache(spec, num_pages: int, layout_name: str, device, fill: floa
     return cache
 
 
-@contextlib.contextmanager
 def _layouts_for(vllm_config, layouts):
-    """What the worker would return for this batch: ``backend_cuda``'s two worker hooks patched."""
-    from vllm_blockattn import backend_cuda
+    """What the worker publishes for a step of this batch (``worker.hooks.executing``)."""
+    from vllm_blockattn.worker.hooks import executing
 
-    runner = object()
-    saved = backend_cuda.current_runner, backend_cuda.batch_layouts
-    backend_cuda.current_runner = lambda cfg: runner if cfg is vllm_config else None
-
-    def batch_layouts(r, num_reqs):
-        assert r is runner
-        return list(layouts[:num_reqs]) + [None] * (num_reqs - len(layouts))
-
-    backend_cuda.batch_layouts = batch_layouts
-    try:
-        yield
-    finally:
-        backend_cuda.current_runner, backend_cuda.batch_layouts = saved
+    return executing(vllm_config, lambda n: list(layouts[:n]) + [None] * (n - len(layouts)))
 
 
 @contextlib.contextmanager
@@ -409,7 +396,7 @@ def reference(batch: Batch, inv_freq: torch.Tensor, scale: float, *, block: bool
     ``block=False``: plain causal attention over the real slots (what a backend ignoring blocks gives);
     ``rotate=False``: block masks, but final queries read non-final keys unrotated.
     """
-    from vllm_blockattn.reference import rotate_keys
+    from vllm_blockattn.core.reference import rotate_keys
 
     outs = []
     hq = batch.query.shape[1]
@@ -468,7 +455,7 @@ def _tamper(block, how: str) -> None:
 
 def run_batch(backend: Backend, batch: Batch, *, write_with_impl: bool, tamper: str | None = None) -> dict:
     """Build metadata and run the impl on ``batch``; compare with :func:`reference`."""
-    from vllm_blockattn.backend_cuda import BlockAttnTritonMetadata
+    from vllm_blockattn.worker.backend_cuda import BlockAttnTritonMetadata
 
     n, hq, d = batch.num_tokens, backend.impl.num_heads, backend.impl.head_size
     t0 = time.perf_counter()
@@ -585,18 +572,17 @@ ENGINE_QUESTION = "Question: Where does Alice live? Answer:"
 ENGINE_PLAIN = "The quick brown fox jumps over the lazy dog. Alice moved to Paris. Where does Alice live?"
 
 
-def _engine_backends() -> list[str]:
-    """Attention backend classes of the in-process engine's model runner(s)."""
-    from vllm_blockattn.worker import _RUNNERS
-
+def _engine_backends(llm) -> list[str]:
+    """Attention backend classes of the in-process engine's model runner."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # the in-process client's EngineCore
+    worker = getattr(getattr(getattr(core, "model_executor", None), "driver_worker", None), "worker", None)
+    runner = getattr(worker, "model_runner", None)
     names = set()
-    for ref in list(_RUNNERS.values()):
-        runner = ref()
-        for groups in getattr(runner, "attn_groups", None) or []:
-            for group in groups:
-                backend = getattr(group, "backend", None)
-                if backend is not None:
-                    names.add(f"{backend.__module__}.{backend.__name__}")
+    for groups in getattr(runner, "attn_groups", None) or []:
+        for group in groups:
+            backend = getattr(group, "backend", None)
+            if backend is not None:
+                names.add(f"{backend.__module__}.{backend.__name__}")
     return sorted(names)
 
 
@@ -611,8 +597,8 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_blockattn.metrics import block_cache_stats
-    from vllm_blockattn.reference import block_generate
+    from vllm_blockattn.engine.metrics import block_cache_stats
+    from vllm_blockattn.core.reference import block_generate
     from vllm_blockattn.tiny import build_tiny_model
 
     t0 = time.perf_counter()
@@ -632,7 +618,7 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
         outs = llm.generate([{"prompt_token_ids": first}], params, use_tqdm=False)
         outs += llm.generate([{"prompt_token_ids": reordered}, {"prompt_token_ids": plain}], params, use_tqdm=False)
     stats = block_cache_stats(llm)
-    backends = _engine_backends()
+    backends = _engine_backends(llm)
     on_cuda = any(b.endswith("BlockAttnTritonBackend") for b in backends) or torch.cuda.is_available()
     # the reference on CPU in fp32 whatever the engine used: independent of vLLM's and the GPU's settings
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

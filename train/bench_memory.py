@@ -69,7 +69,7 @@ def worker(args) -> dict:
 
     from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer
     from vllm_blockattn.distill.bench import long_block_sample, random_model
-    from vllm_blockattn.layout import BlockSettings
+    from vllm_blockattn.core.layout import BlockSettings
 
     torch.set_num_threads(args.threads)
     model, tok = random_model(args.shape)

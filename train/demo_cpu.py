@@ -81,8 +81,8 @@ def first_answer_logits(model, samples, collator, settings, *, block: bool, batc
     response token under full or block attention."""
     from vllm_blockattn.distill.data import layout_from_lengths
     from vllm_blockattn.distill.masks import pad_attention_masks
-    from vllm_blockattn.layout import parse_block_prompt
-    from vllm_blockattn.reference import block_attention_mask
+    from vllm_blockattn.core.layout import parse_block_prompt
+    from vllm_blockattn.core.reference import block_attention_mask
 
     model.eval()
     for b in batches(samples, collator, batch_size):
@@ -252,7 +252,7 @@ def main(argv=None):
 
     from vllm_blockattn.distill.data import BlockDataCollator, ChatBlockFormatter, make_retrieval_records
     from vllm_blockattn.distill.sinks import add_sink_token
-    from vllm_blockattn.layout import BlockSettings
+    from vllm_blockattn.core.layout import BlockSettings
     from vllm_blockattn.tiny import build_config
 
     t_start = time.perf_counter()

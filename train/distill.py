@@ -151,7 +151,7 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
     from vllm_blockattn.distill.callbacks import MetricsFileCallback
     from vllm_blockattn.distill.data import ChatBlockFormatter
     from vllm_blockattn.distill.sinks import add_sink_token, write_block_config
-    from vllm_blockattn.layout import DEFAULT_NUM_SINKS
+    from vllm_blockattn.core.layout import DEFAULT_NUM_SINKS
 
     from accelerate import PartialState
 

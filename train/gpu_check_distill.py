@@ -57,7 +57,7 @@ def _step(trainer, batch, seed=11):
 
 def check_correctness(args, device, out) -> dict:
     from vllm_blockattn.distill.bench import long_block_sample, random_model
-    from vllm_blockattn.layout import BlockSettings
+    from vllm_blockattn.core.layout import BlockSettings
 
     flex_backward = device != "cpu"
     res = {"shape": args.check_shape, "seq_lens": [args.check_len, args.check_len - 37, args.check_len - 101]}
@@ -104,7 +104,7 @@ def check_correctness(args, device, out) -> dict:
 
 def measure(args, device, out, seq_len, path) -> dict:
     from vllm_blockattn.distill.bench import long_block_sample, random_model
-    from vllm_blockattn.layout import BlockSettings
+    from vllm_blockattn.core.layout import BlockSettings
 
     attn = "flex_attention" if path == "new" and device != "cpu" and not args.no_flex else "sdpa"
     chunk = args.chunk if path == "new" else 0

@@ -269,7 +269,7 @@ def quality(a, seg, thresholds) -> dict:
     from demo_cpu import accuracy, build_word_tokenizer, train_student, train_teacher
     from vllm_blockattn.distill.data import BlockDataCollator, ChatBlockFormatter
     from vllm_blockattn.distill.sinks import add_sink_token
-    from vllm_blockattn.layout import BlockSettings
+    from vllm_blockattn.core.layout import BlockSettings
     from vllm_blockattn.segmenter.baselines import LMScorer
     from vllm_blockattn.segmenter.candidates import cuts_of, split_at
     from vllm_blockattn.segmenter.metrics import evaluate

@@ -3,7 +3,7 @@
 The ``vllm.general_plugins`` entry point calls :func:`register` in every vLLM process.
 """
 
-from .layout import (
+from .core.layout import (
     CONFIG_KEY,
     DEFAULT_NUM_SINKS,
     SINK_TOKEN,
@@ -26,8 +26,16 @@ hide_source_triton_kernels()
 
 __all__ = [
     "CONFIG_KEY", "DEFAULT_NUM_SINKS", "SINK_TOKEN", "Block", "BlockLayout", "BlockLayoutError", "BlockSettings",
-    "build_block_prompt", "build_block_text", "parse_block_prompt", "register",
+    "block_cache_stats", "build_block_prompt", "build_block_text", "parse_block_prompt", "register",
 ]
+
+
+def block_cache_stats(llm) -> dict:
+    """Block-cache counters of an offline ``LLM`` with the in-process engine (see
+    :func:`vllm_blockattn.engine.metrics.block_cache_stats`)."""
+    from .engine.metrics import block_cache_stats as stats
+
+    return stats(llm)
 
 _registered = False
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .layout import DEFAULT_NUM_SINKS, SINK_TOKEN, build_block_text
+from .core.layout import DEFAULT_NUM_SINKS, SINK_TOKEN, build_block_text
 
 
 def block_prompt_text(documents: Sequence[str], question: str, *, prefix: str = "", sink_token: str = SINK_TOKEN,

@@ -41,12 +41,12 @@ import logging
 logger = logging.getLogger("vllm_blockattn")
 
 BACKEND_NAME = "BLOCKATTN"
-SCHEDULER_CLS = "vllm_blockattn.scheduler.BlockAttnScheduler"
-ASYNC_SCHEDULER_CLS = "vllm_blockattn.scheduler.BlockAttnAsyncScheduler"
-CPU_WORKER_CLS = "vllm_blockattn.worker.BlockAttnCPUWorker"
-GPU_WORKER_CLS = "vllm_blockattn.worker.BlockAttnGPUWorker"
-CPU_BACKEND_CLS = "vllm_blockattn.backend.BlockAttnCPUBackend"
-GPU_BACKEND_CLS = "vllm_blockattn.backend_cuda.BlockAttnTritonBackend"
+SCHEDULER_CLS = "vllm_blockattn.engine.scheduler.BlockAttnScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_blockattn.engine.scheduler.BlockAttnAsyncScheduler"
+CPU_WORKER_CLS = "vllm_blockattn.worker.hooks.BlockAttnCPUWorker"
+GPU_WORKER_CLS = "vllm_blockattn.worker.hooks.BlockAttnGPUWorker"
+CPU_BACKEND_CLS = "vllm_blockattn.worker.backend_cpu.BlockAttnCPUBackend"
+GPU_BACKEND_CLS = "vllm_blockattn.worker.backend_cuda.BlockAttnTritonBackend"
 CPU_DEFAULT_PAGE_SIZE = 32
 
 _PATCHED = "_vllm_blockattn_patched"
@@ -118,7 +118,7 @@ def _patch_config_hook() -> None:
         par = vllm_config.parallel_config
         if par.worker_cls in default_workers:
             par.worker_cls = CPU_WORKER_CLS if is_cpu else GPU_WORKER_CLS
-        from .support import check_supported
+        from .engine.support import check_supported
 
         check_supported(vllm_config)
 
@@ -185,7 +185,7 @@ def _patch_server_blocks() -> None:
         vllm_config = getattr(self.renderer, "config", None)
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_completion(self, request, *args, **kwargs)
-        from .server import render_block_completion
+        from .frontend.server import render_block_completion
 
         return await render_block_completion(self, vllm_config, request,
                                              lambda r: original_completion(self, r, *args, **kwargs))
@@ -195,7 +195,7 @@ def _patch_server_blocks() -> None:
         vllm_config = getattr(self.renderer, "config", None)
         if vllm_config is None or not is_blockattn_selected(vllm_config):
             return await original_chat(self, request, *args, **kwargs)
-        from .server import render_block_chat
+        from .frontend.server import render_block_chat
 
         return await render_block_chat(self, vllm_config, request, lambda r: original_chat(self, r, *args, **kwargs))
 
@@ -206,7 +206,7 @@ def _patch_server_blocks() -> None:
 
 
 def _check_params(params, resumable: bool) -> None:
-    from .paged import RESERVED_PREFIX
+    from .core.paged import RESERVED_PREFIX
 
     extra = getattr(params, "extra_args", None) or {}
     if not isinstance(extra, dict):
@@ -224,7 +224,7 @@ def _check_request(vllm_config, request) -> None:
     ids = request.prompt_token_ids
     if ids is None or getattr(request, "prompt_embeds", None) is not None:
         return
-    from .config import get_block_config
+    from .core.config import get_block_config
 
     try:
         layout = get_block_config(vllm_config).check_prompt(ids)

@@ -8,7 +8,7 @@ Usage::
 ``FILE`` is a path or ``-`` for stdin. ``--format jsonl`` (default) prints one JSON object per block:
 ``{"index", "start", "end", "text"}`` (char offsets; the texts concatenate to the input).
 ``--format prompt`` writes the text form of a block prompt (sink groups before every block, see
-``vllm_blockattn.layout.build_block_text``), with ``--question`` as the final block when given.
+``vllm_blockattn.core.layout.build_block_text``), with ``--question`` as the final block when given.
 Empty input prints nothing; binary input (NUL bytes or invalid UTF-8) is an error (exit status 2).
 """
 

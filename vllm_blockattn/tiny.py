@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from .layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
+from .core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>", SINK_TOKEN]

@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from ..layout import BlockSettings, build_block_prompt
+from ..core.layout import BlockSettings, build_block_prompt
 
 # Shapes of the benchmarks' random models (Qwen3 architecture).
 SHAPES = {

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from ..layout import DEFAULT_NUM_SINKS, SINK_TOKEN
+from ..core.layout import DEFAULT_NUM_SINKS, SINK_TOKEN
 
 MODES = ("distill", "block_finetune")
 SINK_INITS = ("mean", "eos", "keep")

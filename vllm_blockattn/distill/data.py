@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..layout import Block, BlockLayout, BlockSettings, build_block_prompt, parse_block_prompt
+from ..core.layout import Block, BlockLayout, BlockSettings, build_block_prompt, parse_block_prompt
 from .masks import content_index
 
 Segmenter = Callable[[str], list[str]]

@@ -1,7 +1,7 @@
 """Training masks built on the reference block layout and masks (no second mask builder).
 
-Everything here starts from a :class:`~vllm_blockattn.layout.BlockLayout` (``parse_block_prompt``) and
-from :func:`~vllm_blockattn.reference.block_attention_mask` / :func:`full_attention_mask`:
+Everything here starts from a :class:`~vllm_blockattn.core.layout.BlockLayout` (``parse_block_prompt``) and
+from :func:`~vllm_blockattn.core.reference.block_attention_mask` / :func:`full_attention_mask`:
 
 - the *block* pattern is the reference block mask itself (every context block alone, final block global);
 - the *dropout* pattern takes the block-mask rows of the dropped context blocks and the full causal rows
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..layout import BlockLayout
-from ..reference import block_attention_mask, full_attention_mask
+from ..core.layout import BlockLayout
+from ..core.reference import block_attention_mask, full_attention_mask
 
 
 def _check_unpadded(layout: BlockLayout) -> None:

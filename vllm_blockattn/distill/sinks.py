@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
+from ..core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
 
 
 def add_sink_token(tokenizer, model, *, sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS,

@@ -26,8 +26,8 @@ from types import SimpleNamespace
 import torch
 from trl import SFTTrainer
 
-from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, parse_block_prompt
-from ..reference import block_attention_mask, full_attention_mask
+from ..core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, parse_block_prompt
+from ..core.reference import block_attention_mask, full_attention_mask
 from .config import BlockDistillationConfig
 from .data import BlockDataCollator, layout_from_lengths
 from .losses import (block_finetune_loss, block_kl_loss, chunked_kl_loss, chunked_token_nll, token_nll,

@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN
+from ..core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN
 from ..segmenter.rules import rule_based_segments  # noqa: F401 - part of this module's API (the "rule" form)
 
 DEFAULT_BLOCK_TOKENS = 512
@@ -196,7 +196,7 @@ class FormOptions:
 
 def block_text(blocks: Sequence[str], opts: FormOptions) -> str:
     """The block prompt's text: ``[S x k] block`` for every block (the last is the final block)."""
-    from ..layout import build_block_text
+    from ..core.layout import build_block_text
 
     return build_block_text(blocks, sink_token=opts.sink_token, num_sinks=opts.num_sinks)
 

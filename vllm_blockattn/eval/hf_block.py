@@ -1,14 +1,14 @@
 """``hf-block``: an lm-eval model that runs a Hugging Face checkpoint under block attention.
 
 It needs nothing but the prompt text: the layout is parsed from the token ids (sink groups, see
-:mod:`vllm_blockattn.layout`), so the same task prompts serve this model and vLLM. A prompt without
+:mod:`vllm_blockattn.core.layout`), so the same task prompts serve this model and vLLM. A prompt without
 sink groups runs with ordinary causal attention (the full form).
 
 How a prompt runs: every non-final block is encoded alone with its global positions (its queries see
 only its own tokens, which is exactly the block mask's rows for that block), their KV is concatenated,
 and the final block runs against it causally. Generated tokens join the final block, which attends to
 everything, so plain cached decoding after that prefill is exact. Tests prove the result equal to the
-mask-form oracle (:func:`vllm_blockattn.reference.block_forward` / ``block_generate``).
+mask-form oracle (:func:`vllm_blockattn.core.reference.block_forward` / ``block_generate``).
 
     python -m vllm_blockattn.eval --include_path eval/tasks --tasks locomo_block --model hf-block \\
         --model_args pretrained=PATH[,sink_token=<|endoftext|>,num_sinks=4,dtype=bfloat16,device=cuda]
@@ -25,7 +25,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..layout import BlockLayout, BlockSettings, parse_block_prompt
+from ..core.layout import BlockLayout, BlockSettings, parse_block_prompt
 from .blocks import ENV
 
 eval_logger = logging.getLogger("lm_eval")

@@ -20,29 +20,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..layout import DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings, build_block_prompt, build_block_text
-from .candidates import SegmenterInputError, as_text, split_at
-from .model import Segmenter, check_threshold
+from ..core.layout import DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings, build_block_prompt, build_block_text
+from ..core.segment_settings import SegmenterInputError, check_threshold, thresholds_for  # noqa: F401  (re-exported)
+from .candidates import as_text, split_at
+from .model import Segmenter
 from .work import checkpoint
 
 # A head trained by train/segmenter_demo.py on the offline MiniLM backbone, shipped with the package.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
-
-
-def thresholds_for(threshold: float | Sequence[float], depth: int | None) -> list[float]:
-    """One threshold per level: a number applies to every level; a list must have ``depth`` entries
-    (``depth=None`` takes its length)."""
-    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-        raise SegmenterInputError(f"depth must be a positive int, got {depth!r}")
-    if isinstance(threshold, int | float) and not isinstance(threshold, bool):
-        values = [threshold] * (depth or 1)
-    else:
-        values = list(threshold)
-        if not values:
-            raise SegmenterInputError("threshold list is empty; give one threshold per level")
-        if depth is not None and depth != len(values):
-            raise SegmenterInputError(f"depth {depth} needs {depth} thresholds, got {len(values)}: {values}")
-    return [check_threshold(v, f"threshold of level {i + 1}") for i, v in enumerate(values)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -183,9 +168,9 @@ def to_block_prompt(
 ):
     """A block prompt whose context blocks are ``blocks`` and whose final block is ``question``.
 
-    Returns token ids (:func:`vllm_blockattn.layout.build_block_prompt`, needs ``tokenizer`` or
+    Returns token ids (:func:`vllm_blockattn.core.layout.build_block_prompt`, needs ``tokenizer`` or
     ``settings``), or with ``as_text`` the text form for text-only paths
-    (:func:`vllm_blockattn.layout.build_block_text`).
+    (:func:`vllm_blockattn.core.layout.build_block_text`).
     """
     if isinstance(blocks, str):
         raise SegmenterInputError("blocks must be a list of strings, got one string")

@@ -10,11 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ..core.segment_settings import SegmenterInputError  # noqa: F401  (re-exported)
+
 DEFAULT_PATTERN = r"\n+"
-
-
-class SegmenterInputError(ValueError):
-    """Input the segmenter cannot take (binary data, a bad pattern, bad cut positions)."""
 
 
 def as_text(data: str | bytes, what: str = "input") -> str:

@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .candidates import DEFAULT_PATTERN, SegmenterInputError, compile_pattern, find_candidates, split_at
+from ..core.segment_settings import check_threshold  # noqa: F401  (re-exported)
+from .candidates import DEFAULT_PATTERN, compile_pattern, find_candidates, split_at
 from .layout_features import NUM_LAYOUT_FEATURES, layout_features
 from .work import checkpoint
 
@@ -553,9 +554,3 @@ class Segmenter(nn.Module):
         text's own :meth:`candidate_probs`."""
         return [(cands, self.probs_from_features(t, cands, f))
                 for t, (cands, f) in zip(texts, self.candidate_features_many(texts, max_windows=max_windows))]
-
-
-def check_threshold(value: float, what: str = "threshold") -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise SegmenterInputError(f"{what} must be a number in [0, 1], got {value!r}")
-    return float(value)

@@ -1,7 +1,7 @@
 """Per-token and per-page metadata for the Triton block-attention kernels (``blockattn_kernels``).
 
 Built from vLLM's batch description (query_start_loc, seq_lens, page size) and each row's
-:class:`~vllm_blockattn.paged.PagedLayout` (None for an ordinary request, which the kernels then
+:class:`~vllm_blockattn.core.paged.PagedLayout` (None for an ordinary request, which the kernels then
 treat as one final block: plain causal attention). See ``docs/kernels.md`` for the kernel contract.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .paged import PagedLayout
+from ..core.paged import PagedLayout
 
 
 @dataclass

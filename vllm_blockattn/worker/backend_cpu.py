@@ -41,11 +41,11 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from . import cpu_kernels
-from .config import get_block_config
+from ..core.config import get_block_config
 from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
-from .paged import PagedLayout
-from .reference import apply_rotation, inv_freq_from_config, rope_cos_sin
-from .worker import batch_layouts, current_runner
+from ..core.paged import PagedLayout
+from ..core.rope import apply_rotation, inv_freq_from_config, rope_cos_sin
+from .hooks import batch_layouts
 
 
 @dataclass
@@ -102,8 +102,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        runner = current_runner(self.vllm_config)
-        layouts = batch_layouts(runner, cm.num_reqs) if runner is not None else []
+        layouts = batch_layouts(self.vllm_config, cm.num_reqs)
         if not any(layouts):
             return super().build(common_prefix_len, cm, fast_build)
         page = self.block_size

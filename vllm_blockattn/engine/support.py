@@ -59,11 +59,11 @@ def unsupported_features(vllm_config) -> list[str]:
     sched = vllm_config.scheduler_config.scheduler_cls
     if sched not in _DEFAULT_SCHEDULERS and not _is_ours(sched, "scheduler"):
         problems.append(f"a user-named scheduler class ({_name(sched)}): the backend installs its own "
-                        "(vllm_blockattn.scheduler.BlockAttnScheduler); subclass it to customize")
+                        "(vllm_blockattn.engine.scheduler.BlockAttnScheduler); subclass it to customize")
     worker = vllm_config.parallel_config.worker_cls
     if worker != "auto" and not _is_ours(worker, "worker"):
         problems.append(f"a user-named worker class ({_name(worker)}): the backend installs its own "
-                        "(vllm_blockattn.worker.BlockAttnCPUWorker / BlockAttnGPUWorker); subclass it to customize")
+                        "(vllm_blockattn.worker.hooks.BlockAttnCPUWorker / BlockAttnGPUWorker); subclass it to customize")
     return problems
 
 
@@ -98,7 +98,7 @@ def _model_problems(model) -> list[str]:
             getattr(hf, "model_type", "") == "gpt_oss":
         problems.append("learned attention sinks")
     try:
-        from .reference import inv_freq_from_config
+        from ..core.rope import inv_freq_from_config
 
         inv_freq_from_config(hf, getattr(hf, "head_dim", None))
     except NotImplementedError as e:

@@ -40,8 +40,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .layout import BlockLayoutError, BlockSettings, build_block_prompt
-from .request_options import (MAX_CHARS_PER_TOKEN, BlockRequestError, SegmentOptions, ServerSegmentConfig,
+from ..core.layout import BlockLayoutError, BlockSettings, build_block_prompt
+from ..core.segment_settings import SegmenterInputError, thresholds_for
+from ..core.request_options import (MAX_CHARS_PER_TOKEN, BlockRequestError, SegmentOptions, ServerSegmentConfig,
                               check_text, parse_documents, parse_segment)
 from .segment_service import SegmentationError, SegmenterService, count_refused, count_scored
 
@@ -53,9 +54,6 @@ logger = logging.getLogger("vllm_blockattn")
 def _resolve_thresholds(seg, options: SegmentOptions) -> list[float]:
     """The request's thresholds, else the server's, else the checkpoint's own (runs once the
     segmenter is loaded; the server's configuration is bound in :func:`segmenter_service`)."""
-    from .segmenter.api import thresholds_for
-    from .segmenter.candidates import SegmenterInputError
-
     threshold, depth = options.threshold, options.depth
     if threshold is None:
         threshold = seg.config.threshold
@@ -67,8 +65,8 @@ def _resolve_thresholds(seg, options: SegmentOptions) -> list[float]:
 
 def _segment_texts(seg, texts: list[str], thresholds: list[float], cache, tenant) -> list[list[str]]:
     """One request's texts cut at ``thresholds`` (runs on the request's segmenter thread)."""
-    from .segmenter.api import cuts_at, segment_cuts, segment_cuts_many
-    from .segmenter.candidates import split_at
+    from ..segmenter.api import cuts_at, segment_cuts, segment_cuts_many
+    from ..segmenter.candidates import split_at
 
     if len(thresholds) == 1 and cache is not None:
         # one level with content windows: a text that extends one this tenant sent before (a prompt
@@ -157,7 +155,7 @@ _SERVER_BLOCKS: dict[int, tuple[object, ServerBlocks]] = {}
 def server_blocks(vllm_config) -> ServerBlocks:
     hit = _SERVER_BLOCKS.get(id(vllm_config))
     if hit is None or hit[0] is not vllm_config:
-        from .config import get_block_config
+        from ..core.config import get_block_config
 
         cfg = get_block_config(vllm_config)
         seg = ServerSegmentConfig.from_additional_config(vllm_config.additional_config)

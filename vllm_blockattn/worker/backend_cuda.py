@@ -23,8 +23,8 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
-from .reference import inv_freq_from_config
-from .worker import batch_layouts, current_runner
+from ..core.rope import inv_freq_from_config
+from .hooks import batch_layouts
 
 
 @dataclass
@@ -43,8 +43,7 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
-        runner = current_runner(self.vllm_config)
-        layouts = batch_layouts(runner, cm.num_reqs) if runner is not None else []
+        layouts = batch_layouts(self.vllm_config, cm.num_reqs)
         if not any(layouts):
             return meta
         block = build_kernel_metadata(

@@ -2,7 +2,7 @@
 
 Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
-``pad_token_id``, ``kernel``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.server`). An untrained model has no sink token: name an existing token as the marker (the
+``pad_token_id``, ``kernel``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`). An untrained model has no sink token: name an existing token as the marker (the
 "training-free" baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
 
 ``kernel``: ``"auto"`` (CUDA: the Triton kernels; CPU: vLLM's native CPU kernel for block-diagonal

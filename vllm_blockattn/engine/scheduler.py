@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import logging
 
-from vllm.v1.core.kv_cache_utils import hash_block_tokens
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.utils.hashing import get_hash_fn_by_name
 
-from .config import get_block_config
+from ..core.config import get_block_config
+from ..core.paged import SCHEDULER_OUTPUT_ATTR, pad_and_order
+from .cache_keys import block_chain, leading_hits, make_hasher, request_namespace
 from .metrics import record
-from .paged import SCHEDULER_OUTPUT_ATTR, pad_and_order
 
 logger = logging.getLogger("vllm_blockattn")
 
@@ -136,10 +136,7 @@ class BlockAttnSchedulerMixin:
             raise ValueError("multimodal inputs in a block prompt are not supported by the blockattn backend")
         page = self.block_size
         ids = list(request.prompt_token_ids)
-        keys = cfg.namespace + ((("cache_salt", request.cache_salt),) if request.cache_salt else ())
-        lora = request.lora_request
-        if lora is not None:  # KV computed under one adapter must never serve another
-            keys += (("lora", lora.lora_name, lora.lora_path),)
+        keys = request_namespace(cfg.namespace, request)
 
         block_hashes: list[list] = []
         if self._caching:
@@ -147,21 +144,21 @@ class BlockAttnSchedulerMixin:
             plain_chain = list(request.block_hashes)
             for blk in layout.context_blocks:
                 is_head = blk.start == 0 and blk.content_start == 0  # tokens before the first sink group
-                block_hashes.append(self._block_chain(ids[blk.start : blk.end], keys,
-                                                      plain_chain if is_head else None))
+                block_hashes.append(block_chain(self._hash_fn, page, cfg.pad_id, ids[blk.start : blk.end], keys,
+                                                plain_chain if is_head else None))
 
         # Leading cached pages of each block: whole blocks move to the front, then the block that has
         # the longest cached run (a grown block, a head that a plain prompt computed); vLLM's lookup
         # stops at the first miss, so the other blocks' cached leading pages cannot be used.
         pool = self.kv_cache_manager.block_pool
-        hit_pages = [_leading_hits(pool, chain, self._group_ids) for chain in block_hashes]
+        hit_pages = [leading_hits(pool, chain, self._group_ids) for chain in block_hashes]
         cached = [n == len(chain) for n, chain in zip(hit_pages, block_hashes)] \
             or [False] * len(layout.context_blocks)
         partial = max((b for b, hit in enumerate(cached) if not hit and hit_pages[b]),
                       key=lambda b: hit_pages[b], default=None)  # max keeps the first of ties
         new_ids, paged = pad_and_order(ids, layout, page, cfg.pad_id, cached.__getitem__, next_block=partial)
         paged.validate(len(new_ids), page)
-        hasher = _make_hasher(self._hash_fn, page, keys, layout, block_hashes, paged) if self._caching else None
+        hasher = make_hasher(self._hash_fn, page, keys, layout, block_hashes, paged) if self._caching else None
 
         # Nothing above touched the request; from here on nothing can fail.
         hits = [b for b, hit in enumerate(cached) if hit]
@@ -179,42 +176,6 @@ class BlockAttnSchedulerMixin:
             request._block_hasher = hasher
         # Without prefix caching vLLM's own hasher (if any) stays: no page is ever looked up by it.
         request.update_block_hashes()
-
-    def _block_chain(self, toks: list[int], keys: tuple, plain_chain: list | None = None) -> list:
-        """Page hashes of one context block (its real tokens ``toks``), the padded last page included.
-
-        Full pages chain from a fresh root over the block's tokens with the namespace ``keys``: a full
-        page's KV depends on the block's tokens up to its end (causal attention inside the block,
-        block-local positions), which the chain covers, and on nothing else. The partially padded last
-        page adds the real length, so that pads never pass for content. ``plain_chain``, for the head:
-        vLLM's ordinary prefix hashes of the prompt, whose first pages are the head's full pages; the
-        padded last page then chains from them, still under the namespace.
-        """
-        page, n = self.block_size, len(toks)
-        full = n // page
-        if plain_chain is not None and len(plain_chain) >= full:
-            chain = plain_chain[:full]
-        else:
-            chain, parent = [], None
-            for p in range(full):
-                parent = hash_block_tokens(self._hash_fn, parent, toks[p * page : (p + 1) * page], keys)
-                chain.append(parent)
-        if n % page:
-            last = toks[full * page :] + [self._block_config.pad_id] * (-n % page)
-            chain.append(hash_block_tokens(self._hash_fn, chain[-1] if chain else None, last,
-                                           keys + (("block_tokens", n),)))
-        return chain
-
-
-def _leading_hits(pool, chain: list, group_ids: list[int]) -> int:
-    """How many leading pages of ``chain`` the block pool holds."""
-    n = 0
-    for h in chain:
-        if pool.get_cached_block(h, group_ids) is None:
-            break
-        n += 1
-    return n
-
 
 class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler with block-prompt preparation."""
@@ -241,27 +202,3 @@ def _report_real_tokens(request, paged) -> None:
     stats._blockattn_real = True
     finalize = type(stats).finalize  # called later with a slot count (the KV written for the prompt)
     stats.finalize = lambda num_cached_slots: finalize(stats, paged.real_tokens_before(num_cached_slots))
-
-
-def _make_hasher(hash_fn, page, keys, layout, block_hashes, paged):
-    """The request's block hasher: precomputed per-block chains for the context pages, then a chain
-    over the final block (and generated tokens) rooted at the logical block sequence."""
-    offsets = layout.offsets()
-    logical_of = {o: b for b, o in enumerate(offsets[:-1])}  # offsets are distinct: blocks are non-empty
-    context_pages = [h for o in paged.offsets for h in block_hashes[logical_of[o]]]  # physical order
-    logical = tuple((bh[-1], blk.num_tokens, o) for bh, blk, o in zip(block_hashes, layout.context_blocks, offsets))
-    root = hash_block_tokens(hash_fn, None, (), keys + (("blocks", logical), ("final_offset", offsets[-1])))
-    n_ctx = len(context_pages)
-
-    def hasher(request) -> list:
-        have = len(request.block_hashes)
-        out: list = []
-        for p in range(have, request.num_tokens // page):
-            if p < n_ctx:
-                out.append(context_pages[p])
-                continue
-            prev = root if p == n_ctx else (out[-1] if out else request.block_hashes[p - 1])
-            out.append(hash_block_tokens(hash_fn, prev, request.all_token_ids[p * page : (p + 1) * page], keys))
-        return out
-
-    return hasher

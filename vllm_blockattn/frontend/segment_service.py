@@ -46,7 +46,7 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 
-from .request_options import SegmentLimits
+from ..core.request_options import SegmentLimits
 
 logger = logging.getLogger("vllm_blockattn")
 
@@ -201,7 +201,7 @@ class SegmenterService:
         with self._load_lock:
             if self._segmenter is None and self._load_error is None:
                 try:
-                    from .segmenter.api import load_segmenter
+                    from ..segmenter.api import load_segmenter
 
                     self._segmenter = load_segmenter(self.model)
                     logger.info("blockattn: segmenter loaded (%s)", self.model or "packaged default")
@@ -213,7 +213,7 @@ class SegmenterService:
                                         f"could not be loaded ({self._load_error})",
                                         status=HTTPStatus.SERVICE_UNAVAILABLE)
             if self._prefix_cache is None and _incremental(self._segmenter):
-                from .segmenter.incremental import PrefixScoreCache
+                from ..segmenter.incremental import PrefixScoreCache
 
                 self._prefix_cache = PrefixScoreCache(self._segmenter,
                                                       max_bytes=int(self.limits.cache_mib * (1 << 20)))
@@ -241,7 +241,7 @@ class SegmenterService:
             f"levels, or `segment: off`", outcome="timed_out")
 
     def _work(self, job: _Job) -> None:
-        from .segmenter.work import checkpoints
+        from ..segmenter.work import checkpoints
 
         try:
             seg = self._load()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from .segment_settings import SegmenterInputError, thresholds_for
+
 SEGMENT_KEYS = {"threshold", "depth"}
 LIMIT_KEYS = ("budget_seconds", "timeout_seconds", "max_pending", "cache_mib")
 SERVER_SEGMENT_KEYS = {"model", "threshold", "depth", "default", "min_tokens", *LIMIT_KEYS}
@@ -125,9 +127,6 @@ class ServerSegmentConfig:
 
 
 def _segment_knobs(entry: dict, what: str) -> SegmentOptions:
-    from .segmenter.api import thresholds_for
-    from .segmenter.candidates import SegmenterInputError
-
     threshold, depth = entry.get("threshold"), entry.get("depth")
     levels = len(threshold) if isinstance(threshold, list | tuple) else depth
     if isinstance(levels, int) and not isinstance(levels, bool) and levels > MAX_DEPTH:

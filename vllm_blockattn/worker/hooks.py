@@ -1,29 +1,41 @@
-"""Worker side: per-request layouts and block-aware positions.
+"""Worker side: per-request layouts, block-aware positions, and the one channel from the scheduler to
+the attention metadata builders.
 
-The attention metadata builder sees no token ids and no request ids, so the worker class keeps a
-handle on its model runner; the builder then reads row i's request (``input_batch.req_ids[i]``) and
-its layout. Layouts come from the scheduler only: it attaches ``{request id: PagedLayout}`` for the
-requests a worker has not seen yet (new or resumed) to vLLM's ``SchedulerOutput``, which reaches every
-worker (pickled under tensor parallelism) and which no client can write. Requests themselves carry no
-layout; a request the scheduler did not mark is an ordinary request.
+The channel, hop by hop (no other path carries a layout):
+
+1. The scheduler (engine core) attaches ``{request id: PagedLayout}`` for the requests a worker has not
+   seen yet (new or resumed) to vLLM's ``SchedulerOutput`` (attribute ``core.paged.SCHEDULER_OUTPUT_ATTR``),
+   which reaches every worker (pickled under tensor parallelism) and which no client can write. Requests
+   themselves carry no layout; a request the scheduler did not mark is an ordinary request.
+2. The worker (``BlockAttnCPUWorker`` / ``BlockAttnGPUWorker``, this module) keeps them in its own
+   :class:`RowLayouts` and, for the duration of ``execute_model``, publishes the step it executes to
+   this thread (:func:`executing`).
+3. The attention metadata builders, which see no token ids and no request ids, ask
+   :func:`batch_layouts` for the layouts of the rows of that step (row ``i`` is request
+   ``input_batch.req_ids[i]``). Outside a step (profiling, warm-up, CUDA graph capture) every row is
+   an ordinary row.
 
 Positions have no public hook. The runner's ``_prepare_inputs`` computes the slot mapping from vLLM's
 positions (slot indices) and then fills ``runner.positions``; editing ``runner.positions[:n]`` in place
 after it returns changes only the RoPE positions: block-local for non-final blocks (so their cached
-keys are canonical), logical for the final block and generated tokens (pads take no position).
+keys are canonical), logical for the final block and generated tokens (pads take no position). The
+wrap is installed on the runner instance by the worker (listed in ``plugin.py``).
 """
 
 from __future__ import annotations
 
-import weakref
+import contextlib
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .paged import SCHEDULER_OUTPUT_ATTR, PagedLayout
+from ..core.paged import SCHEDULER_OUTPUT_ATTR, PagedLayout
 
-# Model runners of this process, by their vLLM config (two engines may live in one process).
-_RUNNERS: dict[int, weakref.ref] = {}
+# The step a worker executes in this thread: (its vLLM config, rows -> layouts). Two engines may live
+# in one process; a builder only reads the step of its own engine.
+_STEP = threading.local()
 
 
 class RowLayouts:
@@ -56,28 +68,39 @@ class RowLayouts:
         return len(self._layouts)
 
 
-def current_runner(vllm_config):
-    """The model runner that owns ``vllm_config``, once its blockattn worker has started."""
-    ref = _RUNNERS.get(id(vllm_config))
-    runner = None if ref is None else ref()
-    return runner if runner is not None and runner.vllm_config is vllm_config else None
+@contextlib.contextmanager
+def executing(vllm_config, rows: Callable[[int], list[PagedLayout | None]]):
+    """Publish, for the duration of one step in this thread, the layouts of the rows of the batch the
+    engine of ``vllm_config`` executes; ``rows(n)`` returns those of rows 0..n-1."""
+    saved = getattr(_STEP, "current", None)
+    _STEP.current = (vllm_config, rows)
+    try:
+        yield
+    finally:
+        _STEP.current = saved
 
 
-def batch_layouts(runner, num_reqs: int) -> list[PagedLayout | None]:
-    """Layout of rows 0..num_reqs-1 of the batch being prepared (None: ordinary request / padding row)."""
-    ib = runner.input_batch
-    out: list[PagedLayout | None] = []
-    for i in range(num_reqs):
-        out.append(runner._blockattn_layouts.get(ib.req_ids[i]) if i < ib.num_reqs else None)
-    return out
+def batch_layouts(vllm_config, num_reqs: int) -> list[PagedLayout | None]:
+    """Layout of rows 0..num_reqs-1 of the batch being executed for ``vllm_config`` (None: ordinary
+    request or padding row); empty outside a step."""
+    step = getattr(_STEP, "current", None)
+    if step is None or step[0] is not vllm_config:
+        return []
+    return step[1](num_reqs)
 
 
-def _install(runner) -> None:
-    if getattr(runner, "_blockattn_layouts", None) is not None:
-        return
+def _row_layouts(runner, layouts: RowLayouts) -> Callable[[int], list[PagedLayout | None]]:
+    def rows(num_reqs: int) -> list[PagedLayout | None]:
+        ib = runner.input_batch
+        return [layouts.get(ib.req_ids[i]) if i < ib.num_reqs else None for i in range(num_reqs)]
+
+    return rows
+
+
+def _install(runner, layouts: RowLayouts) -> None:
     from vllm.platforms import current_platform
 
-    from ._vllm_api import ensure_compatible
+    from .._vllm_api import ensure_compatible
 
     ensure_compatible(current_platform.is_cpu())  # worker processes may run another vLLM than the frontend
     if current_platform.is_cpu():
@@ -87,15 +110,10 @@ def _install(runner) -> None:
     if not hasattr(runner, "_prepare_inputs") or not hasattr(runner, "input_batch"):
         raise RuntimeError("the blockattn backend needs vLLM's V1 model runner; it selects it by itself unless "
                            "VLLM_USE_V2_MODEL_RUNNER=1 is set: unset it or set it to 0")
-    runner._blockattn_layouts = RowLayouts()
     original = runner._prepare_inputs
 
     def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
-        layouts = runner._blockattn_layouts
-        layouts.update(scheduler_output)
         result = original(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        if len(layouts) > len(runner.requests):
-            layouts.prune(runner.requests)
         ib = runner.input_batch
         start = 0
         for i in range(ib.num_reqs):
@@ -109,22 +127,33 @@ def _install(runner) -> None:
         return result
 
     runner._prepare_inputs = _prepare_inputs
-    for key in [k for k, ref in _RUNNERS.items() if ref() is None]:
-        del _RUNNERS[key]
-    _RUNNERS[id(runner.vllm_config)] = weakref.ref(runner)
+
+
+class _BlockWorkerMixin:
+    """What both workers add: the layouts of their live block requests and the step channel."""
+
+    _blockattn_worker = True
+
+    def init_device(self):
+        super().init_device()
+        self._blockattn_layouts = RowLayouts()
+        _install(self.model_runner, self._blockattn_layouts)
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        layouts, runner = self._blockattn_layouts, self.model_runner
+        layouts.update(scheduler_output)
+        with executing(runner.vllm_config, _row_layouts(runner, layouts)):
+            out = super().execute_model(scheduler_output, *args, **kwargs)
+        if len(layouts) > len(runner.requests):
+            layouts.prune(runner.requests)
+        return out
 
 
 def _worker_classes():
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    class BlockAttnCPUWorker(CPUWorker):
+    class BlockAttnCPUWorker(_BlockWorkerMixin, CPUWorker):
         """CPU worker whose model runner knows block layouts."""
-
-        _blockattn_worker = True
-
-        def init_device(self):
-            super().init_device()
-            _install(self.model_runner)
 
     classes = {"BlockAttnCPUWorker": BlockAttnCPUWorker}
     try:
@@ -132,14 +161,8 @@ def _worker_classes():
     except Exception:  # the CPU build may not import the GPU worker
         return classes
 
-    class BlockAttnGPUWorker(Worker):
+    class BlockAttnGPUWorker(_BlockWorkerMixin, Worker):
         """GPU worker whose model runner knows block layouts."""
-
-        _blockattn_worker = True
-
-        def init_device(self):
-            super().init_device()
-            _install(self.model_runner)
 
     classes["BlockAttnGPUWorker"] = BlockAttnGPUWorker
     return classes
