@@ -107,7 +107,7 @@ class Case:
     def __init__(self, n_ctx: int, n_q: int, block_len: int, hq: int, hkv: int, d: int, dtype, isa: str, seed=0):
         from vllm import _custom_ops as ops
 
-        from vllm_blockattn.worker.backend_cpu import kernel_layout
+        from vllm_blockattn.worker.backend_cpu import page_format
 
         if n_ctx % PAGE or block_len % PAGE:
             raise SystemExit(f"contexts and --block-len must be multiples of the page ({PAGE})")
@@ -139,8 +139,8 @@ class Case:
         inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
         offsets = torch.tensor([float(s) for s in range(0, n_ctx, block_len)] + [0.0])
         ang = -offsets[:, None] * inv_freq[None, :]
-        self.layout = kernel_layout(isa, dtype, PAGE, 2 * d)
-        if self.layout is None:
+        self.page_format = page_format(isa, dtype, PAGE, 2 * d)
+        if self.page_format is None:
             raise SystemExit(f"the kernel does not read vLLM's {isa} layout for {dtype}, head_dim {d}")
         self.plugin_args = [
             self.q, self.cache, self.table, torch.tensor([0], dtype=torch.int64),
@@ -158,9 +158,9 @@ class Case:
 
     def plugin(self, module, args=None):
         args = self.plugin_args if args is None else args
-        if self.layout.amx:
+        if self.page_format.amx:
             return module.final_attention_amx(*args, self.out_plugin)
-        return module.final_attention(*args, self.layout.k_col_major, self.layout.v_col_major, self.out_plugin)
+        return module.final_attention(*args, self.page_format.k_col_major, self.page_format.v_col_major, self.out_plugin)
 
     def unrotated_args(self):
         """The plugin's arguments with every block's rotation set to zero: plain causal attention."""
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                     case.vllm()
                     diff = (case.out_plugin.float() - case.out_vllm.float()).abs().max().item()
                     systems = {"plugin": lambda: case.plugin(kernel), "vllm": case.vllm}
-                    if baseline is not None and (not case.layout.amx or hasattr(baseline, "final_attention_amx")):
+                    if baseline is not None and (not case.page_format.amx or hasattr(baseline, "final_attention_amx")):
                         systems["baseline"] = lambda: case.plugin(baseline)
                     if not a.no_sdpa:
                         qd, kd, vd, mask = case.sdpa_inputs()

@@ -44,7 +44,7 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
     the KV is written, so that pad slots and unwritten slots hold it (NaN: they must never count)."""
     from vllm import _custom_ops as ops
 
-    from vllm_blockattn.worker.backend_cpu import kernel_layout
+    from vllm_blockattn.worker.backend_cpu import page_format
 
     g = torch.Generator().manual_seed(seed)
     hq = hkv * group
@@ -89,7 +89,7 @@ def make_case(dtype, seed, *, page=32, hkv=2, group=2, d=64, blocks=((40, 100), 
 
     cos, sin = rope_cos_sin(-torch.tensor([float(o) for _, o in blocks] + [0.0]), inv_freq)
     cos[-1], sin[-1] = 1.0, 0.0
-    layout = kernel_layout(isa, dtype, page, 2 * d)
+    layout = page_format(isa, dtype, page, 2 * d)
     assert layout is not None
     args = dict(
         query=q, kv_cache=cache, block_table=perm[None, :].contiguous(),

@@ -298,24 +298,3 @@ def test_preemption_and_eviction_keep_results_right(tiny_qwen3, hf):
     finally:
         del tight
         gc.collect()
-
-
-@pytest.mark.slow  # 20 s: Triton under the interpreter inside an engine (CUDA-path coverage stays in test_backend_cuda)
-def test_triton_kernels_inside_vllm_under_the_interpreter(tiny_qwen3, hf, monkeypatch):
-    import blockattn_kernels
-
-    calls = []
-    original = blockattn_kernels.block_attention_prefill
-    monkeypatch.setattr(blockattn_kernels, "block_attention_prefill",
-                        lambda *a, **k: (calls.append(a[0].shape[0]), original(*a, **k))[1])
-    engine = make_llm(tiny_qwen3, num_gpu_blocks_override=64, max_model_len=1024,
-                      additional_config={"blockattn": {"kernel": "triton"}})
-    try:
-        ids = block_ids(hf, DOCS[:2])
-        check(run(engine, ids), reference(hf, ids))
-        assert calls and calls[0] > len(ids)  # the padded prefill, then every decode step, ran on Triton
-        assert blockattn_kernels.triton_interpreted()
-    finally:
-        del engine
-        gc.collect()
-

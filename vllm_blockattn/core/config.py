@@ -2,12 +2,9 @@
 
 Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
-``pad_token_id``, ``kernel``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`). An untrained model has no sink token: name an existing token as the marker (the
-"training-free" baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
-
-``kernel``: ``"auto"`` (CUDA: the Triton kernels; CPU: vLLM's native CPU kernel for block-diagonal
-prefill plus a torch path for the final block) or ``"triton"`` (the Triton kernels on CPU too, under
-Triton's interpreter: a correctness path for tests, not a fast one).
+``pad_token_id``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`).
+An untrained model has no sink token: name an existing token as the marker (the "training-free"
+baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
 """
 
 from __future__ import annotations
@@ -17,8 +14,7 @@ from dataclasses import dataclass
 from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
 from .paged import padded_length
 
-_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "kernel", "segment"}
-KERNELS = ("auto", "triton")
+_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "segment"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +24,6 @@ class BlockEngineConfig:
     pad_id: int
     max_model_len: int
     namespace: tuple  # goes into every block-mode page hash
-    kernel: str = "auto"
 
     def parse(self, token_ids) -> BlockLayout:
         return parse_block_prompt(token_ids, self.settings)
@@ -90,11 +85,8 @@ def _build(vllm_config) -> BlockEngineConfig:
         from .request_options import ServerSegmentConfig
 
         ServerSegmentConfig.from_additional_config(vllm_config.additional_config)
-    kernel = override.get("kernel", "auto")
-    if kernel not in KERNELS:
-        raise ValueError(f"additional_config['blockattn']['kernel'] must be one of {KERNELS}, got {kernel!r}")
     return BlockEngineConfig(settings, vllm_config.cache_config.block_size, int(pad), model_config.max_model_len,
-                             namespace, kernel)
+                             namespace)
 
 
 def get_block_config(vllm_config) -> BlockEngineConfig:

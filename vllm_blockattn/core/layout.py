@@ -240,8 +240,15 @@ def build_block_prompt(
     for i, piece in enumerate(pieces):
         ids.extend(piece)
         if page_size is not None and i < len(pieces) - 1:
-            ids.extend([pad_id] * (-len(piece) % page_size))
+            ids.extend([pad_id] * page_padding(len(piece), page_size))
     return ids
+
+
+def page_padding(num_tokens: int, page_size: int) -> int:
+    """Pad slots after a non-final block of ``num_tokens`` real tokens so that the next block starts on a
+    KV page boundary: the one rule for padding (the block cache, the engine's paged layout and padded
+    block prompts all use it). Pads are never content: they take no position and no query sees them."""
+    return -num_tokens % page_size
 
 
 def build_block_text(blocks: Sequence[str], sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import BlockLayout
+from .layout import BlockLayout, page_padding
 
 # Attribute of vLLM's ``SchedulerOutput`` that carries {request id: PagedLayout} for the block requests
 # the worker has not seen yet (new or resumed). Requests never carry a layout themselves.
@@ -132,7 +132,7 @@ def pad_and_order(token_ids: Sequence[int], layout: BlockLayout, page_size: int,
         starts.append(len(out))
         out.extend(ids[blk.start : blk.end])
         ends.append(len(out))
-        out.extend([pad_id] * (-blk.num_tokens % page_size))
+        out.extend([pad_id] * page_padding(blk.num_tokens, page_size))
         pends.append(len(out))
         offs.append(offsets[b])
     final_start = len(out)
@@ -142,4 +142,5 @@ def pad_and_order(token_ids: Sequence[int], layout: BlockLayout, page_size: int,
 
 def padded_length(layout: BlockLayout, page_size: int) -> int:
     """Length of the prompt once its non-final blocks are padded to pages."""
-    return sum(-(-b.num_tokens // page_size) * page_size for b in layout.context_blocks) + layout.final.num_tokens
+    return sum(b.num_tokens + page_padding(b.num_tokens, page_size) for b in layout.context_blocks) \
+        + layout.final.num_tokens

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from vllm.v1.core.kv_cache_utils import hash_block_tokens
 
+from ..core.layout import page_padding
+
 
 def request_namespace(engine_namespace: tuple, request) -> tuple:
     """Extra keys of every block-mode page of ``request``: the engine's namespace, the request's
@@ -53,7 +55,7 @@ def block_chain(hash_fn, page: int, pad_id: int, toks: list[int], keys: tuple, p
             parent = hash_block_tokens(hash_fn, parent, toks[p * page : (p + 1) * page], keys)
             chain.append(parent)
     if n % page:
-        last = toks[full * page :] + [pad_id] * (-n % page)
+        last = toks[full * page :] + [pad_id] * page_padding(n, page)
         chain.append(hash_block_tokens(hash_fn, chain[-1] if chain else None, last,
                                        keys + (("block_tokens", n),)))
     return chain

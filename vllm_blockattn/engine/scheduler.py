@@ -1,27 +1,16 @@
-"""Scheduler side of the block cache: prefix-independent page hashes and non-prefix reuse.
+"""Scheduler side of the block cache: admission of block prompts and non-prefix reuse.
 
 ``BlockAttnScheduler.add_request`` turns a block prompt into what the engine stores:
 
-1. every non-final block is padded to whole KV pages, and its pages are hashed by the block's own
-   tokens alone: the first page of each block starts a new hash chain (no parent) under a namespace
-   (model, sink settings, "blockattn", the request's ``cache_salt`` and LoRA), so the same document
-   hits at any offset, in any order, in any prompt, and never meets another tenant's blocks or
-   (the head's full pages aside, 2.) full-attention KV, whose keys carry no namespace. Full
-   pages hold no pads, so they are keyed by content and place in the block only: a block that grew
-   (a chat history with one more turn) reuses every full page it had. Only a partially padded last
-   page adds the block's real length (pads are not content);
-2. the *head* (tokens before the first sink group) sits at offset 0 and attends causally from
-   position 0, so its full pages are ordinary full-attention KV: they take the hashes vLLM itself
-   computed for the request's prompt on arrival (its ordinary prefix chain, ``cache_salt`` and LoRA as
-   vLLM keys them) and are shared with plain prompts of the same prefix both ways; its padded last
-   page is keyed like any block's, in the namespace, so it never meets a plain prompt's page;
-3. blocks whose pages are all cached move to the front, followed by the block with the longest run of
-   cached leading pages: vLLM's lookup only accepts a leading run of hits (``num_computed_tokens`` is
-   one count), and non-final blocks are order-independent;
-4. the final block's chain starts from a hash of the *logical* sequence of (block hash, real length,
-   offset) and of the final block's own offset, since its KV depends on every block and where each
-   one logically sits;
-5. the physical layout (with each block's logical offset) stays on the scheduler's own ``Request``
+1. every page of every non-final block is keyed by the block's own tokens (``cache_keys.py`` holds the
+   keys and the argument that a key determines the page's KV), so the same document hits at any
+   offset, in any order, in any prompt; the head's full pages keep vLLM's own prefix hashes and are
+   shared with plain prompts;
+2. blocks are padded to whole KV pages (``core/paged.py``); blocks whose pages are all cached move to
+   the front, followed by the block with the longest run of cached leading pages: vLLM's lookup only
+   accepts a leading run of hits (``num_computed_tokens`` is one count), and non-final blocks are
+   order-independent;
+3. the physical layout (with each block's logical offset) stays on the scheduler's own ``Request``
    object and travels to the workers as an attribute of vLLM's ``SchedulerOutput``, for the requests
    they have not seen yet. Nothing a client sends can reach it (see docs/plugin.md, "Trust and
    correctness").

@@ -41,8 +41,6 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from . import cpu_kernels
-from ..core.config import get_block_config
-from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
 from ..core.paged import PagedLayout
 from ..core.rope import apply_rotation, inv_freq_from_config, rope_cos_sin
 from .hooks import batch_layouts
@@ -84,20 +82,18 @@ class KernelFinals:
     seg_len: torch.Tensor  # [NS] int32 real slots of the segment (final segments: per query instead)
     seg_cos: torch.Tensor  # [NS, D] float32 cos of the query rotation (-offset)
     seg_sin: torch.Tensor  # [NS, D] float32
-    layout: KernelLayout
+    page_format: PageFormat
 
 
 @dataclass
 class BlockAttnCPUMetadata(CPUAttentionMetadata):
     final_queries: FinalQueries | KernelFinals | None = None
-    triton: BlockKernelMetadata | None = None  # set when the Triton kernels run the whole batch
 
 
 class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, self.head_dim)
-        self.use_triton = get_block_config(vllm_config).kernel == "triton"
         self._segments: dict[PagedLayout, tuple] = {}  # per-request kernel constants, by layout
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
@@ -109,12 +105,6 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         qsl = cm.query_start_loc_cpu.tolist()
         seq_lens = cm.seq_lens.cpu().tolist()
         table = cm.block_table_tensor
-        if self.use_triton:
-            meta = super().build(common_prefix_len, cm, fast_build)
-            meta = BlockAttnCPUMetadata(**{f: getattr(meta, f) for f in CPUAttentionMetadata.__dataclass_fields__})
-            meta.triton = build_kernel_metadata(layouts, qsl, seq_lens, table.shape[1], page, cm.num_actual_tokens,
-                                                self.inv_freq, "cpu")
-            return meta
         sub_qsl, sub_seq, sub_rows, finals = [0], [], [], []  # finals: (q_start, first_slot, end, layout, row)
 
         def add(row: int, first_page: int, seq_len: int, q_len: int):
@@ -165,11 +155,11 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
     def _finals(self, finals, table):
-        layout = kernel_layout(self.isa, self.dtype, self.block_size, 2 * self.head_dim)
-        module = cpu_kernels.load() if layout is not None else None
-        if module is None or (layout.amx and not module.has_amx()):
+        fmt = page_format(self.isa, self.dtype, self.block_size, 2 * self.head_dim)
+        module = cpu_kernels.load() if fmt is not None else None
+        if module is None or (fmt.amx and not module.has_amx()):
             return self._final_queries(finals, table)
-        return self._kernel_finals(finals, table, layout)
+        return self._kernel_finals(finals, table, fmt)
 
     def _block_segments(self, lay: PagedLayout):
         """Per-request constants, computed once: every segment's (first page, real length, cos, sin) of
@@ -187,7 +177,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self._segments[lay] = hit
         return hit
 
-    def _kernel_finals(self, finals, table, layout: KernelLayout) -> KernelFinals:
+    def _kernel_finals(self, finals, table, fmt: PageFormat) -> KernelFinals:
         counts = np.zeros(len(finals) + 1, dtype=np.int32)
         pages, lens, coss, sins = [], [], [], []
         row0, nq, bt_row, final0 = [], [], [], []
@@ -208,7 +198,7 @@ class BlockAttnCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             e_nq=i32(nq), e_bt_row=i32(bt_row), e_final0=i32(final0),
             seg_ptr=torch.from_numpy(np.cumsum(counts, dtype=np.int32)),
             seg_page=torch.from_numpy(np.concatenate(pages)), seg_len=torch.from_numpy(np.concatenate(lens)),
-            seg_cos=torch.cat(coss).contiguous(), seg_sin=torch.cat(sins).contiguous(), layout=layout)
+            seg_cos=torch.cat(coss).contiguous(), seg_sin=torch.cat(sins).contiguous(), page_format=fmt)
 
     def _final_queries(self, finals, table) -> FinalQueries:
         page = self.block_size
@@ -259,8 +249,6 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query: [T, Hq, D]; kv_cache: [pages, Hkv, page_size, 2 * D]; output: [T, Hq * D] or [T, Hq, D]."""
-        if getattr(attn_metadata, "triton", None) is not None:
-            return self._forward_triton(layer, query, kv_cache, attn_metadata, output)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
         fq = getattr(attn_metadata, "final_queries", None)
@@ -270,10 +258,10 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
             out3 = output.view(output.shape[0], self.num_heads, self.head_size)
             args = (query, kv_cache, fq.block_table, fq.e_row0, fq.e_nq, fq.e_bt_row, fq.e_final0, fq.seg_ptr,
                     fq.seg_page, fq.seg_len, fq.seg_cos, fq.seg_sin, self.scale)
-            if fq.layout.amx:
+            if fq.page_format.amx:
                 cpu_kernels.load().final_attention_amx(*args, out3)
             else:
-                cpu_kernels.load().final_attention(*args, fq.layout.k_col_major, fq.layout.v_col_major, out3)
+                cpu_kernels.load().final_attention(*args, fq.page_format.k_col_major, fq.page_format.v_col_major, out3)
             return out
         kidx, vidx = self._cache_index(layer, kv_cache)
         pages, kvh, _, _ = kv_cache.shape
@@ -289,28 +277,6 @@ class BlockAttnCPUImpl(CPUAttentionBackendImpl):
         out3 = output.view(output.shape[0], self.num_heads, self.head_size)
         out3[fq.q_index[fq.q_valid]] = o.transpose(1, 2)[fq.q_valid].to(out3.dtype)
         return out
-
-    def _forward_triton(self, layer, query, kv_cache, meta, output):
-        """The whole batch through ``blockattn_kernels`` under Triton's interpreter (correctness path).
-
-        The kernels take vLLM's CUDA page layout ``[pages, page_size, Hkv, D]``; the CPU cache is
-        re-laid out into it first (a full copy per layer: fine for tests, not for serving)."""
-        import blockattn_kernels as bk
-
-        bk.enable_triton_interpreter()
-        pages, kvh, page_size, _ = kv_cache.shape
-        kidx, vidx = self._cache_index(layer, kv_cache)
-        flat = kv_cache.view(pages, kvh, -1)
-        key_cache = flat[:, :, kidx].permute(0, 2, 1, 3).contiguous()
-        value_cache = flat[:, :, vidx].permute(0, 2, 1, 3).contiguous()
-        n = meta.num_actual_tokens
-        k = meta.triton
-        out = output[:n].view(n, self.num_heads, self.head_size)
-        bk.block_attention_prefill(query[:n].contiguous(), key_cache, value_cache, meta.block_table.to(torch.int32),
-                                   meta.query_start_loc.to(torch.int32), meta.seq_lens.to(torch.int32),
-                                   k.q_kv_start, k.q_is_final, k.page_delta, k.page_valid, k.inv_freq, self.scale,
-                                   out=out)
-        return output
 
     def _cache_index(self, layer, kv_cache):
         _, _, page_size, two_d = kv_cache.shape
@@ -350,7 +316,7 @@ def cache_index(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> tup
     return _LAYOUT_INDEX[key]
 
 
-class KernelLayout(NamedTuple):
+class PageFormat(NamedTuple):
     """How the native kernel reads a page: K and V each row- or column-major (the "vec" kernels keep K
     column-major), or vLLM's AMX layout (bf16 on CPUs with AMX: K and V packed as AMX tiles)."""
 
@@ -359,18 +325,18 @@ class KernelLayout(NamedTuple):
     amx: bool = False
 
 
-_KERNEL_LAYOUT: dict = {}
+_PAGE_FORMATS: dict = {}
 
 
-def kernel_layout(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> KernelLayout | None:
+def page_format(isa: str, dtype: torch.dtype, page_size: int, two_d: int) -> PageFormat | None:
     """The page layout as the native kernel reads it, or None when it is not one it reads."""
     key = (isa, dtype, page_size, two_d)
-    if key not in _KERNEL_LAYOUT:
-        _KERNEL_LAYOUT[key] = _kernel_layout(*key)
-    return _KERNEL_LAYOUT[key]
+    if key not in _PAGE_FORMATS:
+        _PAGE_FORMATS[key] = _page_format(*key)
+    return _PAGE_FORMATS[key]
 
 
-def _kernel_layout(isa, dtype, page_size, two_d):
+def _page_format(isa, dtype, page_size, two_d):
     kidx, vidx = cache_index(isa, dtype, page_size, two_d)
     d = two_d // 2
     s, dd = torch.arange(page_size)[:, None], torch.arange(d)[None, :]
@@ -379,12 +345,12 @@ def _kernel_layout(isa, dtype, page_size, two_d):
     v = True if torch.equal(vidx, region + dd * page_size + s) else \
         False if torch.equal(vidx, region + s * d + dd) else None
     if k is not None and v is not None:
-        return KernelLayout(k, v)
+        return PageFormat(k, v)
     # AMX tiles of 64-byte rows: K^T in 16-key groups with dims in pairs, V in 16-dim chunks with keys in
     # pairs (csrc/final_attention.cpp, "AMX path").
     if dtype == torch.bfloat16 and page_size % 32 == 0 and d % 32 == 0:
         k_amx = (s // 16) * 16 * d + (dd // 2) * 32 + (s % 16) * 2 + dd % 2
         v_amx = region + (dd // 16) * page_size * 16 + (s // 2) * 32 + (dd % 16) * 2 + s % 2
         if torch.equal(kidx, k_amx) and torch.equal(vidx, v_amx):
-            return KernelLayout(False, False, amx=True)
+            return PageFormat(False, False, amx=True)
     return None
