@@ -1,4 +1,4 @@
-"""The plugin's CPU final-block kernel (``vllm_blockattn/csrc/final_attention.cpp``) against vLLM's own CPU
+"""The plugin's CPU final-block kernel (``vllm_blockattn/worker/csrc/final_attention.cpp``) against vLLM's own CPU
 attention kernel on the same queries and context.
 
     python eval/bench_final_kernel.py --threads 1 --clock thread --json docs/results/final_kernel.json
@@ -242,7 +242,9 @@ def main(argv=None) -> int:
     kernel = build(None)
     source = a.baseline_source
     if a.baseline_rev:
-        text = _git("show", f"{a.baseline_rev}:vllm_blockattn/csrc/final_attention.cpp")
+        text = None
+        for path in ("vllm_blockattn/worker/csrc/final_attention.cpp", "vllm_blockattn/csrc/final_attention.cpp"):
+            text = text or _git("show", f"{a.baseline_rev}:{path}")  # the source moved to worker/ in issue 20
         if text is None:
             ap.error(f"no kernel source at {a.baseline_rev}")
         source = os.path.join(tempfile.mkdtemp(prefix="bench_final_kernel_"), "final_attention.cpp")

@@ -10,7 +10,7 @@ Modes (each on its own freshly started server, same request stream, text prompts
   block per finished LoCoMo session (the current session, the new turn and the cue are the final
   block); RAG, one block per retrieved document;
 - **server-auto**: blockattn; the client sends the same plain text as in *full* with
-  ``"segment": "auto"`` and the server's learned segmenter cuts it (``vllm_blockattn/server.py``).
+  ``"segment": "auto"`` and the server's learned segmenter cuts it (``vllm_blockattn/frontend/server.py``).
 
 Chat: ``--conversations`` LoCoMo conversations replayed turn by turn (each turn appends to the history;
 the prompt is the intro, every earlier turn, the new turn and the other speaker's cue), a window of
