@@ -14,9 +14,18 @@ option (``--metadata``)    environment variable        meaning
 ``num_sinks``              ``BLOCKATTN_NUM_SINKS``     sinks per group (default: model config, else 4)
 ``block_tokens``           ``BLOCKATTN_BLOCK_TOKENS``  target block size of the rule-based segmenter
 ``max_length``             ``BLOCKATTN_MAX_LENGTH``    prompt token budget (middle truncation)
-``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule``, ``rule_stable``, ``learned`` or
-                                                       ``module:function``
+``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule``, ``rule_stable``, ``learned``,
+                                                       ``baseline:NAME`` or ``module:function``
+``segmenter_blocks``       ``BLOCKATTN_SEGMENTER_      blocks a ``baseline:NAME`` segmenter makes:
+                           BLOCKS``                    ``tokens`` (default), ``learned``, ``natural``
+                                                       or a number (see :func:`segment`)
+``units``                  ``BLOCKATTN_UNITS``         ``on`` (default): LongBench's block form cuts
+                                                       at the natural units (``Passage N:``, ...);
+                                                       ``off``: the segmenter cuts the whole context
 ========================  ==========================  =============================================
+
+``segmenter_model``, ``segmenter_threshold``, ``segmenter_depth`` (the learned segmenter) and
+``segmenter_scorer`` (the causal LM of the ``loss_topk``/``entropy_topk`` baselines) are metadata only.
 """
 
 from __future__ import annotations
@@ -39,7 +48,12 @@ ENV = {
     "block_tokens": "BLOCKATTN_BLOCK_TOKENS",
     "max_length": "BLOCKATTN_MAX_LENGTH",
     "segmenter": "BLOCKATTN_SEGMENTER",
+    "segmenter_blocks": "BLOCKATTN_SEGMENTER_BLOCKS",
+    "units": "BLOCKATTN_UNITS",
 }
+_ON = frozenset({"on", "true", "yes", "1"})
+_OFF = frozenset({"off", "false", "no", "0"})
+SEGMENTER_BLOCKS = ("tokens", "learned", "natural")
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,6 +104,33 @@ def _int_option(value, what: str) -> int | None:
     return out
 
 
+def _switch(value, what: str, default: bool) -> bool:
+    """An on/off option: ``on``/``off`` (also true/false, yes/no, 1/0, and YAML's booleans: a yaml
+    ``units: off`` arrives as False)."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    raise ValueError(f"{what} must be 'on' or 'off', got {value!r}")
+
+
+def _segmenter_blocks(value) -> str | int:
+    if value is None or value == "":
+        return "tokens"
+    if isinstance(value, str) and value.strip().lower() in SEGMENTER_BLOCKS:
+        return value.strip().lower()
+    try:
+        return _int_option(value, "segmenter_blocks")
+    except ValueError:
+        raise ValueError(f"segmenter_blocks must be one of {SEGMENTER_BLOCKS} or a positive integer, "
+                         f"got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class FormOptions:
     """What a task loader needs to build prompts: see the module docstring for the sources."""
@@ -103,6 +144,9 @@ class FormOptions:
     segmenter_model: str | None = None
     segmenter_threshold: float | None = None
     segmenter_depth: int | None = None
+    segmenter_blocks: str | int = "tokens"
+    segmenter_scorer: str | None = None
+    units: bool = True
 
     @property
     def tokenizer(self):
@@ -176,6 +220,9 @@ class FormOptions:
             segmenter_model=kwargs.get("segmenter_model") or None,
             segmenter_threshold=float(kwargs["segmenter_threshold"]) if kwargs.get("segmenter_threshold") else None,
             segmenter_depth=_int_option(kwargs.get("segmenter_depth"), "segmenter_depth"),
+            segmenter_blocks=_segmenter_blocks(get("segmenter_blocks")),
+            segmenter_scorer=kwargs.get("segmenter_scorer") or None,
+            units=_switch(get("units"), "units", default=True),
         )
         opts.check_sink()
         return opts
@@ -215,16 +262,17 @@ def split_before(text: str, pattern: str, min_units: int = 2) -> list[str] | Non
 
 
 def segment(text: str, opts: FormOptions) -> list[str]:
-    """Cut a context without natural units into blocks: THE hook where a segmenter plugs in.
+    """Cut a context into blocks: THE hook where a segmenter plugs in.
 
     ``opts.segmenter`` is ``"rule"`` (the rule-based fallback: greedy packing, so a cut depends on where
     the text starts), ``"rule_stable"`` (the content-defined rule segmenter,
     :func:`vllm_blockattn.segmenter.rules.stable_rule_segments`: the same blocks wherever a document
     appears, blocks about half of ``block_tokens`` on average), ``"learned"`` (the project's learned
     segmenter, :func:`vllm_blockattn.segmenter.api.segment_text`, with ``segmenter_model``,
-    ``segmenter_threshold`` and ``segmenter_depth``; the packaged model when no path is given), or
-    ``"module:function"``, called as ``function(text, max_tokens=..., tokenizer_name=...)`` and
-    returning the blocks as strings.
+    ``segmenter_threshold`` and ``segmenter_depth``; the packaged model when no path is given),
+    ``"baseline:NAME"`` (a baseline of :mod:`vllm_blockattn.segmenter.baselines`, see
+    :func:`baseline_segments`), or ``"module:function"``, called as
+    ``function(text, max_tokens=..., tokenizer_name=...)`` and returning the blocks as strings.
     """
     if opts.segmenter == "rule":
         blocks = rule_based_segments(text, opts.block_tokens, opts.count_tokens)
@@ -233,21 +281,76 @@ def segment(text: str, opts: FormOptions) -> list[str]:
 
         blocks = stable_rule_segments(text, opts.block_tokens, opts.count_tokens)
     elif opts.segmenter == "learned":
-        from ..segmenter.api import segment_text
-
-        blocks = segment_text(text, model=opts.segmenter_model, threshold=opts.segmenter_threshold,
-                              depth=opts.segmenter_depth)
+        blocks = _learned(text, opts)
+    elif opts.segmenter.startswith("baseline:"):
+        blocks = baseline_segments(opts.segmenter.split(":", 1)[1], text, opts)
     else:
         module, _, name = opts.segmenter.partition(":")
         if not name:
-            raise ValueError(f"segmenter must be 'rule', 'rule_stable', 'learned' or 'module:function', "
-                             f"got {opts.segmenter!r}")
+            raise ValueError(f"segmenter must be 'rule', 'rule_stable', 'learned', 'baseline:NAME' or "
+                             f"'module:function', got {opts.segmenter!r}")
         fn = getattr(importlib.import_module(module), name)
         blocks = list(fn(text, max_tokens=opts.block_tokens, tokenizer_name=opts.tokenizer_name))
     blocks = [b for b in blocks if b.strip()]
     if not blocks:
         raise ValueError("the segmenter returned no non-empty block for a non-empty context")
     return blocks
+
+
+def _learned(text: str, opts: FormOptions) -> list[str]:
+    from ..segmenter.api import segment_text
+
+    return segment_text(text, model=opts.segmenter_model, threshold=opts.segmenter_threshold,
+                        depth=opts.segmenter_depth)
+
+
+@functools.lru_cache(maxsize=2)
+def _scorer(path: str):
+    from ..segmenter.baselines import LMScorer
+
+    return LMScorer.from_pretrained(path)
+
+
+def baseline_blocks_count(text: str, opts: FormOptions) -> int:
+    """How many blocks a baseline segmenter makes of ``text`` (``opts.segmenter_blocks``): ``tokens``
+    one block per ``block_tokens`` tokens, rounded up (a fixed granularity); ``learned`` as many as the
+    learned segmenter makes of the same text (the paper aligns every baseline's parallel degree with
+    its segmenter's); a number: that many. Never more than the text has cut positions for."""
+    from ..segmenter.baselines import token_units
+
+    how = opts.segmenter_blocks
+    if how == "tokens":
+        k = -(-opts.count_tokens(text) // opts.block_tokens)
+    elif how == "learned":
+        k = len(_learned(text, opts))
+    else:
+        k = int(how)
+    units, _ = token_units(text, opts.tokenizer)
+    return max(1, min(k, len(units) + 1))
+
+
+def baseline_segments(name: str, text: str, opts: FormOptions) -> list[str]:
+    """The blocks of ``text`` by the baseline segmenter ``name`` (``random``, ``average`` (equal token
+    lengths), ``punctuation``, ``random_candidate``, ``average_candidate``, ``blank_line``, ``heading``,
+    ``loss_topk``, ``entropy_topk``), units counted with the model's tokenizer. ``segmenter_blocks``
+    sets the count (:func:`baseline_blocks_count`); ``natural`` takes every point of ``blank_line`` /
+    ``heading``. ``loss_topk``/``entropy_topk`` score tokens with the causal LM ``segmenter_scorer``."""
+    from ..segmenter.baselines import BASELINES, NATURAL, baseline_blocks, natural_blocks
+
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline segmenter {name!r}; expected baseline:NAME with NAME one of {BASELINES}")
+    if opts.segmenter_blocks == "natural":
+        if name not in NATURAL:
+            raise ValueError(f"segmenter_blocks 'natural' is for the baselines {NATURAL}, not {name!r}")
+        return natural_blocks(name, text)
+    scorer = None
+    if name in ("loss_topk", "entropy_topk"):
+        if not opts.segmenter_scorer:
+            raise ValueError(f"baseline {name!r} scores tokens with a causal LM: name it as segmenter_scorer "
+                             f"(--metadata '{{\"segmenter_scorer\": \"/path/to/model\"}}')")
+        scorer = _scorer(opts.segmenter_scorer)
+    return baseline_blocks(name, text, baseline_blocks_count(text, opts), tokenizer=opts.tokenizer,
+                           scorer=scorer)
 
 
 def truncate_middle(text: str, keep_head: int, keep_tail: int, opts: FormOptions) -> str:

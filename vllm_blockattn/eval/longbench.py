@@ -6,7 +6,11 @@ Full form: the official prompt, middle-truncated to ``max_length`` tokens exactl
 into blocks by its natural units (``Passage N:`` of multi-doc QA, ``Paragraph N:`` / ``段落N`` of the
 synthetic tasks) or by the segmenter, followed by a final block holding the prompt without its
 context (instruction and question). Its context is truncated like the full form's (same head and
-tail of the context), a little more when the sink groups would overflow ``max_length``.
+tail of the context), a little more when the sink groups would overflow ``max_length``. Option
+``units: off`` ignores the natural units: the chosen segmenter cuts every task's whole context.
+
+Every row records ``context_blocks`` (blocks before the final one; 0 in the full form), and the block
+tasks report it as the metric ``blocks_per_prompt``.
 """
 
 from __future__ import annotations
@@ -202,7 +206,7 @@ def block_blocks(spec: LongBenchTask, context: str, question: str, opts: FormOpt
     def cut(ctx: str) -> list[str]:
         if not ctx.strip():
             return [final]
-        units = split_before(ctx, spec.units) if spec.units else None
+        units = split_before(ctx, spec.units) if spec.units and opts.units else None
         return (units or segment(ctx, opts)) + [final]
 
     blocks = cut(context)
@@ -251,7 +255,8 @@ def load(longbench_task: str, block: bool = False, longbench_dir: str | None = N
     for row in tqdm(read_rows(spec.name, longbench_dir), desc=f"longbench {spec.name} prompts", leave=False):
         prompt, n_blocks = build_prompt(spec, row, opts, bool(block))
         docs.append({
-            "prompt": prompt, "num_blocks": n_blocks, "task": spec.name,
+            "prompt": prompt, "block": bool(block), "num_blocks": n_blocks,
+            "context_blocks": n_blocks - 1 if block else 0, "task": spec.name,
             "answers": list(row["answers"]), "all_classes": list(row.get("all_classes") or []),
             "length": int(row.get("length") or 0), "_id": str(row.get("_id", "")),
             "rouge_recursion": rouge_recursion,
@@ -260,8 +265,12 @@ def load(longbench_task: str, block: bool = False, longbench_dir: str | None = N
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    """lm-eval ``process_results``: the row's LongBench score under the key ``score``."""
+    """lm-eval ``process_results``: the row's LongBench score under the key ``score``; in the block form
+    also the number of context blocks of its prompt under ``blocks_per_prompt``."""
     spec = task_spec(doc["task"])
-    return {"score": longbench_metrics.score_row(spec.name, spec.metric, results[0], doc["answers"],
-                                                 doc.get("all_classes"),
-                                                 rouge_recursion=doc.get("rouge_recursion") or "official")}
+    out = {"score": longbench_metrics.score_row(spec.name, spec.metric, results[0], doc["answers"],
+                                                doc.get("all_classes"),
+                                                rouge_recursion=doc.get("rouge_recursion") or "official")}
+    if doc.get("block"):
+        out["blocks_per_prompt"] = int(doc["context_blocks"])
+    return out
