@@ -137,7 +137,8 @@ def test_longbench_load_and_errors(tiny_qwen3, tmp_path):
     data = longbench.load("trec", block=True, longbench_dir=FIXTURES, pretrained=tiny_qwen3)["test"]
     assert len(data) == 2 and data[0]["all_classes"] == ["Individual", "Distance", "City", "Date"]
     assert data[0]["prompt"].count("<|block_sink|>") == 4 * data[0]["num_blocks"]
-    assert longbench.process_results(data[0], ["\nCity\nDate"]) == {"score": 1.0}
+    assert longbench.process_results(data[0], ["\nCity\nDate"]) == {
+        "score": 1.0, "blocks_per_prompt": data[0]["num_blocks"] - 1}  # the block form counts its context blocks
     with pytest.raises(FileNotFoundError, match="narrativeqa"):
         longbench.load("narrativeqa", longbench_dir=FIXTURES)
     with pytest.raises(ValueError, match="unknown LongBench task"):
@@ -210,9 +211,10 @@ def test_locomo_adversarial_options_and_scoring():
     assert question.endswith("Select the correct answer by writing (a) or (b).")
     no_info = next(k for k, v in options.items() if v == locomo.locomo_metrics.NO_INFO)
     doc = {"category": 5, "answer": qa["adversarial_answer"], "options": json.dumps(options)}
-    assert locomo.process_results(doc, [f"({no_info})"]) == {"score": 1.0}
+    # the same score twice: averaged over questions (score) and over categories (category_mean)
+    assert locomo.process_results(doc, [f"({no_info})"]) == {"score": 1.0, "category_mean": 1.0}
     other = "b" if no_info == "a" else "a"
-    assert locomo.process_results(doc, [f"({other})"]) == {"score": 0.0}
+    assert locomo.process_results(doc, [f"({other})"]) == {"score": 0.0, "category_mean": 0.0}
 
 
 def test_locomo_load_category_and_errors(tmp_path):

@@ -4,6 +4,8 @@
 
 Each task exists in a full form (``longbench_hotpotqa``) and a block form (``longbench_hotpotqa_block``);
 the yamls only name the task, its form and its answer length, the rest is in ``_default_template``.
+Block tasks list their metrics (the template's and ``blocks_per_prompt``, the mean number of context
+blocks per prompt); the groups aggregate every metric their tasks report.
 """
 
 from __future__ import annotations
@@ -22,23 +24,53 @@ def _write(path: str, text: str) -> None:
         f.write(HEADER + text)
 
 
-def _task(root, folder, name, tag, kwargs, max_gen):
+# (metric, higher_is_better) of each benchmark's tasks (the full form's must match _default_template)
+METRICS = {"longbench": [("score", "true")], "locomo": [("score", "true"), ("category_mean", "true")]}
+# the block form adds the number of context blocks per prompt (neither better nor worse: null)
+BLOCK_METRICS = [("blocks_per_prompt", "null")]
+# how a group averages each metric over its tasks (weight_by_size): LongBench's groups take the plain
+# mean of their tasks, LoCoMo's score is the mean over questions and category_mean the mean of the five
+# category means; blocks per prompt is a mean over all prompts
+WEIGHT_BY_SIZE = {"longbench": {"score": False}, "locomo": {"score": True, "category_mean": False},
+                  "blocks_per_prompt": True}
+
+
+def _metric_list(metrics) -> str:
+    return "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: {hib}\n"
+                                      for m, hib in metrics)
+
+
+def _task(root, folder, name, tag, kwargs, max_gen, metrics=None):
     kw = "".join(f"  {k}: {v}\n" for k, v in kwargs.items())
     _write(os.path.join(root, folder, f"{name}.yaml"),
            f"include: _default_template\ntask: {name}\ntag:\n  - {tag}\ndataset_kwargs:\n{kw}"
-           f"generation_kwargs:\n  max_gen_toks: {max_gen}\n  until: []\n  do_sample: false\n  temperature: 0.0\n")
+           f"generation_kwargs:\n  max_gen_toks: {max_gen}\n  until: []\n  do_sample: false\n  temperature: 0.0\n"
+           + (_metric_list(metrics) if metrics else ""))
 
 
-def _group(root, folder, name, alias, tasks, weight_by_size):
+def _group(root, folder, name, alias, tasks, weights):
     body = "".join(f"  - {t}\n" for t in tasks)
+    aggs = "".join(f"  - metric: {m}\n    aggregation: mean\n    weight_by_size: {str(w).lower()}\n"
+                   for m, w in weights.items())
     _write(os.path.join(root, folder, f"_{name}.yaml"),
-           f"group: {name}\ngroup_alias: {alias}\ntask:\n{body}aggregate_metric_list:\n  - metric: score\n"
-           f"    aggregation: mean\n    weight_by_size: {str(weight_by_size).lower()}\nmetadata:\n  version: 1.0\n")
+           f"group: {name}\ngroup_alias: {alias}\ntask:\n{body}aggregate_metric_list:\n{aggs}"
+           f"metadata:\n  version: 1.0\n")
+
+
+def _form(benchmark: str, block: bool):
+    """(task metric_list or None for the template's, group weights) of one benchmark and form."""
+    weights = dict(WEIGHT_BY_SIZE[benchmark])
+    if not block:
+        return None, weights
+    weights["blocks_per_prompt"] = WEIGHT_BY_SIZE["blocks_per_prompt"]
+    return METRICS[benchmark] + BLOCK_METRICS, weights
 
 
 def main(root: str = HERE) -> None:
     """Write every yaml under ``root`` (``root/longbench``, ``root/locomo`` must exist)."""
     for suffix, block, label in (("", False, "full"), ("_block", True, "block")):
+        lb_metrics, lb_weights = _form("longbench", block)
+        lc_metrics, lc_weights = _form("locomo", block)
         groups = []
         for group, alias in GROUPS.items():
             names = []
@@ -46,20 +78,21 @@ def main(root: str = HERE) -> None:
                 if spec.group == group:
                     name = f"longbench_{spec.name}{suffix}"
                     _task(root, "longbench", name, f"blockattn_longbench_tasks{suffix}",
-                          {"longbench_task": spec.name, "block": block}, spec.max_gen)
+                          {"longbench_task": spec.name, "block": block}, spec.max_gen, lb_metrics)
                     names.append(name)
-            _group(root, "longbench", f"longbench_{group}{suffix}", f"\"{alias} ({label})\"", names, False)
+            _group(root, "longbench", f"longbench_{group}{suffix}", f"\"{alias} ({label})\"", names, lb_weights)
             groups.append(f"longbench_{group}{suffix}")
-        _group(root, "longbench", f"longbench{suffix}", f"\"LongBench ({label})\"", groups, False)
+        _group(root, "longbench", f"longbench{suffix}", f"\"LongBench ({label})\"", groups, lb_weights)
 
         names = []
         for cat, cname in locomo_metrics.CATEGORIES.items():
             name = f"locomo_{cname}{suffix}"
             _task(root, "locomo", name, f"blockattn_locomo_tasks{suffix}", {"locomo_category": cat, "block": block},
-                  locomo.MAX_GEN_TOKS)
+                  locomo.MAX_GEN_TOKS, lc_metrics)
             names.append(name)
-        # LoCoMo's overall score is the mean over all questions, as in the official evaluation.
-        _group(root, "locomo", f"locomo{suffix}", f"\"LoCoMo ({label})\"", names, True)
+        # LoCoMo's overall score is the mean over all questions, as in the official evaluation;
+        # category_mean is the paper's average of the five categories.
+        _group(root, "locomo", f"locomo{suffix}", f"\"LoCoMo ({label})\"", names, lc_weights)
 
 
 if __name__ == "__main__":

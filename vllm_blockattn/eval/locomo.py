@@ -19,6 +19,12 @@ lowered until the prompt fits. ``locomo_truncation="recent"`` keeps the most rec
 
 Block form: every session is a block (its date header and turns), in the same order; the final block
 holds the intro, the instruction and the question. Its sink tokens count towards ``max_length``.
+
+Scores: each question's official score is reported twice, as ``score`` (the question average: the
+``locomo`` group weights its category tasks by their sizes, the official overall score) and as
+``category_mean`` (the category average: the group takes the unweighted mean of the five category
+means, the paper's "Average" column); within one category task the two are equal. The block form
+also reports ``blocks_per_prompt``, the context blocks (kept sessions) of each prompt.
 """
 
 from __future__ import annotations
@@ -250,7 +256,8 @@ def load(locomo_category: int | str = "all", block: bool = False, locomo_path: s
             key = f"{sample_id}/{q_idx}"
             prompt, n_blocks, options = build_prompt(sample, qa, key, opts, bool(block), session_order, truncation)
             docs.append({
-                "prompt": prompt, "num_blocks": n_blocks, "category": cat, "id": key,
+                "prompt": prompt, "block": bool(block), "num_blocks": n_blocks,
+                "context_blocks": n_blocks - 1 if block else 0, "category": cat, "id": key,
                 "question": qa["question"], "answer": str(qa.get("answer", qa.get("adversarial_answer", ""))),
                 "options": json.dumps(options) if options else "",
             })
@@ -258,7 +265,13 @@ def load(locomo_category: int | str = "all", block: bool = False, locomo_path: s
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    """lm-eval ``process_results``: the official score of the post-processed answer (key ``score``)."""
+    """lm-eval ``process_results``: the official score of the post-processed answer, under ``score``
+    (aggregated over questions) and ``category_mean`` (aggregated over categories by the group); in
+    the block form also the prompt's number of context blocks (``blocks_per_prompt``)."""
     options = json.loads(doc["options"]) if doc.get("options") else None
     prediction = locomo_metrics.postprocess(results[0], doc["category"], options)
-    return {"score": locomo_metrics.score(prediction, doc["answer"], doc["category"])}
+    value = locomo_metrics.score(prediction, doc["answer"], doc["category"])
+    out = {"score": value, "category_mean": value}
+    if doc.get("block"):
+        out["blocks_per_prompt"] = int(doc["context_blocks"])
+    return out

@@ -7,6 +7,13 @@ answer parts of the best part-F1; 2 temporal, 3 open-domain, 4 single-hop: one t
 the answer text before the first ``;`` counts); 5 adversarial: 1 when the (post-processed) prediction
 says "no information available" or "not mentioned", else 0. Token F1 runs on Porter-stemmed tokens of
 the normalised text (lower case, commas and punctuation dropped, articles and "and" dropped).
+
+Overall scores (:func:`averages`): the *question average* (``score`` of the ``locomo`` group, the mean
+over all questions, as LoCoMo's own evaluation reports it) and the *category average*
+(``category_mean``: the mean of the five per-category means, adversarial included, as the block
+attention generalization paper's LoCoMo table averages its five category columns). They differ because
+the categories have different sizes (locomo10: 282 multi-hop, 321 temporal, 96 open-domain, 841
+single-hop, 446 adversarial questions).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import re
 import string
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 
 from nltk.stem import PorterStemmer
 
@@ -88,3 +96,22 @@ def score(prediction: str, answer, category: int) -> float:
     if category == 1:
         return float(multi_answer_f1(prediction, answer))
     return f1_score(prediction, answer)
+
+
+def averages(scored: Iterable[tuple[int, float]]) -> dict:
+    """The overall scores of ``(category, score)`` pairs: ``question_mean`` (over all questions),
+    ``category_mean`` (the mean of the per-category means, over the categories present) and
+    ``categories`` (category name -> its mean, in category order)."""
+    by_cat: dict[int, list[float]] = defaultdict(list)
+    for cat, value in scored:
+        cat = int(cat)
+        if cat not in CATEGORIES:
+            raise ValueError(f"LoCoMo category must be one of {sorted(CATEGORIES)}, got {cat!r}")
+        by_cat[cat].append(float(value))
+    if not by_cat:
+        raise ValueError("no scored questions")
+    means = {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}
+    n = sum(len(v) for v in by_cat.values())
+    return {"question_mean": sum(sum(v) for v in by_cat.values()) / n,
+            "category_mean": sum(means.values()) / len(means),
+            "categories": {CATEGORIES[c]: m for c, m in means.items()}}
