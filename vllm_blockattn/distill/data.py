@@ -267,19 +267,30 @@ class ChatBlockFormatter:
     template's end-of-user/start-of-assistant text and the response (the only labelled tokens).
     Records longer than ``max_length`` lose trailing context blocks; one whose final block alone is too
     long is skipped (``__call__`` returns None).
+
+    ``enable_thinking`` (default False) goes to a chat template that reads it (Qwen3's): with False the
+    template closes an empty ``<think></think>`` block in the generation prompt, so the response (the
+    labelled tokens) is the answer alone, as the model is evaluated (without thinking); with True the
+    empty think block becomes part of the labelled response. Templates that do not mention it get
+    nothing extra.
     """
 
     def __init__(self, tokenizer, settings: BlockSettings, *, system: str | None = None, max_length: int | None = None,
-                 sinks: bool = True):
+                 sinks: bool = True, enable_thinking: bool = False):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template; set one (block data is formatted as a chat)")
         self.tokenizer, self.settings, self.max_length = tokenizer, settings, max_length
+        template = tokenizer.chat_template
+        reads_thinking = "enable_thinking" in (" ".join(map(str, template.values())) if isinstance(template, dict)
+                                               else str(template))
+        # only for templates that read it: some tokenizer classes refuse unknown template arguments
+        self.template_kwargs = {"enable_thinking": bool(enable_thinking)} if reads_thinking else {}
         # sinks=False (the "without sinks" ablation): no sink groups; the block boundaries travel as
         # ``block_lengths`` with every sample, since the token ids no longer mark them.
         self.sinks = sinks
         head_msgs = [{"role": "system", "content": system}] if system else []
         prompt = tokenizer.apply_chat_template(head_msgs + [{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                               add_generation_prompt=True)
+                                               add_generation_prompt=True, **self.template_kwargs)
         if prompt.count(_SENTINEL) != 1:
             raise ValueError("the chat template must render the user content exactly once")
         self.head, self.turn_switch = prompt.split(_SENTINEL)
@@ -290,8 +301,10 @@ class ChatBlockFormatter:
 
     def response_text(self, question: str, answer: str) -> str:
         msgs = self.head_msgs + [{"role": "user", "content": question}]
-        prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+        prompt = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                    **self.template_kwargs)
+        full = self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False,
+                                                  **self.template_kwargs)
         if not full.startswith(prompt):
             raise ValueError("the chat template renders the assistant turn in a way that changes the prompt text")
         return full[len(prompt):]

