@@ -81,16 +81,18 @@ def tiny_bert(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def segment_server(tiny_qwen3, tmp_path_factory):
-    """One real server with the server's segmentation default on (``tests._server.SEGMENT_SERVER``)
-    and per-request cache details, shared by the documents and segmentation-safety modules (a server
-    start costs tens of seconds)."""
+    """One real server with the server's segmentation default on (``tests._server.SEGMENT_SERVER``),
+    per-request cache details and the preload endpoint, shared by the documents, segmentation-safety
+    and preload modules (a server start costs tens of seconds)."""
     import json
 
     from tests._server import SEGMENT_SERVER, serve
 
     extra = ("--enable-prompt-tokens-details", "--additional-config",
              json.dumps({"blockattn": {"segment": SEGMENT_SERVER}}))
-    with serve(tiny_qwen3, tmp_path_factory.mktemp("segment-server"), *extra) as srv:
+    # VLLM_PLUGINS names the plugin: vLLM then loads its endpoint plugin too (POST /v1/blocks)
+    with serve(tiny_qwen3, tmp_path_factory.mktemp("segment-server"), *extra,
+               env={"VLLM_PLUGINS": "blockattn"}) as srv:
         yield srv
 
 

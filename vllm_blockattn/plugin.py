@@ -209,6 +209,30 @@ def _patch_server_blocks() -> None:
     OnlineRenderer.render_chat = render_chat
 
 
+class BlockEndpointPlugin:
+    """Entry point of group ``vllm.endpoint_plugins`` (vLLM's own hook, not a patch): adds
+    ``POST /v1/blocks``, preloading documents into the block cache (``frontend/preload.py``). vLLM
+    loads endpoint plugins only when ``VLLM_PLUGINS`` names them (``VLLM_PLUGINS=blockattn``)."""
+
+    name = "blockattn"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:
+        from .frontend.preload import attach_router
+
+        attach_router(app)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        if engine_client is None:  # vLLM's render-only server has no engine to load into
+            return
+        from .frontend.preload import PreloadService
+
+        vllm_config = getattr(state, "vllm_config", None) or engine_client.vllm_config
+        state.blockattn_preload = PreloadService(engine_client, vllm_config,
+                                                 getattr(state, "openai_serving_models", None),
+                                                 is_blockattn_selected(vllm_config))
+
+
 def _check_params(params, resumable: bool) -> None:
     from .core.paged import RESERVED_PREFIX
 

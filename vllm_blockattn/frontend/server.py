@@ -183,7 +183,9 @@ def _segmentable(text: str) -> bool:
     return True
 
 
-async def _cut(blocks: ServerBlocks, texts: list[str], options: SegmentOptions | None, tenant) -> list[list[str]]:
+async def cut_texts(blocks: ServerBlocks, texts: list[str], options: SegmentOptions | None, tenant) -> list[list[str]]:
+    """Each text cut by the server's segmenter (``options``; None: each text whole), as one job of
+    the segmentation service; a refusal is a BlockRequestError with its status."""
     if options is None:
         return [[t] for t in texts]
     try:
@@ -224,10 +226,10 @@ async def completion_ids(blocks: ServerBlocks, tokenizer, prompt, documents, seg
         n = len(head) + len(_encode(tokenizer, prompt)) + sum(len(_encode(tokenizer, d)) for d in documents or ())
         blocks.check_tokens(n, param)
     if documents is not None:
-        cut = await _cut(blocks, documents, segment, tenant)
+        cut = await cut_texts(blocks, documents, segment, tenant)
         context, final = [p for ps in cut for p in ps], prompt
     else:
-        (pieces,) = await _cut(blocks, [prompt], segment, tenant)
+        (pieces,) = await cut_texts(blocks, [prompt], segment, tenant)
         context, final = pieces[:-1], pieces[-1]
         if not context:
             return None  # nothing was cut: the prompt stays an ordinary prompt
@@ -249,7 +251,7 @@ async def _completion_by_default(blocks: ServerBlocks, tokenizer, prompt: str, a
     if not blocks.segment.min_tokens <= len(ids) or len(ids) + len(head) > blocks.max_model_len:
         return None
     try:
-        (pieces,) = await _cut(blocks, [prompt], SegmentOptions(), tenant)
+        (pieces,) = await cut_texts(blocks, [prompt], SegmentOptions(), tenant)
         if len(pieces) < 2:
             return None  # nothing was cut: the prompt stays an ordinary prompt
         return _build(blocks, tokenizer, pieces[:-1], pieces[-1], head)
@@ -370,7 +372,7 @@ async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documen
     texts = list(documents or ())
     if segment is not None and text:
         texts.append(text)
-    cut = iter(await _cut(blocks, texts, segment, tenant))
+    cut = iter(await cut_texts(blocks, texts, segment, tenant))
     context: list = []
     prefix = head
     for _ in documents or ():
