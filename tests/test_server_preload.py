@@ -93,7 +93,7 @@ def test_preload_is_per_tenant(server, client, hf):
     ({"documents": [{"text": "x", "page": 3}]}, "documents", "unknown keys"),
     ({"documents": ["a <|block_sink|> b"]}, "documents", "sink"),
     ({"documents": ["word " * 3000]}, "documents", "cannot fit"),
-    ({"documents": ["x"], "pin": True}, "pin", "unknown fields"),
+    ({"documents": ["x"], "priority": 1}, "priority", "unknown fields"),
     ({"documents": ["x"], "cache_salt": 7}, "cache_salt", "non-empty string"),
     ({"documents": ["x"], "segment": {"depth": 99}}, "segment", "levels"),
 ])
@@ -157,3 +157,100 @@ def test_plan_refuses_a_block_that_cannot_fit_alone_naming_the_document():
     assert e.value.index == 1
     with pytest.raises(PreloadError, match="sink"):
         plan_preload([[[1, 99, 1]]], SETTINGS, page_size=16, max_model_len=64, final_ids=[7])
+
+
+# -- pinning ------------------------------------------------------------------------------------------
+
+SMALL_PAGES = 72  # KV pages of 32 tokens: 2304 tokens, so a flood of documents evicts
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_qwen3, tmp_path_factory):
+    from tests._server import serve
+
+    with serve(tiny_qwen3, tmp_path_factory.mktemp("pin-server"), "--num-gpu-blocks-override", str(SMALL_PAGES),
+               "--enable-prompt-tokens-details", env={"VLLM_PLUGINS": "blockattn"}) as srv:
+        yield srv
+
+
+def flood(server, n=48, tag="flood"):
+    docs = [f"{tag} {i}: " + " ".join(f"{tag}-word-{i}-{j}" for j in range(40)) for i in range(n)]
+    for k in range(0, n, 8):
+        assert preload(server, documents=docs[k:k + 8]).status_code == 200
+
+
+def test_pinned_documents_survive_a_flood_that_evicts_unpinned_ones(small_server, hf):
+    from tests._server import metric_value
+
+    client = OpenAI(base_url=small_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    pinned, unpinned = DOCS[0], DOCS[1]
+    r = preload(small_server, documents=[pinned], pin=True)
+    assert r.status_code == 200, r.text
+    assert r.json()["pinned"]["pinned"] == 1 and r.json()["pinned"]["pinned_pages"] > 0
+    assert preload(small_server, documents=[unpinned]).status_code == 200
+    assert metric_value(small_server.metrics(), "vllm_blockattn:pinned_pages") > 0
+    flood(small_server)
+    kept = complete(client, QUESTION, documents=[pinned])
+    assert kept.usage.prompt_tokens_details.cached_tokens >= doc_tokens(hf, pinned)
+    gone = complete(client, QUESTION, documents=[unpinned])
+    assert gone.usage.prompt_tokens_details.cached_tokens == 0  # evicted by the flood
+    assert metric_value(small_server.metrics(), "vllm_blockattn:pinned_block_hits_total") >= 1
+    # unpinned, the document is an ordinary cached page again: the next flood evicts it
+    u = requests.post(small_server.url + "/v1/blocks/unpin", json={"documents": [pinned]}, timeout=60)
+    assert u.status_code == 200 and u.json()["unpinned"] == 1 and u.json()["pinned_pages"] == 0
+    assert metric_value(small_server.metrics(), "vllm_blockattn:pinned_pages") == 0
+    flood(small_server, tag="again")
+    assert complete(client, QUESTION, documents=[pinned]).usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_pins_beyond_the_bound_are_refused_and_nothing_is_pinned(small_server):
+    many = [f"bound {i}: " + " ".join(f"bound-word-{i}-{j}" for j in range(60)) for i in range(12)]
+    r = preload(small_server, documents=many, pin=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pin"
+    assert "over the bound" in r.json()["error"]["message"] and "not pinned" in r.json()["error"]["message"]
+    u = requests.post(small_server.url + "/v1/blocks/unpin", json={"documents": many}, timeout=60)
+    assert u.status_code == 200 and u.json()["unpinned"] == 0  # all or nothing: none was pinned
+    assert small_server.alive()
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"documents": ["x"], "pin": "yes"}, "pin"),
+    ({"documents": ["x"], "ttl_seconds": 5}, "ttl_seconds"),
+    ({"documents": ["x"], "pin": True, "ttl_seconds": -1}, "ttl_seconds"),
+])
+def test_bad_pin_fields_get_a_400(server, body, param):
+    r = preload(server, **body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+class _Pool:
+    """The two BlockPool calls a pin makes, on a dict of cached page hashes."""
+
+    def __init__(self, cached):
+        self.cached, self.refs = set(cached), {}
+
+    def get_cached_block(self, h, group_ids):
+        return [h] if h in self.cached else None
+
+    def touch(self, pages):
+        for p in pages:
+            self.refs[p] = self.refs.get(p, 0) + 1
+
+    def free_blocks(self, pages):
+        for p in pages:
+            self.refs[p] -= 1
+
+
+def test_pin_table_bound_expiry_and_missing_pages():
+    from vllm_blockattn.engine.pins import PinError, PinTable
+
+    pool, table = _Pool({"a1", "a2", "b1", "c1"}), PinTable(limit_pages=3)
+    assert table.pin(pool, [0], [["a1", "a2"], ["x1"]], ttl=None) == \
+        {"pinned": 1, "refreshed": 0, "missing": 1, "pinned_pages": 2}
+    with pytest.raises(PinError, match="over the bound"):
+        table.pin(pool, [0], [["b1"], ["c1"]], ttl=None)  # 2 + 2 > 3: nothing pinned
+    assert pool.refs == {"a1": 1, "a2": 1} and table.pinned_pages == 2
+    table.pin(pool, [0], [["b1"]], ttl=5.0)
+    assert table.expire(pool, now=float("inf")) == 1 and pool.refs["b1"] == 0
+    assert table.unpin(pool, [["a1", "a2"]]) == {"unpinned": 1, "pinned_pages": 0}
+    assert pool.refs == {"a1": 0, "a2": 0, "b1": 0}

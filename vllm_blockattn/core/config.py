@@ -2,7 +2,9 @@
 
 Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
-``pad_token_id``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`).
+``pad_token_id``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`;
+``pin_fraction``: the share of KV pages that pinned documents may hold, default 0.5, see
+:mod:`vllm_blockattn.engine.pins`).
 An untrained model has no sink token: name an existing token as the marker (the "training-free"
 baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
 """
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
 from .paged import padded_length
 
-_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "segment"}
+_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "segment", "pin_fraction"}
+DEFAULT_PIN_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class BlockEngineConfig:
     pad_id: int
     max_model_len: int
     namespace: tuple  # goes into every block-mode page hash
+    pin_fraction: float = DEFAULT_PIN_FRACTION  # share of the KV pages pinned documents may hold
 
     def parse(self, token_ids) -> BlockLayout:
         return parse_block_prompt(token_ids, self.settings)
@@ -85,8 +89,12 @@ def _build(vllm_config) -> BlockEngineConfig:
         from .request_options import ServerSegmentConfig
 
         ServerSegmentConfig.from_additional_config(vllm_config.additional_config)
+    pin_fraction = override.get("pin_fraction", DEFAULT_PIN_FRACTION)
+    if isinstance(pin_fraction, bool) or not isinstance(pin_fraction, int | float) or not 0 <= pin_fraction <= 1:
+        raise ValueError(f"additional_config['blockattn']['pin_fraction'] must be a number in [0, 1], "
+                         f"got {pin_fraction!r}")
     return BlockEngineConfig(settings, vllm_config.cache_config.block_size, int(pad), model_config.max_model_len,
-                             namespace)
+                             namespace, float(pin_fraction))
 
 
 def get_block_config(vllm_config) -> BlockEngineConfig:

@@ -25,14 +25,20 @@ from vllm.v1.core.kv_cache_utils import hash_block_tokens
 from ..core.layout import page_padding
 
 
-def request_namespace(engine_namespace: tuple, request) -> tuple:
-    """Extra keys of every block-mode page of ``request``: the engine's namespace, the request's
-    ``cache_salt`` (tenant) and LoRA adapter (KV computed under one adapter never serves another)."""
-    keys = engine_namespace + ((("cache_salt", request.cache_salt),) if request.cache_salt else ())
-    lora = request.lora_request
+def namespace_keys(engine_namespace: tuple, cache_salt: str | None, lora: tuple[str, str] | None) -> tuple:
+    """Extra keys of every block-mode page: the engine's namespace, the tenant's ``cache_salt`` and the
+    LoRA adapter's (name, path) (KV computed under one adapter never serves another)."""
+    keys = engine_namespace + ((("cache_salt", cache_salt),) if cache_salt else ())
     if lora is not None:
-        keys += (("lora", lora.lora_name, lora.lora_path),)
+        keys += (("lora", *lora),)
     return keys
+
+
+def request_namespace(engine_namespace: tuple, request) -> tuple:
+    """:func:`namespace_keys` of a scheduler ``Request``."""
+    lora = request.lora_request
+    return namespace_keys(engine_namespace, request.cache_salt,
+                          None if lora is None else (lora.lora_name, lora.lora_path))
 
 
 def block_chain(hash_fn, page: int, pad_id: int, toks: list[int], keys: tuple, plain_chain: list | None = None) -> list:

@@ -23,6 +23,7 @@ reference. If preparing a request fails for any reason, that request alone finis
 from __future__ import annotations
 
 import logging
+import math
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -31,8 +32,9 @@ from vllm.utils.hashing import get_hash_fn_by_name
 
 from ..core.config import get_block_config
 from ..core.paged import SCHEDULER_OUTPUT_ATTR, pad_and_order
-from .cache_keys import block_chain, leading_hits, make_hasher, request_namespace
-from .metrics import record
+from .cache_keys import block_chain, leading_hits, make_hasher, namespace_keys, request_namespace
+from .metrics import record, set_pinned_pages
+from .pins import PinError, PinTable
 
 logger = logging.getLogger("vllm_blockattn")
 
@@ -57,7 +59,10 @@ class BlockAttnSchedulerMixin:
         # Requests whose preparation failed: answered with finish_reason "error" at the next output.
         self._blockattn_failed: list[tuple[object, str]] = []
         # Block cache statistics, for the offline API and tests.
-        self.blockattn_stats = {"requests": 0, "blocks": 0, "block_hits": 0, "reused_tokens": 0}
+        self.blockattn_stats = {"requests": 0, "blocks": 0, "block_hits": 0, "reused_tokens": 0,
+                                "pinned_block_hits": 0}
+        pool = self.kv_cache_manager.block_pool
+        self._blockattn_pins = PinTable(int(self._block_config.pin_fraction * pool.num_gpu_blocks))
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -98,6 +103,9 @@ class BlockAttnSchedulerMixin:
         return outputs
 
     def schedule(self, *args, **kwargs):
+        pins = self._blockattn_pins
+        if len(pins) and pins.expire(self.kv_cache_manager.block_pool):
+            set_pinned_pages(pins.pinned_pages)
         out = super().schedule(*args, **kwargs)
         ids = [r.req_id for r in out.scheduled_new_reqs]
         ids.extend(getattr(out.scheduled_cached_reqs, "resumed_req_ids", None) or ())
@@ -154,8 +162,9 @@ class BlockAttnSchedulerMixin:
         reused = sum(layout.context_blocks[b].num_tokens for b in hits)
         if partial is not None:  # full pages of the partly cached block: real tokens only
             reused += hit_pages[partial] * page
+        pinned_hits = sum(1 for b in hits if self._blockattn_pins.is_pinned(block_hashes[b][-1]))
         record(self.blockattn_stats, requests=1, blocks=len(layout.context_blocks), block_hits=len(hits),
-               reused_tokens=reused)
+               reused_tokens=reused, pinned_block_hits=pinned_hits)
         request.prompt_token_ids = new_ids
         request._all_token_ids[:] = new_ids  # `all_token_ids` is a read-only view of this list
         request.num_prompt_tokens = len(new_ids)
@@ -165,6 +174,32 @@ class BlockAttnSchedulerMixin:
             request._block_hasher = hasher
         # Without prefix caching vLLM's own hasher (if any) stays: no page is ever looked up by it.
         request.update_block_hashes()
+
+    # -- pins (engine/pins.py; reached only through the engine core's blockattn_pins utility) ------------
+
+    def blockattn_pins(self, op: str, cache_salt: str | None, lora, blocks: list, ttl: float | None) -> dict:
+        """Pin (``op="pin"``) or unpin the context blocks ``blocks`` (token ids without sinks) of the
+        tenant ``cache_salt`` and adapter ``lora`` ((name, path) or None). Returns counts, or
+        ``{"error": ...}`` for a refusal (nothing changed)."""
+        if op not in ("pin", "unpin"):
+            return {"error": f"unknown pin operation {op!r}"}
+        if not self._caching:
+            return {"error": "pinning needs the block cache: the server runs without prefix caching"}
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)
+                                or not math.isfinite(ttl) or ttl <= 0):
+            return {"error": f"ttl_seconds must be a positive number, got {ttl!r}"}
+        cfg = self._block_config
+        keys = namespace_keys(cfg.namespace, cache_salt, None if lora is None else tuple(lora))
+        sinks = [cfg.settings.sink_token_id] * cfg.settings.num_sinks
+        chains = [block_chain(self._hash_fn, self.block_size, cfg.pad_id, sinks + list(b), keys) for b in blocks]
+        pool, pins = self.kv_cache_manager.block_pool, self._blockattn_pins
+        try:
+            result = pins.pin(pool, self._group_ids, chains, ttl) if op == "pin" else pins.unpin(pool, chains)
+        except PinError as e:
+            return {"error": str(e)}
+        set_pinned_pages(pins.pinned_pages)
+        return result
+
 
 class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler with block-prompt preparation."""

@@ -4,11 +4,19 @@ Body (the ``documents`` and ``segment`` shapes of chat and completions requests)
 
     {"model": "NAME", "documents": ["text", {"title": "T", "text": "..."}, ...],
      "segment": "auto" | "off" | {"threshold": ..., "depth": ...},   # optional
-     "cache_salt": "tenant-a"}                                         # optional
+     "cache_salt": "tenant-a",                                         # optional
+     "pin": true, "ttl_seconds": 3600}                                 # optional
 
 Answer: ``{"object": "blocks.preload", "model", "documents", "blocks", "prompt_tokens",
 "cached_tokens", "requests"}``: the documents' blocks and tokens (sink groups included), how many of
-those tokens were already cached, and how many engine requests loaded them.
+those tokens were already cached, and how many engine requests loaded them; with ``"pin": true`` also
+``"pinned": {"pinned", "refreshed", "missing", "pinned_pages"}``.
+
+``"pin": true`` keeps the documents' pages resident (never evicted) until ``POST /v1/blocks/unpin``
+with the same documents (and ``segment``, ``cache_salt``, ``model``), or until ``ttl_seconds`` pass;
+pinned pages are bounded by ``pin_fraction`` of the KV cache (a pin beyond it is a 400 naming ``pin``;
+the documents stay loaded, unpinned). The pin itself is an engine-core utility
+(``engine/pins.py``), reached only from here.
 
 A preloaded document is keyed exactly as in any later request that carries it (``documents`` or a
 client-built block prompt with the same tokens, same ``cache_salt`` and model/adapter), so it is a
@@ -28,7 +36,9 @@ The route is an endpoint plugin of vLLM (entry point group ``vllm.endpoint_plugi
 from __future__ import annotations
 
 import logging
+import math
 import uuid
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -41,7 +51,8 @@ from .server import cut_texts, server_blocks
 
 logger = logging.getLogger("vllm_blockattn")
 
-PRELOAD_KEYS = {"model", "documents", "segment", "cache_salt"}
+UNPIN_KEYS = {"model", "documents", "segment", "cache_salt"}
+PRELOAD_KEYS = UNPIN_KEYS | {"pin", "ttl_seconds"}
 PRELOAD_WINDOWS = 16  # text of at most this many model windows per preload request
 
 
@@ -51,13 +62,24 @@ def error_body(message: str, param: str | None, status: HTTPStatus) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": int(status)}}
 
 
-def parse_preload(body: Any) -> tuple[str | None, list[str], Any, str | None]:
-    """The request's model, documents, segment options and cache salt, or BlockRequestError."""
+@dataclass(frozen=True)
+class PreloadBody:
+    model: str | None
+    documents: list[str]
+    segment: Any  # SegmentOptions or None
+    cache_salt: str | None
+    pin: bool = False
+    ttl_seconds: float | None = None
+
+
+def parse_preload(body: Any, keys: set[str] = PRELOAD_KEYS) -> PreloadBody:
+    """A preload (or unpin, with ``UNPIN_KEYS``) body, checked field by field; BlockRequestError
+    names the field."""
     if not isinstance(body, dict):
         raise BlockRequestError(f"the body must be a JSON object, got {type(body).__name__}", None)
-    unknown = set(body) - PRELOAD_KEYS
+    unknown = set(body) - keys
     if unknown:
-        raise BlockRequestError(f"unknown fields {sorted(unknown)}; a preload takes {sorted(PRELOAD_KEYS)}",
+        raise BlockRequestError(f"unknown fields {sorted(unknown)}; this route takes {sorted(keys)}",
                                 sorted(unknown)[0])
     model, salt = body.get("model"), body.get("cache_salt")
     if model is not None and not isinstance(model, str):
@@ -72,11 +94,21 @@ def parse_preload(body: Any) -> tuple[str | None, list[str], Any, str | None]:
     if documents is None:
         raise BlockRequestError("`documents` is empty: nothing to load", "documents")
     segment = parse_segment(body.get("segment"))
-    return model, documents, (None if segment == "off" else segment), salt
+    pin, ttl = body.get("pin", False), body.get("ttl_seconds")
+    if not isinstance(pin, bool):
+        raise BlockRequestError(f"`pin` must be true or false, got {pin!r}", "pin")
+    if ttl is not None:
+        if not pin:
+            raise BlockRequestError("`ttl_seconds` applies to pinned documents: send it with \"pin\": true",
+                                    "ttl_seconds")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+            raise BlockRequestError(f"`ttl_seconds` must be a positive number, got {ttl!r}", "ttl_seconds")
+    return PreloadBody(model, documents, None if segment == "off" else segment, salt, pin,
+                       None if ttl is None else float(ttl))
 
 
 class PreloadService:
-    """What the route needs from the server: the engine client, whether it runs the backend, the
+    """What the routes need from the server: the engine client, whether it runs the backend, the
     served model names (adapters resolve as in vLLM's own handlers)."""
 
     def __init__(self, engine_client, vllm_config, serving_models, enabled: bool):
@@ -91,38 +123,73 @@ class PreloadService:
             raise BlockRequestError(f"The model `{model}` does not exist.", "model", HTTPStatus.NOT_FOUND)
         return lora
 
-    async def preload(self, body: Any) -> dict:
-        if not self.enabled:
-            raise BlockRequestError("this server's engine does not run the blockattn backend "
-                                    "(start it with --attention-backend blockattn)", None)
-        model, documents, segment, salt = parse_preload(body)
-        lora = self._lora(model)
+    async def _blocks(self, req: PreloadBody) -> list[list[list[int]]]:
+        """Each document's blocks as token ids (cut by the server's segmenter when asked), checked
+        and bounded as in every request."""
         blocks = server_blocks(self.vllm_config)
         limit = blocks.max_model_len * MAX_CHARS_PER_TOKEN * PRELOAD_WINDOWS
-        total = sum(map(len, documents))
+        total = sum(map(len, req.documents))
         if total > limit:
-            raise BlockRequestError(f"`documents` hold {total} characters; one preload takes at most {limit} "
+            raise BlockRequestError(f"`documents` hold {total} characters; one request takes at most {limit} "
                                     f"({PRELOAD_WINDOWS} windows of max_model_len={blocks.max_model_len}); send "
                                     f"the rest in further requests", "documents")
-        tokenizer = self.engine_client.tokenizer
-        if segment is not None:
-            for i, d in enumerate(documents):
+        if req.segment is not None:
+            for i, d in enumerate(req.documents):
                 check_text(d, f"documents[{i}]", "documents", for_segmenter=True)
                 if len(d) > blocks.max_chars:
                     raise BlockRequestError(f"documents[{i}] holds {len(d)} characters; a document to segment "
                                             f"takes at most {blocks.max_chars}", "documents")
-        tenant = (salt, model)  # as tenant_of(request) for chat and completions
-        pieces = await cut_texts(blocks, documents, segment, tenant)
-        encoded = [[tokenizer.encode(p, add_special_tokens=False) for p in ps] for ps in pieces]
-        page_size = self.vllm_config.cache_config.block_size
+        tenant = (req.cache_salt, req.model)  # as tenant_of(request) for chat and completions
+        pieces = await cut_texts(blocks, req.documents, req.segment, tenant)
+        tokenizer = self.engine_client.tokenizer
+        return [[tokenizer.encode(p, add_special_tokens=False) for p in ps] for ps in pieces]
+
+    async def preload(self, body: Any) -> dict:
+        self._check_enabled()
+        req = parse_preload(body)
+        lora = self._lora(req.model)
+        encoded = await self._blocks(req)
+        blocks = server_blocks(self.vllm_config)
         try:
-            plan = plan_preload(encoded, blocks.settings, page_size, blocks.max_model_len,
-                                final_block_ids(tokenizer, blocks.settings))
+            plan = plan_preload(encoded, blocks.settings, self.vllm_config.cache_config.block_size,
+                                blocks.max_model_len, final_block_ids(self.engine_client.tokenizer, blocks.settings))
         except PreloadError as e:
             raise BlockRequestError(str(e), "documents") from None
-        cached = await self._run(plan.prompts, salt, lora)
-        return {"object": "blocks.preload", "model": model, "documents": len(documents), "blocks": plan.blocks,
-                "prompt_tokens": plan.tokens, "cached_tokens": cached, "requests": len(plan.prompts)}
+        cached = await self._run(plan.prompts, req.cache_salt, lora)
+        out = {"object": "blocks.preload", "model": req.model, "documents": len(req.documents),
+               "blocks": plan.blocks, "prompt_tokens": plan.tokens, "cached_tokens": cached,
+               "requests": len(plan.prompts)}
+        if req.pin:
+            out["pinned"] = await self._pins("pin", req, lora, [b for bs in encoded for b in bs], loaded=True)
+        return out
+
+    async def unpin(self, body: Any) -> dict:
+        self._check_enabled()
+        req = parse_preload(body, UNPIN_KEYS)
+        lora = self._lora(req.model)
+        encoded = await self._blocks(req)
+        result = await self._pins("unpin", req, lora, [b for bs in encoded for b in bs])
+        return {"object": "blocks.unpin", "model": req.model, "documents": len(req.documents), **result}
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise BlockRequestError("this server's engine does not run the blockattn backend "
+                                    "(start it with --attention-backend blockattn)", None)
+
+    async def _pins(self, op: str, req: PreloadBody, lora, blocks: list[list[int]], loaded: bool = False) -> dict:
+        """The engine core's ``blockattn_pins`` utility on every engine (data parallelism: each pins
+        what it holds); counts summed."""
+        lora_key = None if lora is None else (lora.lora_name, lora.lora_path)
+        results = await self.engine_client.engine_core.call_utility_all_async(
+            "blockattn_pins", op, req.cache_salt, lora_key, blocks, req.ttl_seconds)
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            raise BlockRequestError(errors[0] + (" (the documents were loaded, not pinned)" if loaded else ""),
+                                    "pin" if op == "pin" else None)
+        keys = [k for k in results[0] if k != "pinned_pages"]
+        out = {k: sum(r[k] for r in results) for k in keys}
+        out["pinned_pages"] = sum(r["pinned_pages"] for r in results)
+        return out
 
     async def _run(self, prompts: list[list[int]], salt: str | None, lora) -> int:
         from vllm import SamplingParams
@@ -151,20 +218,28 @@ def attach_router(app) -> None:
 
     router = APIRouter()
 
-    @router.post("/v1/blocks")
-    @with_cancellation
-    async def preload_blocks(body: dict[str, Any], raw_request: Request):
+    async def answer(raw_request: Request, call):
         service: PreloadService | None = getattr(raw_request.app.state, "blockattn_preload", None)
         if service is None:
             return JSONResponse(error_body("block preloading is not available on this server", None,
                                            HTTPStatus.SERVICE_UNAVAILABLE), status_code=503)
         try:
-            return JSONResponse(await service.preload(body))
+            return JSONResponse(await call(service))
         except BlockRequestError as e:
             return JSONResponse(error_body(str(e), e.param, e.status), status_code=int(e.status))
         except Exception:  # noqa: BLE001 - one request fails; the server keeps serving
-            logger.exception("blockattn: preload failed")
-            return JSONResponse(error_body("the preload failed (see the server log)", None,
+            logger.exception("blockattn: %s failed", raw_request.url.path)
+            return JSONResponse(error_body("the request failed (see the server log)", None,
                                            HTTPStatus.INTERNAL_SERVER_ERROR), status_code=500)
+
+    @router.post("/v1/blocks")
+    @with_cancellation
+    async def preload_blocks(body: dict[str, Any], raw_request: Request):
+        return await answer(raw_request, lambda service: service.preload(body))
+
+    @router.post("/v1/blocks/unpin")
+    @with_cancellation
+    async def unpin_blocks(body: dict[str, Any], raw_request: Request):
+        return await answer(raw_request, lambda service: service.unpin(body))
 
     app.include_router(router)
