@@ -227,3 +227,19 @@ def test_data_parallel_2_rejects_forged_keys_and_keeps_serving(dp_server, hf):
     for rank in (0, 1):
         assert _post(dp_server, ids, rank=rank)["choices"][0]["token_ids"] == reference(hf, ids)
     assert dp_server.alive()
+
+
+def test_data_parallel_2_routes_repeated_documents_to_the_engine_that_holds_them(dp_server, hf):
+    """Block-affinity routing (frontend/routing.py): without a rank header, every later request that
+    carries the same documents, in any order and behind another prefix, goes to the engine that
+    computed them, so each one is a block-cache hit (vLLM's balancer alone alternates engines, and
+    half of them would prefill the documents again, as the first DP test shows)."""
+    docs = ["Routing note 7731. " + d for d in DOCS[:3]]
+    first = _post(dp_server, block_ids(hf, docs))
+    assert _cached(first) < 3 * PAGE  # at most the shared prefix: the documents are new
+    orders = [[2, 0, 1], [1, 2, 0], [0, 2, 1], [2, 1, 0], [1, 0, 2], [0, 1, 2]]
+    for i, order in enumerate(orders):
+        ids = block_ids(hf, [docs[j] for j in order], prefix=f"<|im_start|>system\nTurn {i}.\n")
+        resp = _post(dp_server, ids)
+        assert resp["choices"][0]["token_ids"] == reference(hf, ids)
+        assert _cached(resp) >= 3 * PAGE, (i, resp["usage"])

@@ -234,6 +234,27 @@ def test_malformed_prompt_rejected_engine_keeps_serving(llm, hf, bad, message):
     check(run(llm, ids), reference(hf, ids))
 
 
+def test_offline_preload_makes_documents_block_cache_hits_anywhere(llm, hf):
+    from vllm_blockattn import block_cache_stats, preload_documents
+
+    docs = ["Preloaded offline: the harbour master counts nine red boats every morning at six.",
+            {"title": "Bakery", "text": "The bakery on Quay Street sells rye bread only on Saturdays."}]
+    summary = preload_documents(llm, docs, use_tqdm=False)
+    _, tok, settings = hf
+    texts = [docs[0], "Bakery\n" + docs[1]["text"]]
+    tokens = sum(settings.num_sinks + len(tok.encode(t, add_special_tokens=False)) for t in texts)
+    assert summary == {"documents": 2, "blocks": 2, "prompt_tokens": tokens, "cached_tokens": 0, "requests": 1}
+    assert preload_documents(llm, docs, use_tqdm=False)["cached_tokens"] == tokens
+    before = block_cache_stats(llm)
+    ids = block_ids(hf, [DOCS[0], texts[1], texts[0]])  # behind another document and a prefix, reordered
+    out = run(llm, ids)
+    after = block_cache_stats(llm)
+    assert after["block_hits"] - before["block_hits"] >= 2
+    check(out, reference(hf, ids))
+    with pytest.raises(ValueError, match=r"documents\[0\]"):
+        preload_documents(llm, ["word " * 3000], use_tqdm=False)
+
+
 def test_ordinary_prompts_equal_vllm_stock_backend(llm, tiny_qwen3, hf):
     # The last test that uses the module's engine: vLLM's in-process engines share global distributed
     # state, so once another engine is torn down the module's engine cannot run again.
@@ -298,24 +319,3 @@ def test_preemption_and_eviction_keep_results_right(tiny_qwen3, hf):
     finally:
         del tight
         gc.collect()
-
-
-def test_offline_preload_makes_documents_block_cache_hits_anywhere(llm, hf):
-    from vllm_blockattn import block_cache_stats, preload_documents
-
-    docs = ["Preloaded offline: the harbour master counts nine red boats every morning at six.",
-            {"title": "Bakery", "text": "The bakery on Quay Street sells rye bread only on Saturdays."}]
-    summary = preload_documents(llm, docs, use_tqdm=False)
-    _, tok, settings = hf
-    texts = [docs[0], "Bakery\n" + docs[1]["text"]]
-    tokens = sum(settings.num_sinks + len(tok.encode(t, add_special_tokens=False)) for t in texts)
-    assert summary == {"documents": 2, "blocks": 2, "prompt_tokens": tokens, "cached_tokens": 0, "requests": 1}
-    assert preload_documents(llm, docs, use_tqdm=False)["cached_tokens"] == tokens
-    before = block_cache_stats(llm)
-    ids = block_ids(hf, [DOCS[0], texts[1], texts[0]])  # behind another document and a prefix, reordered
-    out = run(llm, ids)
-    after = block_cache_stats(llm)
-    assert after["block_hits"] - before["block_hits"] >= 2
-    check(out, reference(hf, ids))
-    with pytest.raises(ValueError, match=r"documents\[0\]"):
-        preload_documents(llm, ["word " * 3000], use_tqdm=False)

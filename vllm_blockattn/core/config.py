@@ -4,7 +4,8 @@ Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
 ``pad_token_id``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`;
 ``pin_fraction``: the share of KV pages that pinned documents may hold, default 0.5, see
-:mod:`vllm_blockattn.engine.pins`).
+:mod:`vllm_blockattn.engine.pins`; ``dp_routing``: ``"blocks"`` (default) or ``"off"``, see
+:mod:`vllm_blockattn.frontend.routing`).
 An untrained model has no sink token: name an existing token as the marker (the "training-free"
 baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
 """
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
 from .paged import padded_length
 
-_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "segment", "pin_fraction"}
+_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "segment", "pin_fraction", "dp_routing"}
+DP_ROUTING = ("blocks", "off")
 DEFAULT_PIN_FRACTION = 0.5
 
 
@@ -28,6 +30,7 @@ class BlockEngineConfig:
     max_model_len: int
     namespace: tuple  # goes into every block-mode page hash
     pin_fraction: float = DEFAULT_PIN_FRACTION  # share of the KV pages pinned documents may hold
+    dp_routing: str = "blocks"  # data parallelism: send block requests where their blocks are
 
     def parse(self, token_ids) -> BlockLayout:
         return parse_block_prompt(token_ids, self.settings)
@@ -93,8 +96,12 @@ def _build(vllm_config) -> BlockEngineConfig:
     if isinstance(pin_fraction, bool) or not isinstance(pin_fraction, int | float) or not 0 <= pin_fraction <= 1:
         raise ValueError(f"additional_config['blockattn']['pin_fraction'] must be a number in [0, 1], "
                          f"got {pin_fraction!r}")
+    dp_routing = override.get("dp_routing", "blocks")
+    if dp_routing not in DP_ROUTING:
+        raise ValueError(f"additional_config['blockattn']['dp_routing'] must be one of {DP_ROUTING}, "
+                         f"got {dp_routing!r}")
     return BlockEngineConfig(settings, vllm_config.cache_config.block_size, int(pad), model_config.max_model_len,
-                             namespace, float(pin_fraction))
+                             namespace, float(pin_fraction), dp_routing)
 
 
 def get_block_config(vllm_config) -> BlockEngineConfig:
