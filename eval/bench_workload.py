@@ -219,10 +219,11 @@ class ServerError(RuntimeError):
 
 class Server:
     """``vllm-blockattn serve`` on 127.0.0.1 (stock attention unless ``blockattn``), started at once;
-    ``extra``: more ``vllm serve`` flags. Dev-mode endpoints are on (``/reset_prefix_cache``)."""
+    ``extra``: more ``vllm serve`` flags; ``env``: more environment variables (eval/bench_dp.py binds
+    its engines' threads). Dev-mode endpoints are on (``/reset_prefix_cache``)."""
 
     def __init__(self, args, model: str, blockattn: bool, max_model_len: int, log_path: str,
-                 extra: list[str] | None = None):
+                 extra: list[str] | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -244,7 +245,8 @@ class Server:
             cmd += ["--attention-backend", "blockattn"]
         cmd += args.server_arg
         self.cmd = cmd
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_SERVER_DEV_MODE": "1"}
+        extra_env = env or {}
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_SERVER_DEV_MODE": "1", **extra_env}
         env["VLLM_CPU_KVCACHE_SPACE"] = kv_cache_space_env(os.environ.get("VLLM_CPU_KVCACHE_SPACE",
                                                                            args.kv_cache_gb))
         self.kv_cache_space = env["VLLM_CPU_KVCACHE_SPACE"]
@@ -329,8 +331,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(args, model, blockattn, max_model_len, log_path):
-    srv = Server(args, model, blockattn, max_model_len, log_path)
+def running_server(args, model, blockattn, max_model_len, log_path, extra=None, env=None):
+    srv = Server(args, model, blockattn, max_model_len, log_path, extra, env)
     try:
         srv.wait_healthy(args.startup_timeout)
         yield srv
