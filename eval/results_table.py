@@ -28,7 +28,11 @@ Or tabulate lm-eval result files written earlier (``lm_eval ... --output_path``)
         --from_results "Full=out/full/results_x.json" --from_results "Block=out/block/results_y.json"
 
 Writes ``table.md`` and ``table.json`` (and each run's raw lm-eval results) under ``--output_dir``.
-Scores are the pack's ``score`` metric x 100.
+Scores are the pack's ``score`` metric x 100. LoCoMo's ``Avg`` is the paper's: the mean of the five
+category means (the group's ``category_mean``); ``Avg (questions)`` is the mean over questions (the
+group's ``score``). ``Blocks/prompt`` is the block form's context blocks per prompt (the group's
+``blocks_per_prompt``; ``-`` for the full form). Rows run here get thinking off for Qwen3 chat
+templates unless their model_args say otherwise (``enable_thinking``, as ``python -m eval.run``).
 """
 
 from __future__ import annotations
@@ -43,13 +47,15 @@ BENCHMARKS = {
         "group": "longbench",
         "columns": [("Single-Doc QA", "longbench_single"), ("Multi-Doc QA", "longbench_multi"),
                     ("Summarization", "longbench_summarization"), ("Few-shot", "longbench_fewshot"),
-                    ("Synthetic", "longbench_synthetic"), ("Code", "longbench_code"), ("Avg", "longbench")],
+                    ("Synthetic", "longbench_synthetic"), ("Code", "longbench_code"), ("Avg", "longbench"),
+                    ("Blocks/prompt", "longbench", "blocks_per_prompt")],
     },
     "locomo": {
         "group": "locomo",
         "columns": [("Multi-hop", "locomo_multi_hop"), ("Temporal", "locomo_temporal"),
                     ("Open-domain", "locomo_open_domain"), ("Single-hop", "locomo_single_hop"),
-                    ("Adversarial", "locomo_adversarial"), ("Avg", "locomo")],
+                    ("Adversarial", "locomo_adversarial"), ("Avg", "locomo", "category_mean"),
+                    ("Avg (questions)", "locomo"), ("Blocks/prompt", "locomo", "blocks_per_prompt")],
     },
 }
 FORMS = ("full", "block")
@@ -110,6 +116,11 @@ def aggregate_longbench(results: dict, form: str) -> dict:
             group_scores.append(sum(vals) / len(vals))
     if group_scores:
         out[f"longbench{suffix}"] = {"score,none": sum(group_scores) / len(group_scores), "groups": len(group_scores)}
+        blocks = [float(v["blocks_per_prompt,none"]) for t, v in out.items()
+                  if t in {m for ms in longbench_tasks(suffix).values() for m in ms}
+                  and v.get("blocks_per_prompt,none") not in (None, "N/A")]
+        if blocks:  # the mean over tasks (a task's count of prompts is not in its results)
+            out[f"longbench{suffix}"]["blocks_per_prompt,none"] = sum(blocks) / len(blocks)
     return out
 
 
@@ -137,10 +148,14 @@ def scores_from_results(results: dict, benchmark: str, form: str, language: str 
             raise ValueError("language applies to --benchmark longbench")
         return _longbench_language_scores(results, form, language)
     out = {}
-    for label, name in BENCHMARKS[benchmark]["columns"]:
-        entry = results.get(name + _suffix(form))
-        value = None if entry is None else entry.get("score,none")
-        out[label] = None if value is None or value == "N/A" else round(100.0 * float(value), 2)
+    for label, name, *metric in BENCHMARKS[benchmark]["columns"]:
+        entry = results.get(name + _suffix(form)) or {}
+        key = metric[0] if metric else "score"
+        value = entry.get(f"{key},none")
+        if value is None and key == "category_mean":
+            value = entry.get("score,none")  # results written before the pack reported category_mean
+        scale = 1.0 if key == "blocks_per_prompt" else 100.0
+        out[label] = None if value is None or value == "N/A" else round(scale * float(value), 2)
     return out
 
 
@@ -153,7 +168,7 @@ def _longbench_language_scores(results: dict, form: str, language: str) -> dict[
     suffix = _suffix(form)
     out: dict[str, float | None] = {}
     means = []
-    for label, name in BENCHMARKS["longbench"]["columns"]:
+    for label, name, *_ in BENCHMARKS["longbench"]["columns"]:
         if name == "longbench":
             continue
         group = name[len("longbench_"):]
@@ -168,11 +183,12 @@ def _longbench_language_scores(results: dict, form: str, language: str) -> dict[
         if mean is not None:
             means.append(mean)
     out["Avg"] = round(100.0 * sum(means) / len(means), 2) if means else None
+    out["Blocks/prompt"] = scores_from_results(results, "longbench", form)["Blocks/prompt"]
     return out
 
 
 def markdown(rows: Sequence[dict], benchmark: str) -> str:
-    labels = [label for label, _ in BENCHMARKS[benchmark]["columns"]]
+    labels = [label for label, *_ in BENCHMARKS[benchmark]["columns"]]
     lines = ["| Method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for row in rows:
         cells = ["-" if row["scores"][c] is None else f"{row['scores'][c]:.2f}" for c in labels]
@@ -191,6 +207,7 @@ def run_row(label: str, model: str, model_args: str, form: str, benchmark: str, 
     """One row: lm-eval over the benchmark's group in ``form`` (one pass, or two over the same loaded
     model under ``chat_template="official"`` for LongBench); returns lm-eval's results dict."""
     from vllm_blockattn.eval.__main__ import prepare
+    from vllm_blockattn.eval.chat import thinking_model_args
 
     prepare()
     import lm_eval
@@ -202,6 +219,7 @@ def run_row(label: str, model: str, model_args: str, form: str, benchmark: str, 
     passes = chat_template_split(benchmark, form, chat_template)
     args = _model_args(model_args)
     as_dict = args if isinstance(args, dict) else simple_parse_args_string(args)
+    as_dict = thinking_model_args(model, as_dict)  # thinking off for Qwen3 templates unless asked
     row_metadata = {**metadata, **({"segmenter": segmenter} if segmenter else {})}
     # only the pack's groups run: skip indexing lm-eval's own task files (~20 s)
     tm = TaskManager(include_path=include_path, include_defaults=False, metadata={**as_dict, **row_metadata})

@@ -22,19 +22,23 @@ def load_script():
 
 def test_table_from_lm_eval_results(tmp_path):
     rt = load_script()
-    full = {"results": {"locomo": {"score,none": 0.5}, "locomo_multi_hop": {"score,none": 0.25},
+    full = {"results": {"locomo": {"score,none": 0.5, "category_mean,none": 0.425},
+                        "locomo_multi_hop": {"score,none": 0.25},
                         "locomo_temporal": {"score,none": 0.125}, "locomo_open_domain": {"score,none": 1.0},
                         "locomo_single_hop": {"score,none": 0.0}, "locomo_adversarial": {"score,none": 0.75}}}
-    block = {"results": {"locomo_block": {"score,none": 0.3333}, "locomo_temporal_block": {"score,none": 0.2}}}
+    block = {"results": {"locomo_block": {"score,none": 0.3333, "blocks_per_prompt,none": 12.5},
+                         "locomo_temporal_block": {"score,none": 0.2}}}
     (tmp_path / "full.json").write_text(json.dumps(full))
     (tmp_path / "block.json").write_text(json.dumps(block))
     table = rt.main(["--benchmark", "locomo", "--output_dir", str(tmp_path / "out"),
                      "--from_results", f"Full={tmp_path / 'full.json'}",
                      "--from_results", f"Block={tmp_path / 'block.json'}"])
     lines = table.splitlines()
-    assert lines[0] == "| Method | Multi-hop | Temporal | Open-domain | Single-hop | Adversarial | Avg |"
-    assert lines[2] == "| Full | 25.00 | 12.50 | 100.00 | 0.00 | 75.00 | 50.00 |"
-    assert lines[3] == "| Block | - | 20.00 | - | - | - | 33.33 |"
+    assert lines[0] == ("| Method | Multi-hop | Temporal | Open-domain | Single-hop | Adversarial | Avg | Avg (questions) "
+                        "| Blocks/prompt |")
+    # Avg: the mean of the category means (the paper's); results without category_mean fall back to score
+    assert lines[2] == "| Full | 25.00 | 12.50 | 100.00 | 0.00 | 75.00 | 42.50 | 50.00 | - |"
+    assert lines[3] == "| Block | - | 20.00 | - | - | - | 33.33 | 33.33 | 12.50 |"
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
     assert [r["form"] for r in saved["rows"]] == ["full", "block"]
     assert (tmp_path / "out" / "table.md").read_text() == table
@@ -57,7 +61,9 @@ def test_table_runs_model_rows(tiny_qwen3, tmp_path):
     for i, row in enumerate(saved["rows"]):
         raw = json.loads((tmp_path / "out" / f"row{i}_results.json").read_text())
         suffix = "_block" if row["form"].startswith("block") else ""
-        assert row["scores"]["Avg"] == round(100 * raw["locomo" + suffix]["score,none"], 2)
+        assert row["scores"]["Avg"] == round(100 * raw["locomo" + suffix]["category_mean,none"], 2)
+        assert row["scores"]["Avg (questions)"] == round(100 * raw["locomo" + suffix]["score,none"], 2)
+        assert row["scores"]["Blocks/prompt"] == round(raw["locomo" + suffix]["blocks_per_prompt,none"], 2)
         assert row["scores"]["Temporal"] == round(100 * raw["locomo_temporal" + suffix]["score,none"], 2)
     assert len(table.splitlines()) == 3
 
@@ -120,7 +126,8 @@ def test_official_chat_rule_runs_two_passes_on_one_model_and_averages_like_lm_ev
     overall = sum(results[f"longbench_{g}_block"]["score,none"] for g in groups) / len(groups)
     assert results["longbench_block"]["score,none"] == pytest.approx(overall)
     scores = rt.scores_from_results(results, "longbench", "block")
-    assert scores["Avg"] == round(100 * overall, 2) and None not in scores.values()
+    assert scores["Avg"] == round(100 * overall, 2)
+    assert scores["Blocks/prompt"] is None and None not in {k: v for k, v in scores.items() if k != "Blocks/prompt"}.values()
 
 
 def test_forms_and_variant_rows():
@@ -171,3 +178,24 @@ def test_longbench_language_tables_as_the_leaderboard(tmp_path):
     assert rt.scores_from_results(block, "longbench", "block", "zh") == zh
     with pytest.raises(ValueError, match="longbench"):
         rt.scores_from_results({}, "locomo", "full", "en")
+
+
+def test_rows_run_with_thinking_off_unless_their_model_args_say_otherwise(monkeypatch, tmp_path):
+    import lm_eval
+    import lm_eval.api.registry as registry
+
+    rt = load_script()
+    made = []
+
+    class FakeLM:
+        @classmethod
+        def create_from_arg_obj(cls, args, extra):
+            made.append(args)
+            return cls()
+
+    monkeypatch.setattr(registry, "get_model", lambda name: FakeLM)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda model, tasks, **kw: {"results": {}})
+    for model_args in ("pretrained=M", "pretrained=M,enable_thinking=True"):
+        rt.run_row("Full", "vllm", model_args, "full", "locomo", "eval/tasks", {"locomo_path": str(tmp_path)}, None,
+                   None)
+    assert made[0]["enable_thinking"] is False and made[1]["enable_thinking"] is True
