@@ -55,6 +55,22 @@ def test_weighted_ce_normalises_by_response_tokens():
     assert losses.weighted_ce_loss(nll, w, resp).item() == pytest.approx((2.0 + 0.4 + 1.0) / 3)
 
 
+def test_weighted_ce_normalised_by_the_weights_is_on_plain_ces_scale():
+    nll = torch.tensor([[5.0, 2.0, 4.0, 1.0]])
+    resp = torch.tensor([[False, True, True, True]])
+    w = torch.tensor([[0.0, 1.0, 0.1, 1.0]])
+    assert losses.weighted_ce_loss(nll, w, resp, "weights").item() == pytest.approx((2.0 + 0.4 + 1.0) / 2.1)
+    ones = resp.float()  # all weights 1: both normalisations are plain CE
+    assert losses.weighted_ce_loss(nll, ones, resp, "weights").item() == pytest.approx(
+        losses.weighted_ce_loss(nll, ones, resp, "tokens").item())
+    # all tokens easy: "tokens" shrinks the loss by beta, "weights" keeps plain CE's scale
+    easy = ones * 0.1
+    assert losses.weighted_ce_loss(nll, easy, resp, "tokens").item() == pytest.approx(0.1 * 7.0 / 3)
+    assert losses.weighted_ce_loss(nll, easy, resp, "weights").item() == pytest.approx(7.0 / 3)
+    with pytest.raises(ValueError, match="normalization"):
+        losses.weighted_ce_loss(nll, w, resp, "sum")
+
+
 def test_block_kl_is_forward_kl_teacher_to_student():
     torch.manual_seed(0)
     s, t = torch.randn(3, 5), torch.randn(3, 5)

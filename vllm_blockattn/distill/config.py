@@ -44,6 +44,11 @@ class BlockDistillationConfig(SFTConfig):
             attention exceeds its loss under full attention by more than tau, else `ce_beta`.
         ce_beta (`float`, *optional*, defaults to `0.1`):
             CE weight of the response tokens the teacher already handles under block attention.
+        ce_normalization (`str`, *optional*, defaults to `"tokens"`):
+            `"tokens"` divides the weighted CE by the number of response tokens (the paper's reading: weights
+            shrink the easy tokens' loss, and so the loss scale); `"weights"` divides by the sum of the weights
+            (a weighted mean on plain CE's scale), which separates token weighting from its effect on the
+            effective learning rate when ablating against plain CE.
         use_token_weights (`bool`, *optional*, defaults to `True`):
             `False` is the "without token weights" ablation: plain CE on every response token (weight 1), and the
             teacher's block-pattern pass is skipped.
@@ -96,6 +101,11 @@ class BlockDistillationConfig(SFTConfig):
     )
     ce_beta: float = field(default=0.1, metadata={"help": "CE weight of the other response tokens."})
     use_token_weights: bool = field(default=True, metadata={"help": "Token-weighted CE; False = plain CE."})
+    ce_normalization: str = field(
+        default="tokens",
+        metadata={"help": "Divide the weighted CE by the response tokens (the paper's reading) or by the sum of "
+                          "the weights (plain CE's scale, for ablations): tokens | weights."},
+    )
     block_dropout: bool = field(
         default=True, metadata={"help": "KL on a block-dropout pattern; False = on the plain block pattern."}
     )
@@ -138,6 +148,8 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+        if self.ce_normalization not in ("tokens", "weights"):
+            raise ValueError(f"ce_normalization must be 'tokens' or 'weights', got {self.ce_normalization!r}")
         if not 0.0 <= self.ce_beta <= 1.0:
             raise ValueError(f"ce_beta must be in [0, 1], got {self.ce_beta}")
         if self.teacher_cache and self.mode == "distill" and not self.needs_teacher:

@@ -62,19 +62,36 @@ def token_weights(teacher_block_nll: torch.Tensor, teacher_full_nll: torch.Tenso
     return (w * response_mask).float()
 
 
-def weighted_ce_loss(student_nll: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Token-weighted CE, normalised by the number of response tokens (not by the weights' sum, so that
-    ``beta`` really scales the easy tokens down).
+CE_NORMALIZATIONS = ("tokens", "weights")
+
+
+def weighted_ce_loss(student_nll: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor,
+                     normalization: str = "tokens") -> torch.Tensor:
+    """Token-weighted CE.
+
+    ``normalization="tokens"`` (the paper's reading: the weights "shrink the loss scale" of the
+    insensitive tokens to ``beta``) divides by the number of response tokens, so the loss, and with it
+    the step size, is smaller than plain CE's whenever tokens are easy: up to ``1/beta`` times
+    smaller. ``"weights"`` divides by the sum of the weights, a weighted mean on plain CE's scale:
+    only the mix of tokens changes, which separates the weighting from its effect on the learning
+    rate in an ablation against plain CE.
 
     Args:
         student_nll: ``[B, L]`` per-token NLL of the student's block-attention forward.
-        weights: ``[B, L]`` from :func:`token_weights`.
+        weights: ``[B, L]`` from :func:`token_weights` (0 off the response).
         response_mask: ``[B, L]`` bool.
+        normalization: ``"tokens"`` or ``"weights"``.
 
     Returns:
-        scalar: ``sum(weights * student_nll) / max(1, sum(response_mask))``.
+        scalar: ``sum(weights * student_nll) / max(1, sum(response_mask))`` (tokens) or
+        ``/ sum(weights)`` (weights; 0 when no token has weight).
     """
-    return (weights * student_nll).sum() / response_mask.sum().clamp(min=1)
+    total = (weights * student_nll).sum()
+    if normalization == "tokens":
+        return total / response_mask.sum().clamp(min=1)
+    if normalization == "weights":
+        return total / weights.sum().clamp(min=1e-8)
+    raise ValueError(f"normalization must be one of {CE_NORMALIZATIONS}, got {normalization!r}")
 
 
 def block_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

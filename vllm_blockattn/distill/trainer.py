@@ -477,7 +477,7 @@ class BlockDistillationTrainer(SFTTrainer):
             teacher_q = t_full[b, p] if cached is None else torch.cat(
                 [t_rows[i][p[b == i]] for i in range(ids.shape[0])])
             full_kl = block_kl_loss(s_full[b, p], teacher_q, self.args.kl_temperature)
-        ce = weighted_ce_loss(token_nll(s_block, ids), weights, response)
+        ce = weighted_ce_loss(token_nll(s_block, ids), weights, response, self.args.ce_normalization)
         hard = ((weights == 1) & response).sum().item() / max(1, response.sum().item())
         return ce, kl, hard, full_kl
 
@@ -522,7 +522,7 @@ class BlockDistillationTrainer(SFTTrainer):
             b, p = self._full_kl_positions(inputs)
             full_kl = chunked_kl_loss(hs_full[b, p], s_head, *teacher_rows(b, p), T, chunk)
         s_nll = chunked_token_nll(hs_block[rb, rt - 1], s_head, targets, chunk)
-        ce = (weights * s_nll).sum() / max(1, targets.numel())
+        ce = weighted_ce_loss(s_nll, weights, torch.ones_like(weights, dtype=torch.bool), self.args.ce_normalization)
         hard = (weights == 1).sum().item() / max(1, targets.numel())
         return ce, kl, hard, full_kl
 
