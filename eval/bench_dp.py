@@ -1,6 +1,6 @@
 """Data parallelism on CPU: does routing block requests to the engine that holds their documents pay?
 
-    python eval/bench_dp.py --out docs/results/dp                  # the full run (CPU defaults, ~10 min)
+    python eval/bench_dp.py --out docs/results/dp                  # the full run (CPU defaults, about 5 min on 2 cores)
     python eval/bench_dp.py --requests 8 --out outputs/dp-smoke     # smoke run
     python eval/bench_dp.py --from-json docs/results/dp/dp.json     # re-render dp.md; no run
 
