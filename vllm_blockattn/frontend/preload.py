@@ -49,7 +49,7 @@ from ..core.request_options import (MAX_CHARS_PER_TOKEN, BlockRequestError, chec
                                     parse_segment)
 from .server import cut_texts, server_blocks
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 UNPIN_KEYS = {"model", "documents", "segment", "cache_salt"}
 PRELOAD_KEYS = UNPIN_KEYS | {"pin", "ttl_seconds"}

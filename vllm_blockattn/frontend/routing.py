@@ -5,15 +5,18 @@ With ``--data-parallel-size N`` every engine core has its own block cache, and v
 the least-loaded engine, so a document would warm in every engine separately. A context block's KV
 depends on its own tokens alone (and on the tenant: ``cache_salt``, adapter), so *where a block
 should be* can be a property of the block itself: every block has a home engine, chosen by
-rendezvous hashing (the engine with the highest hash of (block, engine)), and a request goes to the
-engine that is home to most of its block tokens. Later requests carrying the same documents, in any
-order, behind any prefix, go to the same engine and find them there.
+rendezvous hashing (the engine with the highest hash of (block, engine)). Each API server also
+remembers where it sent every block (a bounded index). A request goes to the engine that holds most
+of its block tokens, counting a block where the index has seen it and, when the index has not, at
+its home. Later requests carrying the same documents, in any order, behind any prefix, go to the
+same engine and find them there; a document that was computed away from its home (because most of
+its request lived elsewhere) is found there too.
 
-Why a hash and not an index of what was routed: vLLM runs one API server per data-parallel rank by
-default (``--api-server-count``), each with its own engine client, so an index kept by one API
-server would not know what the others sent where. A stable hash (blake2b of the tenant and the
-block's tokens, not Python's per-process ``hash``) gives every API server, and every restart, the same
-answer with no shared state. Blocks spread evenly over engines, like keys over a consistent hash.
+Why the hash: vLLM runs one API server per data-parallel rank by default (``--api-server-count``),
+each with its own engine client, so an index kept by one API server does not know what the others
+sent where. A stable hash (blake2b of the tenant and the block's tokens, not Python's per-process
+``hash``) gives every API server, and every restart, the same answer for a block none of them has
+seen placed. Blocks spread evenly over engines, like keys over a consistent hash.
 
 Load comes first: when the home engine is busier than the least-loaded one by more than
 ``imbalance`` requests, vLLM's own choice stands. Requests without blocks, and requests a client
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from ..core.layout import BlockLayoutError, BlockSettings, parse_block_prompt
@@ -36,9 +40,10 @@ def _digest(data: bytes) -> bytes:
 
 
 class BlockRouter:
-    def __init__(self, settings: BlockSettings, *, imbalance: float = 4.0):
-        self.settings, self.imbalance = settings, imbalance
-        self.routed = self.fallbacks = 0  # requests sent home / left to vLLM because home was too busy
+    def __init__(self, settings: BlockSettings, *, imbalance: float = 4.0, max_entries: int = 1 << 17):
+        self.settings, self.imbalance, self.max_entries = settings, imbalance, max_entries
+        self._seen: OrderedDict[bytes, int] = OrderedDict()  # block key -> bit set of engines sent to
+        self.routed = self.fallbacks = 0  # requests sent by affinity / left to vLLM because it was too busy
 
     def blocks(self, request) -> list[tuple[bytes, int]]:
         """(key, tokens) of the request's context blocks; empty for an ordinary request. The key is a
@@ -72,10 +77,21 @@ class BlockRouter:
             return None
         tokens = [0] * len(loads)
         for key, n in blocks:
-            tokens[self.home(key, len(loads))] += n
+            engines = self._seen.get(key, 0)
+            held = [e for e in range(len(loads)) if engines >> e & 1]
+            for e in held or [self.home(key, len(loads))]:
+                tokens[e] += n
         best = max(range(len(loads)), key=lambda e: (tokens[e], -loads[e]))
         if loads[best] - min(loads) > self.imbalance:
             self.fallbacks += 1
             return None
         self.routed += 1
         return best
+
+    def record(self, blocks: list[tuple[bytes, int]], engine: int) -> None:
+        """The request went to ``engine``: its blocks are (or will be) cached there."""
+        for key, _ in blocks:
+            self._seen[key] = self._seen.get(key, 0) | (1 << engine)
+            self._seen.move_to_end(key)
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)

@@ -48,7 +48,7 @@ from http import HTTPStatus
 
 from ..core.request_options import SegmentLimits
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 OUTCOMES = ("ok", "refused", "cancelled", "timed_out", "failed")
 

@@ -46,7 +46,7 @@ from ..core.request_options import (MAX_CHARS_PER_TOKEN, BlockRequestError, Segm
                               check_text, parse_documents, parse_segment)
 from .segment_service import SegmentationError, SegmenterService, count_refused, count_scored
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 # -- the segmenter service (segment_service.py holds its rules) ---------------------------------------
 

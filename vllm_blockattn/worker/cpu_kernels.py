@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 
-logger = logging.getLogger("vllm_blockattn")
+logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "final_attention.cpp")
 # Compiler flags of the build (eval/bench_final_kernel.py builds other copies of the source with them).
