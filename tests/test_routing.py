@@ -39,18 +39,18 @@ def test_homes_spread_over_engines_and_the_heavier_document_decides():
     assert router.choose(router.blocks(request([small, big])), loads=[0, 0, 0, 0]) == big_home
 
 
-def test_no_blocks_or_a_busy_home_leaves_the_choice_to_vllm():
-    router = BlockRouter(SETTINGS, imbalance=4)
+def test_load_is_weighed_against_affinity_in_tokens_of_prefill():
+    router = BlockRouter(SETTINGS)
     assert router.blocks(SimpleNamespace(prompt_token_ids=[1, 2, 3], cache_salt=None, lora_request=None)) == []
     assert router.blocks(SimpleNamespace(prompt_token_ids=[99, 1], cache_salt=None, lora_request=None)) == []
-    blocks = router.blocks(request([doc(1)]))
-    home = router.choose(blocks, loads=[0, 0])
-    busy = [0, 0]
-    busy[home] = 5  # 5 more than the least loaded
-    assert router.choose(blocks, loads=busy) is None
-    busy[home] = 4
-    assert router.choose(blocks, loads=busy) == home
-    assert (router.routed, router.fallbacks) == (2, 1)
+    assert router.choose([], loads=[0, 0]) is None  # no blocks: vLLM's choice
+    blocks = router.blocks(request([doc(1)]))  # 22 tokens; the mean prompt so far: 22
+    home = router.choose(blocks, loads=[0, 0], prompt_tokens=22)
+    loads = [0, 0]
+    loads[home] = 1  # one request ahead costs as much as computing the block elsewhere: a tie, affinity wins
+    assert router.choose(blocks, loads=loads, prompt_tokens=22) == home and router.by_affinity == 1
+    loads[home] = 2  # two ahead cost more than the block: the idle engine computes it
+    assert router.choose(blocks, loads=loads, prompt_tokens=22) == 1 - home
 
 
 def test_tenants_hash_apart_and_homes_agree_across_processes():

