@@ -18,6 +18,7 @@ ABLATIONS = {
     "no_kl_no_weights": {"kl_weight": 0.0, "use_token_weights": False},
     "plus_full_kl": {"full_kl_weight": 1.0},  # not in the paper: keep the full-attention behaviour
     "full_kl_only_no_weights": {"kl_weight": 0.0, "use_token_weights": False, "full_kl_weight": 0.5},
+    "one_forward": {"ce_pattern": "dropout"},  # CE and KL on the dropout pattern: one student forward
 }
 
 
@@ -58,6 +59,9 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
     if trainer.teacher_model is not None:
         trainer.teacher_model.register_forward_hook(lambda m, a, kw_, out: teacher_rows.append(kw_["input_ids"].shape[0]),
                                                     with_kwargs=True)
+    student_rows = []
+    trainer.model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: student_rows.append(a[0].shape[0]))
     trainer.model.train()
     if name == "plus_full_kl":  # move the student off the teacher, or its full-attention KL is exactly 0
         with torch.no_grad():
@@ -65,6 +69,7 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
             w.add_(0.2 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     full = _terms(trainer, batch, 0)
     teacher_calls, teacher_rows[:] = list(teacher_rows), []
+    student_calls, student_rows[:] = list(student_rows), []
     chunked = _terms(trainer, batch, 5)
     assert chunked[0] == pytest.approx(full[0], rel=1e-5)
     assert chunked[1] == pytest.approx(full[1], rel=1e-5, abs=1e-7)
@@ -97,6 +102,10 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
         assert teacher_calls == [B]
     if name == "full_method":
         assert 0 < m["hard_token_fraction"] < 1 and 0 < m["dropped_fraction"] < 1 and teacher_calls == [2 * B]
+        assert student_calls == [2 * B]  # the block pattern (CE) and the dropout pattern (KL), stacked
+    if name == "one_forward":
+        assert student_calls == [B] and teacher_calls == [2 * B] and 0 < m["dropped_fraction"] < 1
+        assert m["kl"] > 0 and loss == pytest.approx(m["ce"] + m["kl"], rel=1e-5)
 
     trainer.train()  # one optimizer step
     assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
@@ -136,3 +145,15 @@ def test_collator_refuses_mixed_sink_and_sinkless_samples(tiny_qwen3):
     assert len(a["input_ids"]) == len(b["input_ids"]) + settings.num_sinks * (len(b["block_lengths"]) - 1)
     with pytest.raises(ValueError, match="mixes"):
         BlockDataCollator(tok.pad_token_id, settings)([a, b])
+
+
+def test_one_forward_computes_the_ce_on_the_dropout_pattern(tmp_path, tiny_qwen3):
+    trainer = _trainer(tmp_path, tiny_qwen3)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    _, two, _ = _terms(trainer, batch, 0)
+    trainer.args.ce_pattern = "dropout"
+    _, one, _ = _terms(trainer, batch, 0)
+    assert one["kl"] == pytest.approx(two["kl"], rel=1e-6)  # the same dropout pattern and teacher targets
+    assert one["ce"] != pytest.approx(two["ce"], rel=1e-4)  # the CE now sees the dropout pattern
+    assert one["hard_token_fraction"] == two["hard_token_fraction"]  # token weights come from the teacher

@@ -284,10 +284,12 @@ def main(argv=None):
 
     train_ds = Dataset.from_list(train[: a.student_train_samples])
     rows = [("full attention (teacher)", acc_full, None, None), ("block attention, untrained", acc_block0, None, None)]
-    runs = [("distill", True, a.student_steps, "block distillation (cached teacher)"),
-            ("block_finetune", False, a.student_steps, "block fine-tuning (Ma et al.)")]
+    runs = [("distill", True, a.student_steps, "block distillation (cached teacher)", {}),
+            ("block_finetune", False, a.student_steps, "block fine-tuning (Ma et al.)", {}),
+            ("distill", True, a.student_steps, "block distillation, one student forward (CE on the dropout pattern, "
+             "cached teacher)", {"ce_pattern": "dropout"})]
     if a.live_timing_steps > 0:
-        runs.append(("distill", False, a.live_timing_steps, "block distillation (live teacher, timing only)"))
+        runs.append(("distill", False, a.live_timing_steps, "block distillation (live teacher, timing only)", {}))
     ablations = {"w/o sinks": {"num_sinks": 0}, "w/o block dropout": {"block_dropout": False},
                  "w/o KL": {"kl_weight": 0.0}, "w/o token weights": {"use_token_weights": False},
                  "+ full-pattern KL (not in the paper)": {"full_kl_weight": 1.0}} if a.ablations else {}
@@ -298,9 +300,10 @@ def main(argv=None):
         sinkless = (Dataset.from_list(sinkless[: a.student_train_samples]), sinkless[a.train_samples:])
     cache_seconds, trained = 0.0, []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (kind, cache, steps_i, label) in enumerate(runs):
+        for i, (kind, cache, steps_i, label, overrides) in enumerate(runs):
             trainer, timer = train_student(kind, model, tokenizer, train_ds, steps=steps_i, batch_size=a.batch_size,
-                                           lr=a.student_lr, out=f"{tmp}/{i}", seed=a.seed, teacher_cache=cache)
+                                           lr=a.student_lr, out=f"{tmp}/{i}", seed=a.seed, teacher_cache=cache,
+                                           **overrides)
             cache_seconds += trainer.teacher_cache_seconds
             trained.append((trainer, timer))
             student, sps = trainer.model, timer.seconds_per_step

@@ -44,6 +44,12 @@ class BlockDistillationConfig(SFTConfig):
             attention exceeds its loss under full attention by more than tau, else `ce_beta`.
         ce_beta (`float`, *optional*, defaults to `0.1`):
             CE weight of the response tokens the teacher already handles under block attention.
+        ce_pattern (`str`, *optional*, defaults to `"block"`):
+            The student attention pattern the CE is computed on. `"block"` (default) is the plain block pattern:
+            with block dropout on, the student runs two forwards per step (block for the CE, dropout for the KL).
+            `"dropout"` computes the CE on the dropout pattern too, so one student forward carries both terms: the
+            reading of the paper under which block distillation is cheaper per step than block fine-tuning (which
+            runs a block and a full forward). Without block dropout both settings run one forward.
         ce_normalization (`str`, *optional*, defaults to `"tokens"`):
             `"tokens"` divides the weighted CE by the number of response tokens (the paper's reading: weights
             shrink the easy tokens' loss, and so the loss scale); `"weights"` divides by the sum of the weights
@@ -101,6 +107,11 @@ class BlockDistillationConfig(SFTConfig):
     )
     ce_beta: float = field(default=0.1, metadata={"help": "CE weight of the other response tokens."})
     use_token_weights: bool = field(default=True, metadata={"help": "Token-weighted CE; False = plain CE."})
+    ce_pattern: str = field(
+        default="block",
+        metadata={"help": "Student pattern of the CE: block (a second student forward besides the dropout "
+                          "pattern's) or dropout (CE and KL on one forward)."},
+    )
     ce_normalization: str = field(
         default="tokens",
         metadata={"help": "Divide the weighted CE by the response tokens (the paper's reading) or by the sum of "
@@ -148,6 +159,8 @@ class BlockDistillationConfig(SFTConfig):
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.kl_temperature <= 0:
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}")
+        if self.ce_pattern not in ("block", "dropout"):
+            raise ValueError(f"ce_pattern must be 'block' or 'dropout', got {self.ce_pattern!r}")
         if self.ce_normalization not in ("tokens", "weights"):
             raise ValueError(f"ce_normalization must be 'tokens' or 'weights', got {self.ce_normalization!r}")
         if not 0.0 <= self.ce_beta <= 1.0:

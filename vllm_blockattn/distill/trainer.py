@@ -425,18 +425,20 @@ class BlockDistillationTrainer(SFTTrainer):
 
     def _student_patterns(self, block, layouts, dropped, full):
         """The student's patterns of one step: block (CE), dropout (KL; the block pattern itself without block
-        dropout), full (the optional full-pattern KL). Returns the list to forward and a function mapping the
-        outputs to ``(block, dropout or None, full or None)``."""
-        pats = [block]
+        dropout), full (the optional full-pattern KL); with ``ce_pattern="dropout"`` the dropout pattern serves
+        both CE and KL. Returns the list to forward and a function mapping the outputs to ``(CE pattern,
+        dropout or None, full or None)``."""
         drop_own = dropped is not None and self.args.block_dropout
-        if drop_own:
+        one = drop_own and self.args.ce_pattern == "dropout"  # CE and KL on the dropout pattern: one forward
+        pats = [self._dropout_pattern(block, layouts, dropped)] if one else [block]
+        if drop_own and not one:
             pats.append(self._dropout_pattern(block, layouts, dropped))
         fkl = self.args.full_kl_weight > 0
         if fkl:
             pats.append(full)
 
         def split(outs):
-            s_drop = outs[1] if drop_own else (outs[0] if dropped is not None else None)
+            s_drop = outs[1] if drop_own and not one else (outs[0] if dropped is not None else None)
             return outs[0], s_drop, outs[-1] if fkl else None
 
         return pats, split
