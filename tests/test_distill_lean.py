@@ -247,8 +247,9 @@ def test_gpu_check_script_cpu_quick_with_memory(tmp_path):
     import json
 
     out = tmp_path / "r.json"
-    assert _gpu_check().main(["--quick", "--device", "cpu", "--no-flex", "--out", str(out)]) == 0
+    assert _gpu_check().main(["--quick", "--device", "cpu", "--no-flex", "--speed", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["correctness"]["ok"]
-    assert [r["path"] for r in rep["memory"]] == ["old", "new"]
+    assert [r["path"] for r in rep["memory"]] == ["old", "new", "one-forward", "block-ft"]
     assert rep["memory"][0]["loss"] == pytest.approx(rep["memory"][1]["loss"], rel=1e-5)
+    assert all("step_s" in r for r in rep["memory"])

@@ -12,7 +12,9 @@ without vLLM is enough). Nothing downloads: the models are random, built from a 
    gradient checkpointing) at ``--seq-lens`` (default 8192,16384): one sample per step, ``mode=distill``
    with a live teacher copy; peak ``torch.cuda.max_memory_allocated`` and the median time of ``--steps``
    steps (forward + backward, first step left out) of the old path vs the new path. An out-of-memory run is
-   reported as such.
+   reported as such. With ``--speed`` two more rows per length, both on the new path: ``one-forward``
+   (``ce_pattern="dropout"``: CE and KL on one student forward) and ``block-ft`` (block fine-tuning,
+   ``mode="block_finetune"``), for the paper's per-step speed claim (distillation vs block fine-tuning).
 
     python train/gpu_check_distill.py --out gpu_check.json                    # on a GPU (a few minutes)
     python train/gpu_check_distill.py --quick --device cpu                    # CPU smoke run (tiny shapes)
@@ -36,11 +38,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def _trainer(model, tok, samples, device, out, **kw):
     from datasets import Dataset
 
-    from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer
+    from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer, BlockFinetuneTrainer
 
     args = BlockDistillationConfig(output_dir=out, report_to="none", use_cpu=device == "cpu", bf16=False,
                                    per_device_train_batch_size=len(samples), save_strategy="no", **kw)
-    return BlockDistillationTrainer(model, args, train_dataset=Dataset.from_list(samples), processing_class=tok)
+    cls = BlockFinetuneTrainer if args.mode == "block_finetune" else BlockDistillationTrainer
+    return cls(model, args, train_dataset=Dataset.from_list(samples), processing_class=tok)
 
 
 def _step(trainer, batch, seed=11):
@@ -106,8 +109,10 @@ def measure(args, device, out, seq_len, path) -> dict:
     from vllm_blockattn.distill.bench import long_block_sample, random_model
     from vllm_blockattn.core.layout import BlockSettings
 
-    attn = "flex_attention" if path == "new" and device != "cpu" and not args.no_flex else "sdpa"
-    chunk = args.chunk if path == "new" else 0
+    lean = path != "old"  # one-forward and block-ft run on the new path's settings
+    attn = "flex_attention" if lean and device != "cpu" and not args.no_flex else "sdpa"
+    chunk = args.chunk if lean else 0
+    extra = {"one-forward": {"ce_pattern": "dropout"}, "block-ft": {"mode": "block_finetune"}}.get(path, {})
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     row = {"path": path, "seq_len": seq_len, "attention": attn, "logit_chunk_size": chunk, "dtype": str(dtype)}
     try:
@@ -116,7 +121,7 @@ def measure(args, device, out, seq_len, path) -> dict:
         row["vocab"] = model.config.vocab_size
         sample = long_block_sample(BlockSettings.from_tokenizer(tok), seq_len, seed=0)
         tr = _trainer(model, tok, [sample], device, os.path.join(out, f"m{seq_len}{path}"), logit_chunk_size=chunk,
-                      flex_block_size=args.flex_block_size)
+                      flex_block_size=args.flex_block_size, **extra)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         batch = tr._prepare_inputs(tr.data_collator([sample]))
@@ -164,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--flex-block-size", type=int, default=128)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (e.g. a quick CPU run)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--speed", action="store_true",
+                    help="also time one-forward distillation and block fine-tuning on the new path")
     ap.add_argument("--out", default=None, help="JSON results (default: $OUT/gpu_check_distill.json if $OUT is set)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -182,7 +189,7 @@ def main(argv=None):
         rows = []
         if not args.skip_memory:
             for n in (int(x) for x in args.seq_lens.split(",")):
-                for path in ("old", "new"):
+                for path in ("old", "new", *(("one-forward", "block-ft") if args.speed else ())):
                     _release(device)
                     rows.append(measure(args, device, out, n, path))
                     print("memory:", json.dumps(rows[-1]), flush=True)
