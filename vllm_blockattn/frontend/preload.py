@@ -47,7 +47,7 @@ from fastapi import Request  # at module level: FastAPI resolves the route's ann
 from ..core.preload import PreloadError, final_block_ids, plan_preload
 from ..core.request_options import (MAX_CHARS_PER_TOKEN, BlockRequestError, check_text, parse_documents,
                                     parse_segment)
-from .server import cut_texts, server_blocks
+from .server import ServerBlocks, cut_texts, server_blocks
 
 logger = logging.getLogger("vllm.blockattn")  # under vLLM's logger: its handler and level
 
@@ -123,10 +123,9 @@ class PreloadService:
             raise BlockRequestError(f"The model `{model}` does not exist.", "model", HTTPStatus.NOT_FOUND)
         return lora
 
-    async def _blocks(self, req: PreloadBody) -> list[list[list[int]]]:
+    async def _blocks(self, req: PreloadBody, blocks: ServerBlocks) -> list[list[list[int]]]:
         """Each document's blocks as token ids (cut by the server's segmenter when asked), checked
         and bounded as in every request."""
-        blocks = server_blocks(self.vllm_config)
         limit = blocks.max_model_len * MAX_CHARS_PER_TOKEN * PRELOAD_WINDOWS
         total = sum(map(len, req.documents))
         if total > limit:
@@ -148,8 +147,8 @@ class PreloadService:
         self._check_enabled()
         req = parse_preload(body)
         lora = self._lora(req.model)
-        encoded = await self._blocks(req)
         blocks = server_blocks(self.vllm_config)
+        encoded = await self._blocks(req, blocks)
         try:
             plan = plan_preload(encoded, blocks.settings, self.vllm_config.cache_config.block_size,
                                 blocks.max_model_len, final_block_ids(self.engine_client.tokenizer, blocks.settings))
@@ -167,7 +166,7 @@ class PreloadService:
         self._check_enabled()
         req = parse_preload(body, UNPIN_KEYS)
         lora = self._lora(req.model)
-        encoded = await self._blocks(req)
+        encoded = await self._blocks(req, server_blocks(self.vllm_config))
         result = await self._pins("unpin", req, lora, [b for bs in encoded for b in bs])
         return {"object": "blocks.unpin", "model": req.model, "documents": len(req.documents), **result}
 
