@@ -136,8 +136,16 @@ def test_settings_from_config_and_validation(tiny_qwen3):
     assert BlockSettings.from_dict({"sink_token_id": 5}).num_sinks == 4
     with pytest.raises(BlockLayoutError, match="unknown block_attention settings"):
         BlockSettings.from_dict({"sink_token_id": 5, "sinks": 2})
-    with pytest.raises(BlockLayoutError, match="num_sinks must be a positive int"):
+    with pytest.raises(BlockLayoutError, match="num_sinks=0 is the sink-free layout: give boundary_token_id"):
         BlockSettings(sink_token_id=1, num_sinks=0)
+    with pytest.raises(BlockLayoutError, match="num_sinks must be a non-negative int"):
+        BlockSettings(sink_token_id=1, num_sinks=-1)
+    with pytest.raises(BlockLayoutError, match="boundary_token_id belongs to the sink-free layout"):
+        BlockSettings(sink_token_id=1, boundary_token_id=2)
+    with pytest.raises(BlockLayoutError, match="needs 'boundary_token_id'"):
+        BlockSettings.from_dict({"num_sinks": 0})
+    free = BlockSettings.from_dict({"num_sinks": 0, "boundary_token_id": 7})
+    assert free.sink_free and free.group == [7] and free.sinks == [] and BlockSettings.from_dict(free.to_dict()) == free
 
 
 def test_pad_and_order_puts_cached_blocks_first_then_the_partly_cached_one():
@@ -153,3 +161,59 @@ def test_pad_and_order_puts_cached_blocks_first_then_the_partly_cached_one():
     assert out[paged.starts[1] : paged.ends[1]] == ids[layout.blocks[3].start : layout.blocks[3].end]
     same, _ = pad_and_order(ids, layout, 8, 0, lambda b: b == 2)
     assert pad_and_order(ids, layout, 8, 0, lambda b: b == 2, next_block=2)[0] == same  # a cached block stays
+
+
+# -- the sink-free layout (num_sinks=0): one boundary token per block, removed before attention ---------
+
+FREE = BlockSettings(num_sinks=0, boundary_token_id=9)
+
+
+def test_sink_free_layout_drops_boundaries_from_every_block():
+    ids = build_block_prompt([[1, 2, 3], [4, 5], [6, 7]], FREE, prefix=[8])
+    assert ids == [8, 9, 1, 2, 3, 9, 4, 5, 9, 6, 7]
+    layout = parse_block_prompt(ids, FREE)
+    assert [(b.start, b.end) for b in layout.blocks] == [(0, 1), (2, 5), (6, 8), (9, 11)]
+    assert layout.block_index() == [0, -1, 1, 1, 1, -1, 2, 2, -1, 3, 3]  # no query sees a boundary
+    # positions and offsets count content only: the model was trained without the boundaries
+    assert [layout.positions()[i] for i in layout.real_token_indices()] == list(range(8))
+    assert layout.offsets() == [0, 1, 4, 6]
+    assert layout.has_markers_removed and layout.is_block_prompt
+    assert not parse_block_prompt([1, 2, 3], FREE).has_markers_removed
+
+
+def test_sink_free_question_alone_is_an_ordinary_prompt_without_its_boundary():
+    layout = parse_block_prompt([9, 6, 7], FREE)
+    assert not layout.is_block_prompt and layout.has_markers_removed
+    assert layout.real_token_indices() == [1, 2]
+
+
+@pytest.mark.parametrize("ids, msg", [([9, 9, 1], "boundary token run of length 2 at token 0"),
+                                      ([1, 2, 9], "boundary token at token 2 ends the prompt"),
+                                      ([1, 9, 2, 9, 9, 3], "two in a row make an empty block")])
+def test_sink_free_rejects_empty_blocks(ids, msg):
+    with pytest.raises(BlockLayoutError, match=msg):
+        parse_block_prompt(ids, FREE)
+
+
+def test_sink_free_builders_refuse_stray_boundaries_and_pad_content_only():
+    with pytest.raises(BlockLayoutError, match="contains the boundary token id 9"):
+        build_block_prompt([[1, 9, 2], [3]], FREE)
+    ids = build_block_prompt([[1, 2, 3], [4, 5], [6]], FREE, page_size=4, pad_id=0)
+    assert ids == [9, 1, 2, 3, 0, 9, 4, 5, 0, 0, 9, 6]
+    layout = parse_block_prompt(ids, FREE, pad_id=0, page_size=4)
+    assert [(b.start, b.end, b.padded_end) for b in layout.blocks] == [(1, 4, 5), (6, 8, 10), (11, 12, 12)]
+    assert build_block_text(["a", "b"], "<B>", 0) == "<B>a<B>b"
+    with pytest.raises(BlockLayoutError, match="contains the boundary token"):
+        build_block_text(["a<B>", "b"], "<B>", 0)
+
+
+def test_sink_free_pad_and_order_never_copies_a_boundary():
+    from vllm_blockattn.core.paged import pad_and_order
+
+    ids = build_block_prompt([[10] * 5, [11] * 6, [13] * 2], FREE, prefix=[7, 8])
+    layout = parse_block_prompt(ids, FREE)
+    out, paged = pad_and_order(ids, layout, 4, 0, lambda b: b == 2)
+    paged.validate(len(out), 4)
+    assert 9 not in out
+    assert out == [11] * 6 + [0, 0] + [7, 8, 0, 0] + [10] * 5 + [0, 0, 0] + [13] * 2
+    assert paged.offsets == (7, 0, 2) and paged.final_offset == 13

@@ -122,3 +122,27 @@ def test_unsupported_rope_is_refused(tmp_path):
                                                                         "original_max_position_embeddings": 64})
     with pytest.raises(NotImplementedError, match="rope_type 'yarn' is not supported"):
         rope_inv_freq(_load(path))
+
+
+def test_sink_free_layout_removes_boundaries_before_attention(model_and_tok):
+    """Sink-free layout (num_sinks=0): the boundary token is invisible. The mask form equals the cache
+    form, a context block equals its content encoded alone, and with the head as the only context the
+    final block equals full attention over the prompt with the boundary deleted."""
+    model, tok, s = model_and_tok
+    free = BlockSettings(num_sinks=0, boundary_token_id=s.sink_token_id)  # a special token, never in text
+    ids, layout = _prompt(tok, free, DOCS)
+    fs = layout.final.start
+    masked = block_forward(model, ids, layout)
+    assert (masked[fs:] - block_forward_cached(model, ids, layout)).abs().max().item() <= 1e-4
+    blk = layout.blocks[2]
+    assert ids[blk.start - 1] == free.boundary_token_id
+    alone = full_forward(model, ids[blk.start:blk.end])
+    assert (masked[blk.start:blk.end] - alone).abs().max().item() <= 1e-4
+    # A prompt whose only context is the head: block attention equals full attention without boundaries.
+    head = tok.encode("<|im_start|>user\n", add_special_tokens=False)
+    q = tok.encode(QUESTION, add_special_tokens=False)
+    ids1 = head + [free.boundary_token_id] + q
+    layout1 = parse_block_prompt(ids1, free)
+    plain = full_forward(model, head + q)
+    got = block_forward(model, ids1, layout1)[layout1.real_token_indices()]
+    assert (got - plain).abs().max().item() <= 1e-4

@@ -15,6 +15,17 @@ and a block encoded alone starts with its first sink at position 0.
 
 Non-final blocks may be padded to a multiple of a page size with a pad id (the vLLM plugin does this
 so that every KV page belongs to one block). Pad slots take no logical position and are masked.
+
+**Sink-free layout** (``num_sinks=0``), for checkpoints trained without sinks (Block-Attention's
+Block-FT models)::
+
+    [prefix] B block_1 B block_2 ... B block_n
+
+``B`` is a *boundary* token (``<|block_boundary|>`` by default): exactly one before every block. It only
+marks where a block starts and is removed before attention: it belongs to no block, takes no position,
+no query sees it, and the vLLM plugin drops it before the model runs (it never reaches the KV cache).
+A block's span is its content alone, so a block encoded alone starts with its first content token at
+position 0. Two boundaries in a row (an empty block) or a boundary that ends the prompt are errors.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SINK_TOKEN = "<|block_sink|>"
+BOUNDARY_TOKEN = "<|block_boundary|>"
 DEFAULT_NUM_SINKS = 4
 CONFIG_KEY = "block_attention"
 
@@ -41,35 +53,86 @@ class BlockSettings:
 
     Args:
         sink_token_id: id of the sink token (``<|block_sink|>`` for a distilled checkpoint; any existing
-            token for the training-free baseline).
-        num_sinks: sinks per group (k).
+            token for the training-free baseline). None in the sink-free layout.
+        num_sinks: sinks per group (k); 0 selects the sink-free layout.
+        boundary_token_id: the sink-free layout's boundary token (one before every block, removed before
+            attention). Only with ``num_sinks=0``.
     """
 
-    sink_token_id: int
+    sink_token_id: int | None = None
     num_sinks: int = DEFAULT_NUM_SINKS
+    boundary_token_id: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.sink_token_id, int) or self.sink_token_id < 0:
-            raise BlockLayoutError(f"sink_token_id must be a non-negative int, got {self.sink_token_id!r}")
-        if not isinstance(self.num_sinks, int) or self.num_sinks < 1:
-            raise BlockLayoutError(f"num_sinks must be a positive int, got {self.num_sinks!r}")
+        if isinstance(self.num_sinks, bool) or not isinstance(self.num_sinks, int) or self.num_sinks < 0:
+            raise BlockLayoutError(f"num_sinks must be a non-negative int, got {self.num_sinks!r}")
+        if self.num_sinks == 0:
+            if self.sink_token_id is not None:
+                raise BlockLayoutError("num_sinks=0 is the sink-free layout: give boundary_token_id, not sink_token_id")
+            _check_token_id(self.boundary_token_id, "boundary_token_id (the sink-free layout, num_sinks=0)")
+        else:
+            if self.boundary_token_id is not None:
+                raise BlockLayoutError("boundary_token_id belongs to the sink-free layout: set num_sinks=0")
+            _check_token_id(self.sink_token_id, "sink_token_id")
+
+    @property
+    def sink_free(self) -> bool:
+        """True for the sink-free layout (one boundary token per block, removed before attention)."""
+        return self.num_sinks == 0
+
+    @property
+    def marker_id(self) -> int:
+        """The token id that marks where a block starts: the sink, or the boundary token."""
+        return self.boundary_token_id if self.sink_free else self.sink_token_id
+
+    @property
+    def group(self) -> list[int]:
+        """The ids placed before every block: k sinks, or one boundary token."""
+        return [self.marker_id] * (self.num_sinks or 1)
+
+    @property
+    def sinks(self) -> list[int]:
+        """The ids that start every block's attended span: k sinks, or nothing (sink-free)."""
+        return [self.marker_id] * self.num_sinks
+
+    @property
+    def marker_name(self) -> str:
+        return "boundary token" if self.sink_free else "sink token"
 
     def to_dict(self) -> dict:
+        if self.sink_free:
+            return {"num_sinks": 0, "boundary_token_id": self.boundary_token_id}
         return {"sink_token_id": self.sink_token_id, "num_sinks": self.num_sinks}
 
     @classmethod
     def from_dict(cls, d: dict) -> BlockSettings:
-        unknown = set(d) - {"sink_token_id", "num_sinks", "sink_token"}
+        unknown = set(d) - {"sink_token_id", "num_sinks", "sink_token", "boundary_token_id", "boundary_token"}
         if unknown:
             raise BlockLayoutError(f"unknown block_attention settings: {sorted(unknown)}")
+        num_sinks = d.get("num_sinks", DEFAULT_NUM_SINKS)
+        if isinstance(num_sinks, bool) or not isinstance(num_sinks, int):
+            raise BlockLayoutError(f"num_sinks must be a non-negative int, got {num_sinks!r}")
+        if num_sinks == 0:
+            if d.get("boundary_token_id") is None:
+                raise BlockLayoutError(f"the sink-free layout (num_sinks=0) needs 'boundary_token_id', got {d!r}")
+            return cls(num_sinks=0, boundary_token_id=_as_id(d["boundary_token_id"], "boundary_token_id"))
         if "sink_token_id" not in d:
             raise BlockLayoutError(f"block_attention settings need 'sink_token_id', got {d!r}")
-        return cls(sink_token_id=int(d["sink_token_id"]), num_sinks=int(d.get("num_sinks", DEFAULT_NUM_SINKS)))
+        return cls(sink_token_id=_as_id(d["sink_token_id"], "sink_token_id"), num_sinks=num_sinks)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS) -> BlockSettings:
-        """Settings for ``tokenizer``, whose vocabulary must hold ``sink_token`` as a single token."""
+    def from_tokenizer(cls, tokenizer, sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS,
+                       boundary_token: str = BOUNDARY_TOKEN) -> BlockSettings:
+        """Settings for ``tokenizer``, whose vocabulary must hold the marker (``sink_token``, or
+        ``boundary_token`` when ``num_sinks=0``) as a single token."""
         vocab = tokenizer.get_vocab()
+        if num_sinks == 0:
+            if boundary_token not in vocab:
+                raise BlockLayoutError(
+                    f"boundary token {boundary_token!r} is not in the tokenizer's vocabulary; add it as a special "
+                    f"token (`vllm_blockattn.distill.add_boundary_token`) for a checkpoint trained without sinks"
+                )
+            return cls(num_sinks=0, boundary_token_id=vocab[boundary_token])
         if sink_token not in vocab:
             raise BlockLayoutError(
                 f"sink token {sink_token!r} is not in the tokenizer's vocabulary; add it (block distillation "
@@ -85,13 +148,26 @@ class BlockSettings:
         return None if entry is None else cls.from_dict(entry)
 
 
+def _check_token_id(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BlockLayoutError(f"{what} must be a non-negative int, got {value!r}")
+
+
+def _as_id(value, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BlockLayoutError(f"{what} must be a token id, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Block:
     """One block of a prompt, as half-open spans into the token ids.
 
-    ``start`` is the first token of the block (its first sink, or token 0 for a prefix block),
-    ``content_start`` the first token after its sink group, ``end`` one past its last real token and
-    ``padded_end`` one past its pads (``== end`` when unpadded). Pads only follow non-final blocks.
+    ``start`` is the first token of the block (its first sink, or token 0 for a prefix block; in the
+    sink-free layout the first token after its boundary token), ``content_start`` the first token after
+    its sink group (``== start`` sink-free), ``end`` one past its last real token and ``padded_end`` one
+    past its pads (``== end`` when unpadded). Pads only follow non-final blocks.
     """
 
     start: int
@@ -102,7 +178,7 @@ class Block:
 
     @property
     def num_tokens(self) -> int:
-        """Real tokens (sinks + content), pads excluded."""
+        """Real tokens (sinks + content), pads and boundary tokens excluded."""
         return self.end - self.start
 
     @property
@@ -132,7 +208,7 @@ class BlockLayout:
         return self.blocks[:-1]
 
     def block_index(self) -> list[int]:
-        """Block index of every token; -1 for pads."""
+        """Block index of every token; -1 for pads and boundary tokens (no query sees them)."""
         out = [-1] * self.num_tokens
         for b, blk in enumerate(self.blocks):
             out[blk.start : blk.end] = [b] * blk.num_tokens
@@ -141,14 +217,16 @@ class BlockLayout:
     def positions(self) -> list[int]:
         """Global logical position of every token (0..N-1 over real tokens).
 
-        A pad repeats the position of the token before it; its value never matters because nothing
-        attends to a pad.
+        A pad (or a sink-free layout's boundary token) repeats the position of the token before it; its
+        value never matters because nothing attends to it.
         """
-        out, pos = [], 0
+        out, pos, slot = [], 0, 0
         for blk in self.blocks:
+            out.extend([max(pos - 1, 0)] * (blk.start - slot))  # a dropped boundary token (sink-free)
             out.extend(range(pos, pos + blk.num_tokens))
             pos += blk.num_tokens
             out.extend([max(pos - 1, 0)] * blk.num_pads)
+            slot = blk.padded_end
         return out
 
     def offsets(self) -> list[int]:
@@ -159,8 +237,15 @@ class BlockLayout:
             pos += blk.num_tokens
         return out
 
+    @property
+    def has_markers_removed(self) -> bool:
+        """True when some tokens belong to no block (the sink-free layout's boundary tokens): they are
+        removed before attention, also in an otherwise ordinary prompt (``B question``)."""
+        return any(blk.start != prev for blk, prev in
+                   zip(self.blocks, [0] + [b.padded_end for b in self.blocks[:-1]]))
+
     def real_token_indices(self) -> list[int]:
-        """Indices of the non-pad tokens, in order."""
+        """Indices of the tokens that take part in attention (no pads, no boundary tokens), in order."""
         return [i for blk in self.blocks for i in range(blk.start, blk.end)]
 
 
@@ -207,8 +292,8 @@ def build_block_prompt(
         raise BlockLayoutError("padding needs both `page_size` and `pad_id`")
     if page_size is not None and page_size < 1:
         raise BlockLayoutError(f"page_size must be positive, got {page_size}")
-    if pad_id is not None and pad_id == settings.sink_token_id:
-        raise BlockLayoutError("pad_id must differ from the sink token id")
+    if pad_id is not None and pad_id == settings.marker_id:
+        raise BlockLayoutError(f"pad_id must differ from the {settings.marker_name} id")
 
     def encode(block, what):
         if isinstance(block, str):
@@ -217,12 +302,12 @@ def build_block_prompt(
             return tokenizer.encode(block, add_special_tokens=False)
         return _check_ids(block, what)
 
-    sinks = [settings.sink_token_id] * settings.num_sinks
+    marker, name = settings.marker_id, settings.marker_name
     pieces: list[list[int]] = []  # one per block, the prefix block first
     if prefix is not None:
         head = encode(prefix, "prefix")
-        if settings.sink_token_id in head:
-            raise BlockLayoutError(f"the prefix contains the sink token id {settings.sink_token_id}")
+        if marker in head:
+            raise BlockLayoutError(f"the prefix contains the {name} id {marker}")
         if head:
             pieces.append(head)
     for i, block in enumerate(blocks):
@@ -230,17 +315,19 @@ def build_block_prompt(
         toks = encode(block, what)
         if not toks:
             raise BlockLayoutError(f"{what} is empty")
-        if settings.sink_token_id in toks:
+        if marker in toks:
             raise BlockLayoutError(
-                f"{what} contains the sink token id {settings.sink_token_id} at offset "
-                f"{toks.index(settings.sink_token_id)}; sinks are added by the layout, not by the text"
+                f"{what} contains the {name} id {marker} at offset {toks.index(marker)}; "
+                f"the layout adds block markers, not the text"
             )
-        pieces.append(sinks + toks)
+        pieces.append(settings.group + toks)
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         ids.extend(piece)
         if page_size is not None and i < len(pieces) - 1:
-            ids.extend([pad_id] * page_padding(len(piece), page_size))
+            # Pads follow the block's attended span; a dropped boundary token is not part of it.
+            attended = len(piece) - (1 if settings.sink_free and piece[0] == marker else 0)
+            ids.extend([pad_id] * page_padding(attended, page_size))
     return ids
 
 
@@ -253,15 +340,17 @@ def page_padding(num_tokens: int, page_size: int) -> int:
 
 def build_block_text(blocks: Sequence[str], sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS) -> str:
     """The text form of a block prompt, for paths that only carry text (the OpenAI server, chat
-    messages). The sink token must be a special token of the tokenizer so that it survives encoding."""
+    messages). The marker must be a special token of the tokenizer so that it survives encoding.
+    With ``num_sinks=0`` (the sink-free layout) ``sink_token`` is the boundary token, placed once per
+    block (e.g. ``build_block_text(docs, BOUNDARY_TOKEN, 0)``)."""
     if not blocks:
         raise BlockLayoutError("empty block list: a block prompt needs at least one (final) block")
     for i, b in enumerate(blocks):
         if not b:
             raise BlockLayoutError(f"block {i} is empty")
         if sink_token in b:
-            raise BlockLayoutError(f"block {i} contains the sink token {sink_token!r}")
-    return "".join(sink_token * num_sinks + b for b in blocks)
+            raise BlockLayoutError(f"block {i} contains the {'sink' if num_sinks else 'boundary'} token {sink_token!r}")
+    return "".join(sink_token * (num_sinks or 1) + b for b in blocks)
 
 
 def parse_block_prompt(
@@ -277,8 +366,8 @@ def parse_block_prompt(
     of a page-aligned non-final block; choose a pad id that never ends a block's real content.
 
     Raises:
-        BlockLayoutError: a sink run whose length is not ``num_sinks``, a sink group with no content
-            after it, or an empty prompt.
+        BlockLayoutError: a sink run whose length is not ``num_sinks`` (sink-free: two boundary tokens in
+            a row), a marker with no content after it, or an empty prompt.
     """
     try:
         arr = np.asarray(token_ids, dtype=np.int64)
@@ -291,30 +380,35 @@ def parse_block_prompt(
         raise BlockLayoutError("empty prompt")
     if (page_size is None) != (pad_id is None):
         raise BlockLayoutError("pad parsing needs both `page_size` and `pad_id`")
-    s, k = settings.sink_token_id, settings.num_sinks
+    s, k = settings.marker_id, settings.num_sinks or 1
+    what = (f"boundary token (id {s}) must be followed by the block's content: two in a row make an empty "
+            f"block" if settings.sink_free else
+            f"sink group must be exactly {k} sink tokens (id {s}) followed by the block's content")
 
-    # Sink group starts; every maximal run of sink ids must be exactly k long (vectorized: the parse
+    # Group starts; every maximal run of marker ids must be exactly k long (vectorized: the parse
     # runs on every prompt in the server's frontend and scheduler).
     edges = np.diff(np.concatenate(([0], (arr == s).astype(np.int8), [0])))
     run_starts, run_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     for i, j in zip(run_starts.tolist(), run_ends.tolist()):
         if j - i != k:
-            raise BlockLayoutError(
-                f"sink run of length {j - i} at token {i}; every sink group must be exactly {k} "
-                f"sink tokens (id {s}) followed by the block's content"
-            )
+            raise BlockLayoutError(f"{'boundary token' if settings.sink_free else 'sink'} run of length {j - i} "
+                                   f"at token {i}; every {what}")
         if j == n:
-            raise BlockLayoutError(f"sink group at token {i} ends the prompt: the block after it is empty")
+            raise BlockLayoutError(f"{settings.marker_name} at token {i} ends the prompt: the block after it is empty")
     starts = run_starts.tolist()
     if not starts:
         return BlockLayout((Block(0, 0, n, n, True),), n, settings)
 
+    # In the sink-free layout the boundary token belongs to no block: a block starts after it.
+    skip = 1 if settings.sink_free else 0
     bounds = ([0] if starts[0] > 0 else []) + starts + [n]
     blocks = []
     for b in range(len(bounds) - 1):
         start, stop = bounds[b], bounds[b + 1]
         is_final = b == len(bounds) - 2
-        content_start = start + k if arr[start] == s else start
+        marked = arr[start] == s
+        content_start = start + k if marked else start
+        start += skip if marked else 0
         end = stop
         if not is_final and page_size is not None and (stop - start) % page_size == 0:
             # The builder adds fewer than page_size pads; content should not end with the pad id.
