@@ -25,6 +25,25 @@ Formats (input files are local: no download):
 
     python train/prepare_data.py hotpotqa --input hotpot_train_v1.1.json --out data/hotpotqa_train.jsonl \\
         --eval-out data/hotpotqa_eval.jsonl --eval-size 500
+
+``mix`` draws several sources by weight into one file, as the paper's recipe mixes HotpotQA with a
+segmenter-cut ChatQA2 subset. Every source is a format above with its own files (``--source NAME PATH
+...``, NAME a format); ``--mix`` gives relative weights (``hotpotqa=0.7,chatqa2=0.3`` = ``7,3``): with
+``--size N`` exactly N training records, each source's count its share by largest remainder, and the
+``--eval-size`` held-out records split the same way (never a record of the training split). Each source's
+records are drawn in a seeded random order and converted (segmented) only when drawn, so a large source
+costs no segmentation beyond what the mix takes. Without ``--size``: the most records the sources hold at
+the weights without repeating one (``datasets.interleave_datasets``' ``first_exhausted``, with exact
+counts); a source with too few records is an error naming it, or with ``--oversample`` its training
+records repeat (``all_exhausted``). Mixed records carry ``"source"``; the training order is shuffled.
+``--max-chars`` skips records longer than that (the trainer would cut their trailing blocks, perhaps the
+one holding the answer). Options can come from a YAML file (``--config``; keys as the options, ``source``
+a mapping ``{name: [files]}``), e.g. train/configs/data_hotpotqa_chatqa2.yaml:
+
+    python train/prepare_data.py mix --source hotpotqa hotpot_train_v1.1.json \\
+        --source chatqa2 chatqa2_long_sft.jsonl --mix hotpotqa=0.5,chatqa2=0.5 --size 20000 \\
+        --out data/mix_train.jsonl --eval-out data/mix_eval.jsonl --eval-size 500
+    python train/prepare_data.py --config train/configs/data_hotpotqa_chatqa2.yaml
 """
 
 from __future__ import annotations
@@ -187,55 +206,299 @@ def convert_chatqa2(obj: dict, where: str, segment) -> dict:
     return chatqa2_record(obj, where, segment)
 
 
+def convert_one(fmt: str, obj, where: str, segment, args) -> dict | None:
+    """One input object -> a trainer record (None: nothing to read in blocks, or over ``--max-chars``)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    max_chars = getattr(args, "max_chars", None)
+    if fmt in ("hotpotqa", "2wikimultihopqa"):
+        rec = convert_multihop(obj, where, segment, args.segment_paragraphs)
+    elif fmt == "triviaqa":
+        rec = convert_triviaqa(obj, where, segment, args.evidence_dir, args.max_docs, args.max_doc_chars)
+    elif fmt == "chatqa2":
+        doc = obj.get("document", obj.get("context"))
+        if max_chars and isinstance(doc, str) and len(doc) > max_chars:
+            return None  # too long anyway: not worth segmenting
+        rec = convert_chatqa2(obj, where, segment)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if rec is not None and max_chars and record_chars(rec) > max_chars:
+        return None
+    return rec
+
+
+def record_chars(rec: dict) -> int:
+    return sum(map(len, rec["context"])) + len(rec["question"]) + len(rec["answer"])
+
+
 def convert(fmt: str, path: str, segment, args) -> Iterator[dict]:
     for where, obj in read_records(path):
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        if fmt in ("hotpotqa", "2wikimultihopqa"):
-            rec = convert_multihop(obj, where, segment, args.segment_paragraphs)
-        elif fmt == "triviaqa":
-            rec = convert_triviaqa(obj, where, segment, args.evidence_dir, args.max_docs, args.max_doc_chars)
-        elif fmt == "chatqa2":
-            rec = convert_chatqa2(obj, where, segment)
-        else:
-            raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        rec = convert_one(fmt, obj, where, segment, args)
         if rec is not None:
             yield rec
 
 
-def main(argv=None) -> dict:
+# --- mixing sources -----------------------------------------------------------------------------------
+
+def parse_mix(spec) -> dict[str, float]:
+    """``"hotpotqa=0.7,chatqa2=0.3"`` (or the same as a mapping) -> ``{name: weight}``. Weights are relative
+    (``7,3`` is ``0.7,0.3``): each source's share of the records is its weight over the sum."""
+    import math
+
+    if isinstance(spec, dict):
+        items = [(str(k), v) for k, v in spec.items()]
+    elif isinstance(spec, str) and spec.strip():
+        items = []
+        for part in spec.split(","):
+            name, eq, value = part.partition("=")
+            if not eq or not name.strip() or not value.strip():
+                raise ValueError(f"--mix: {part.strip()!r} is not NAME=WEIGHT (e.g. hotpotqa=0.7,chatqa2=0.3)")
+            items.append((name.strip(), value.strip()))
+    else:
+        raise ValueError(f"--mix must be NAME=WEIGHT,... (e.g. hotpotqa=0.7,chatqa2=0.3), got {spec!r}")
+    weights: dict[str, float] = {}
+    for name, value in items:
+        if name in weights:
+            raise ValueError(f"--mix: source {name!r} is given twice")
+        if name not in FORMATS:
+            raise ValueError(f"--mix: unknown source {name!r}; sources are the formats {FORMATS}")
+        try:
+            w = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--mix: the weight of {name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(w) or w <= 0:
+            raise ValueError(f"--mix: the weight of {name!r} must be a positive number, got {value!r}")
+        weights[name] = w
+    if len(weights) < 2:
+        raise ValueError(f"--mix needs at least two sources (one source: run its format directly), got {spec!r}")
+    return weights
+
+
+def parse_sources(value) -> dict[str, list[str]]:
+    """``--source NAME PATH [PATH ...]`` (repeated) or a mapping ``{name: path or [paths]}`` -> ``{name: [paths]}``."""
+    items = list(value.items()) if isinstance(value, dict) else [(v[0], v[1:]) for v in (value or [])]
+    out: dict[str, list[str]] = {}
+    for name, paths in items:
+        paths = [paths] if isinstance(paths, str) else list(paths or [])
+        if name not in FORMATS:
+            raise ValueError(f"--source: unknown source {name!r}; sources are the formats {FORMATS}")
+        if name in out:
+            raise ValueError(f"--source: source {name!r} is given twice (give all its files at once)")
+        if not paths:
+            raise ValueError(f"--source {name}: no input file")
+        out[name] = [str(p) for p in paths]
+    return out
+
+
+def quotas(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` records by the weights (largest remainder: the counts sum to ``total`` and each is
+    within one record of its exact share)."""
+    z = sum(weights.values())
+    exact = {k: total * w / z for k, w in weights.items()}
+    out = {k: int(v) for k, v in exact.items()}
+    order = sorted(weights, key=lambda k: (-(exact[k] - out[k]), list(weights).index(k)))
+    for k in order[: total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+class _Source:
+    """A source's records in a seeded random order, converted (and segmented) only when drawn."""
+
+    def __init__(self, name: str, paths: list[str], seed: int, segment, args):
+        self.name, self.segment, self.args = name, segment, args
+        self.raw = [wo for p in paths for wo in read_records(p)]
+        if not self.raw:
+            raise ValueError(f"source {name!r}: no records in {paths}")
+        self.order = list(range(len(self.raw)))
+        random.Random(f"{seed}:{name}").shuffle(self.order)
+        self.pos, self.skipped = 0, 0
+
+    def take(self, n: int | None) -> list[dict]:
+        """The next ``n`` usable records (all that are left when ``n`` is None)."""
+        out = []
+        while (n is None or len(out) < n) and self.pos < len(self.order):
+            where, obj = self.raw[self.order[self.pos]]
+            self.pos += 1
+            rec = convert_one(self.name, obj, where, self.segment, self.args)
+            if rec is None:
+                self.skipped += 1
+                continue
+            out.append({**rec, "source": self.name})
+        return out
+
+
+def check_mix(sources: dict[str, list[str]], weights: dict[str, float], size: int | None):
+    if set(sources) != set(weights):
+        missing = sorted(set(weights) - set(sources))
+        extra = sorted(set(sources) - set(weights))
+        raise ValueError("--mix and --source must name the same sources"
+                         + (f"; no --source for {missing}" if missing else "")
+                         + (f"; no --mix weight for {extra}" if extra else ""))
+    if size is not None and size < 1:
+        raise ValueError(f"--size must be >= 1, got {size}")
+
+
+def mix_records(sources: dict[str, list[str]], weights: dict[str, float], segment, args,
+                size: int | None, eval_size: int, seed: int, oversample: bool) -> tuple[list[dict], list[dict], dict]:
+    """Draw ``size`` training and ``eval_size`` held-out records from the sources in the proportions of
+    ``weights`` (both splits are split by the weights: largest remainder), each source's records in a
+    seeded random order; the two splits never share a record. ``size`` None: the largest mix the sources
+    hold without repeating a record (like ``datasets.interleave_datasets(..., stopping_strategy=
+    "first_exhausted")`` with exact counts). A source with too few records is an error unless
+    ``oversample`` (its training records are then repeated, like ``"all_exhausted"``)."""
+    check_mix(sources, weights, size)
+    streams = {k: _Source(k, sources[k], seed, segment, args) for k in weights}
+    held_q = quotas(eval_size, weights)
+    pools: dict[str, list[dict]] = {}
+    if size is None:  # every usable record, then the largest size the weights allow
+        pools = {k: s.take(None) for k, s in streams.items()}
+        z = sum(weights.values())
+        total = min(int(len(pools[k]) * z / w + 1e-9) for k, w in weights.items())
+        size = total - eval_size
+        while size > 0 and any(quotas(size, weights)[k] + held_q[k] > len(pools[k]) for k in weights):
+            size -= 1
+        if size < 1:
+            have = {k: len(v) for k, v in pools.items()}
+            raise ValueError(f"the sources hold too few usable records for the mix: {have}")
+    train_q = quotas(size, weights)
+    need = {k: train_q[k] + held_q[k] for k in weights}
+    for k, s in streams.items():
+        if k not in pools:
+            pools[k] = s.take(need[k])
+    short = [f"source {k!r} has {len(pools[k])} usable records (of {len(streams[k].raw)}; {streams[k].skipped} "
+             f"skipped), the mix asks for {need[k]} ({train_q[k]} train + {held_q[k]} eval: weight {weights[k]:g} "
+             f"of {sum(weights.values()):g})" for k in weights
+             if len(pools[k]) < need[k] and (not oversample or len(pools[k]) <= held_q[k])]
+    if short:
+        raise ValueError("; ".join(short) + ". Lower --size, change the weights, or --oversample to repeat a short "
+                         "source's training records")
+    train, held, per_source = [], [], {}
+    for k, s in streams.items():
+        pool = pools[k]
+        h, rest = pool[: held_q[k]], pool[held_q[k]: need[k]]
+        t = [rest[i % len(rest)] for i in range(train_q[k])]  # repeats only when oversampling
+        held += h
+        train += t
+        per_source[k] = {"train": len(t), "eval": len(h), "unique_train": len(rest), "skipped": s.skipped,
+                         "blocks_per_record": round(sum(len(r["context"]) for r in t) / max(1, len(t)), 2)}
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held, per_source
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("format", choices=FORMATS)
-    ap.add_argument("--input", required=True, nargs="+", help="local input file(s)")
-    ap.add_argument("--out", required=True, help="output jsonl (training split)")
+    ap.add_argument("format", nargs="?", choices=FORMATS + ("mix",),
+                    help="a dataset format, or 'mix' (several sources by weight: --source, --mix)")
+    ap.add_argument("--config", default=None,
+                    help="YAML whose keys are these options (format, source: {name: [files]}, mix: {name: weight}, "
+                         "size, out, ...); the command line overrides it")
+    ap.add_argument("--input", nargs="+", help="local input file(s)")
+    ap.add_argument("--source", nargs="+", action="append", metavar=("NAME", "PATH"),
+                    help="mix: a source (a format name) and its local file(s); repeat per source")
+    ap.add_argument("--mix", default=None, help="mix: relative weights, e.g. hotpotqa=0.7,chatqa2=0.3")
+    ap.add_argument("--size", type=int, default=None,
+                    help="mix: training records (default: the most the sources hold at the weights without repeats)")
+    ap.add_argument("--oversample", action="store_true",
+                    help="mix: repeat a short source's training records instead of failing")
+    ap.add_argument("--out", help="output jsonl (training split)")
     ap.add_argument("--eval-out", default=None, help="held-out jsonl (needs --eval-size)")
-    ap.add_argument("--eval-size", type=int, default=0, help="records held out (seeded shuffle)")
+    ap.add_argument("--eval-size", type=int, default=0, help="records held out (seeded shuffle; mix: split by weight)")
     ap.add_argument("--segmenter", default="learned", help="learned | learned:<ckpt> | paragraphs | module:function")
     ap.add_argument("--segment-cache", default=None, help="default: <out>.segments.jsonl; 'none' disables")
     ap.add_argument("--segment-paragraphs", action="store_true", help="HotpotQA/2Wiki: cut paragraphs too")
     ap.add_argument("--evidence-dir", default=None, help="TriviaQA official: the evidence/ folder")
     ap.add_argument("--max-docs", type=int, default=4, help="TriviaQA: evidence documents per question")
     ap.add_argument("--max-doc-chars", type=int, default=8000, help="TriviaQA: characters kept per document")
-    ap.add_argument("--limit", type=int, default=None, help="stop after this many records")
+    ap.add_argument("--max-chars", type=int, default=None,
+                    help="skip records longer than this (context + question + answer characters)")
+    ap.add_argument("--limit", type=int, default=None, help="stop after this many records (not with mix)")
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            ap.error("--config needs a file")
+        import yaml
+
+        with open(argv[i + 1], encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            ap.error(f"--config {argv[i + 1]}: expected a YAML mapping")
+        known = {a.dest for a in ap._actions}
+        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
+        unknown = sorted(set(cfg) - known - {"config"})
+        if unknown:
+            ap.error(f"--config {argv[i + 1]}: unknown keys {unknown}")
+        if "input" in cfg and isinstance(cfg["input"], str):
+            cfg["input"] = [cfg["input"]]
+        cfg_sources = cfg.pop("source", None)  # --source on the command line replaces the file's sources
+        ap.set_defaults(**cfg)
+    else:
+        cfg_sources = None
     args = ap.parse_args(argv)
+    if args.source is None:
+        args.source = cfg_sources
+    if args.format is None:
+        ap.error("the format (or 'mix') is required, on the command line or as 'format' in --config")
+    if args.out is None:
+        ap.error("--out is required")
     if (args.eval_out is None) != (args.eval_size == 0):
         ap.error("--eval-out and --eval-size go together")
+    if args.format == "mix":
+        if args.input:
+            ap.error("mix reads --source NAME PATH ... (one per source), not --input")
+        if not args.source or not args.mix:
+            ap.error("mix needs --source NAME PATH ... for every source and --mix NAME=WEIGHT,...")
+        if args.limit:
+            ap.error("mix: use --size, not --limit")
+    else:
+        if not args.input:
+            ap.error(f"{args.format} needs --input")
+        if args.source or args.mix or args.size is not None or args.oversample:
+            ap.error(f"--source/--mix/--size/--oversample are for 'mix', not {args.format!r}")
+    return args
+
+
+def _write(path: str | None, rows: list[dict]):
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     cache = None if args.segment_cache == "none" else (args.segment_cache or args.out + ".segments.jsonl")
+    if args.format == "mix":  # validate before loading a segmenter or reading a file
+        weights, sources = parse_mix(args.mix), parse_sources(args.source)
+        check_mix(sources, weights, args.size)
     segment = CachedSegmenter(args.segmenter, cache)
-    records = []
+    records, held, per_source = [], [], None
     try:
-        for path in args.input:
-            for rec in convert(args.format, path, segment, args):
-                records.append(rec)
+        if args.format == "mix":
+            records, held, per_source = mix_records(sources, weights, segment, args, args.size, args.eval_size,
+                                                    args.seed, args.oversample)
+        else:
+            for path in args.input:
+                for rec in convert(args.format, path, segment, args):
+                    records.append(rec)
+                    if args.limit and len(records) >= args.limit:
+                        break
                 if args.limit and len(records) >= args.limit:
                     break
-            if args.limit and len(records) >= args.limit:
-                break
     finally:
         segment.close()
-    held = []
-    if args.eval_size:
+    if args.eval_size and args.format != "mix":
         if args.eval_size >= len(records):
             raise SystemExit(f"--eval-size {args.eval_size} leaves no training records (have {len(records)})")
         order = list(range(len(records)))
@@ -243,16 +506,13 @@ def main(argv=None) -> dict:
         held_idx = set(order[: args.eval_size])
         held = [r for i, r in enumerate(records) if i in held_idx]
         records = [r for i, r in enumerate(records) if i not in held_idx]
-    for path, rows in ((args.out, records), (args.eval_out, held)):
-        if path is None:
-            continue
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    _write(args.out, records)
+    _write(args.eval_out, held)
     stats = {"train": len(records), "eval": len(held), "segmenter": args.segmenter, "cache": cache,
              "segmented": segment.misses, "cache_hits": segment.hits,
              "blocks_per_record": round(sum(len(r["context"]) for r in records) / max(1, len(records)), 2)}
+    if per_source is not None:
+        stats["sources"] = per_source
     print(json.dumps(stats))
     return stats
 
