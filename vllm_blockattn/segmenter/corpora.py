@@ -22,24 +22,36 @@ Sources used by ``train/segmenter_demo.py`` (install with ``train/segmenter_data
 - the Python standard library's ``.py`` files (the interpreter running this), PSF-2.0 (``code``);
 - the Python FAQ turned into a user/assistant chat, one question per user turn, its answer as the
   assistant's turn; gold cuts between FAQ sections (``chat-faq``, PSF-2.0);
-- LoCoMo conversations (``chat``), CC BY-NC 4.0: for evaluation only, never for a shipped model.
+- LoCoMo conversations (``chat``), CC BY-NC 4.0: for evaluation only, never for a shipped model;
+- Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (the texts are public domain, from
+  Project Gutenberg; the package is MIT): one document per novel, one section per chapter with the
+  chapter and volume headings removed (``fiction``: chapters marked by the story alone);
+- ``prose-mixed``: single passages (an Austen chapter, a section of the Python documentation as
+  prose) chained one after another, so a gold cut is where the text turns from one passage to an
+  unrelated one (a how-to section followed by a story), with one blank line like every paragraph.
+  The R data is read by :func:`read_r_lazyload` (no R needed).
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import gzip
 import hashlib
+import os
 import random
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .candidates import DEFAULT_PATTERN, find_candidates
 from .data import make_record
 
+# "MIT" also covers janeaustenr, whose novels are public domain (Project Gutenberg texts) in an MIT package
 PERMISSIVE = {"PSF-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "Apache-2.0", "0BSD", "CC0-1.0", "CC-BY-4.0"}
 
 
@@ -297,6 +309,169 @@ def locomo_documents(conversations: Sequence[dict], **prov) -> list[StructuredDo
         sections = [s for s in sections if s]
         if len(sections) >= 2:
             out.append(StructuredDoc(sections, f"locomo:{conv['sample_id']}", "chat", "\n", **prov))
+    return out
+
+
+# ----- R data (janeaustenr) ---------------------------------------------------------------------
+
+
+class _RReader:
+    """The subset of R's XDR serialization (versions 2 and 3) that data packages use: vectors of
+    strings, numbers and lists, with attributes (a ``names`` attribute turns a vector into a dict)."""
+
+    _SPECIAL = {241, 242, 247, 251, 252, 253, 254}  # environments, unbound, missing, NULL
+
+    def __init__(self, data: bytes):
+        self.b, self.i, self.refs = data, 0, []
+
+    def int(self) -> int:
+        (v,) = struct.unpack_from(">i", self.b, self.i)
+        self.i += 4
+        return v
+
+    def length(self) -> int:
+        n = self.int()
+        if n == -1:  # long vector
+            hi, lo = self.int(), self.int()
+            n = (hi << 32) + lo
+        return n
+
+    def item(self):
+        flags = self.int()
+        t, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
+        if t in self._SPECIAL:
+            return None
+        if t == 255:  # reference to an earlier symbol
+            return self.refs[(flags >> 8 or self.int()) - 1]
+        if t == 1:  # symbol
+            sym = ("sym", self.item())
+            self.refs.append(sym)
+            return sym
+        if t in (2, 6, 17):  # pairlists: [(tag, value), ...]
+            if has_attr:
+                self.item()
+            tag = self.item() if has_tag else None
+            car = self.item()
+            cdr = self.item()
+            return [(tag[1] if isinstance(tag, tuple) else tag, car), *(cdr or [])]
+        if t == 9:  # one string
+            n = self.int()
+            if n == -1:
+                return None
+            s = self.b[self.i : self.i + n]
+            self.i += n
+            return s.decode("latin-1" if flags & (1 << 2) else "utf-8", errors="replace")
+        if t in (10, 13):
+            n = self.length()
+            v = list(struct.unpack_from(f">{n}i", self.b, self.i))
+            self.i += 4 * n
+        elif t == 14:
+            n = self.length()
+            v = list(struct.unpack_from(f">{n}d", self.b, self.i))
+            self.i += 8 * n
+        elif t in (16, 19, 20):
+            v = [self.item() for _ in range(self.length())]
+        else:
+            raise ValueError(f"R object type {t} is not supported")
+        if has_attr:
+            attrs = dict(self.item() or [])
+            if attrs.get("names") is not None:
+                return dict(zip(attrs["names"], v))
+        return v
+
+    def top(self):
+        if self.b[:2] != b"X\n":
+            raise ValueError("not an XDR R serialization")
+        self.i = 2
+        version = self.int()
+        self.int(), self.int()  # R version that wrote it, minimal version to read it
+        if version == 3:
+            n = self.int()  # native encoding name
+            self.i += n
+        return self.item()
+
+
+def read_r_lazyload(base: str) -> dict:
+    """The objects of an R lazy-load database (``base.rdx`` index + ``base.rdb`` data, as installed R
+    packages keep their data), by name. Only zlib-compressed databases (R's default) are read."""
+    with open(base + ".rdx", "rb") as f:
+        raw = f.read()
+    index = _RReader(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).top()
+    if index.get("compressed") not in ([1], [True]):
+        raise ValueError(f"{base}.rdb: only zlib-compressed lazy-load data is supported")
+    out = {}
+    with open(base + ".rdb", "rb") as f:
+        db = f.read()
+    for name, (off, n) in index["variables"].items():
+        blob = db[int(off) : int(off) + int(n)]
+        (size,) = struct.unpack(">I", blob[:4])
+        data = zlib.decompress(blob[4:])
+        if len(data) != size:
+            raise ValueError(f"{base}.rdb: {name} has {len(data)} bytes, the index says {size}")
+        out[name] = _RReader(data).top()
+    return out
+
+
+AUSTEN_TITLES = {"sensesensibility": "Sense and Sensibility", "prideprejudice": "Pride and Prejudice",
+                 "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
+                 "persuasion": "Persuasion"}
+_END_MATTER = re.compile(r"^\s*(a note on the text|\*+\s*end of (the|this) project gutenberg)", re.IGNORECASE)
+_CHAPTER = re.compile(r"^\s*(chapter|volume)\s+([ivxlc]+|\d+)\.?\s*$", re.IGNORECASE)
+
+
+def novel_document(lines: Sequence[str | None], source: str, *, min_section_chars: int = 300,
+                   **prov) -> StructuredDoc | None:
+    """A novel given as its lines: one section per chapter, the chapter and volume heading lines and
+    everything before the first chapter (title page) removed, so only the story marks a chapter."""
+    lines = ["" if ln is None else ln.rstrip() for ln in lines]
+    starts = [i for i, ln in enumerate(lines) if _CHAPTER.match(ln)]
+    if len(starts) < 2:
+        return None
+    chapters: list[list[str]] = [[]]
+    for ln in lines[starts[0]:]:
+        if _END_MATTER.match(ln):  # an editor's note after the story (not the author's text)
+            break
+        if _CHAPTER.match(ln):  # a chapter (or volume) heading starts a new section
+            if "\n".join(chapters[-1]).strip():
+                chapters.append([])
+            continue
+        chapters[-1].append(ln)
+    sections = [normalize_blank_lines("\n".join(c)).strip("\n") for c in chapters]
+    sections = merge_small([s for s in sections if s.strip()], min_section_chars, "\n\n")
+    if len(sections) < 2:
+        return None
+    return StructuredDoc(sections, source, "fiction", "\n\n", **prov)
+
+
+def austen_documents(data_dir: str, **prov) -> list[StructuredDoc]:
+    """Jane Austen's six novels from janeaustenr's installed data directory (``.../janeaustenr/data``),
+    one :class:`StructuredDoc` per novel (``source`` = ``janeaustenr:<name>``)."""
+    objs = read_r_lazyload(os.path.join(data_dir, "Rdata"))
+    out = []
+    for name in sorted(objs):
+        if name not in AUSTEN_TITLES:
+            continue
+        doc = novel_document(objs[name], f"janeaustenr:{name}", **prov)
+        if doc:
+            doc.meta["title"] = AUSTEN_TITLES[name]
+            out.append(doc)
+    return out
+
+
+def passage_documents(groups: dict[str, Sequence[StructuredDoc]], n_per_group: int, *, seed: int = 0,
+                      category: str = "prose-mixed", min_chars: int = 800) -> list[StructuredDoc]:
+    """Single passages for ``prose-mixed``: from each group (a kind of text, e.g. ``fiction`` and
+    ``prose``) up to ``n_per_group`` sections of at least ``min_chars`` chars, each its own one-section
+    document, so that :func:`build_section_records` puts a gold cut exactly where one passage gives way
+    to another. The same number per group keeps either kind from dominating the seams."""
+    rng = random.Random(seed)
+    out = []
+    for group in sorted(groups):
+        secs = [(d, j) for d in sorted(groups[group], key=lambda d: d.source)
+                for j, s in enumerate(d.sections) if len(s) >= min_chars]
+        for d, j in rng.sample(secs, min(n_per_group, len(secs))):
+            out.append(StructuredDoc([d.sections[j]], f"{d.source}#{j}", category, d.sep, d.license, d.package,
+                                     d.version, {"group": group, "document": d.source}))
     return out
 
 

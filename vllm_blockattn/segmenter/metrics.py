@@ -85,3 +85,73 @@ def evaluate(items: Iterable[tuple[str, Sequence[int], Sequence[int], int]], tol
         out[key] = {"precision": p, "recall": r, "f1": f, "pk": float(np.mean(pks)),
                     "windowdiff": float(np.mean(wds)), "n": len(pks)}
     return out
+
+
+def text_counts(items: Iterable[tuple[str, Sequence[int], Sequence[int], int]], tol: int = 3) -> list[tuple]:
+    """``(category, matched, predicted, gold)`` per text, the unit that the bootstrap resamples."""
+    return [(cat, *boundary_counts(pred, gold, tol)) for cat, pred, gold, _n in items]
+
+
+def _f1_of(counts: np.ndarray) -> np.ndarray:
+    """Micro F1 from summed ``(..., 3)`` counts (matched, predicted, gold), as :func:`prf` computes it."""
+    hit, npred, ngold = counts[..., 0], counts[..., 1], counts[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(npred > 0, hit / np.maximum(npred, 1), (ngold == 0).astype(float))
+        r = np.where(ngold > 0, hit / np.maximum(ngold, 1), 1.0)
+        f = np.where(p + r > 0, 2 * p * r / np.where(p + r > 0, p + r, 1), 0.0)
+    return f
+
+
+def bootstrap_f1(methods: dict[str, list[tuple]], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> dict[str, dict[str, dict]]:
+    """Percentile bootstrap intervals of micro boundary F1 over texts, per category, and of the mean F1
+    over categories (``"mean"``); with paired differences between methods.
+
+    Args:
+        methods: ``{method: text_counts(...)}``; every method must list the same texts in the same
+            order (the resampled texts are shared, so differences between methods are paired).
+        n_boot: resamples; texts are resampled with replacement within each category.
+
+    Returns:
+        ``{method: {category | "mean": {"f1", "lo", "hi"}}}``; and under the key ``"_draws"`` the
+        resampled F1 values (``{method: {category: ndarray}}``) for :func:`paired_difference`.
+    """
+    names = list(methods)
+    cats = list(dict.fromkeys(c for c, *_ in methods[names[0]]))
+    for m in names:
+        if [c for c, *_ in methods[m]] != [c for c, *_ in methods[names[0]]]:
+            raise ValueError(f"method {m!r} does not list the same texts as {names[0]!r}")
+    rng = np.random.default_rng(seed)
+    idx = {c: np.array([i for i, (cc, *_) in enumerate(methods[names[0]]) if cc == c]) for c in cats}
+    draws = {c: rng.integers(0, len(idx[c]), size=(n_boot, len(idx[c]))) for c in cats}
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out: dict = {"_draws": {}}
+    for m in names:
+        arr = np.array([row[1:] for row in methods[m]], dtype=np.float64)
+        res, per_draw = {}, {}
+        for c in cats:
+            rows = arr[idx[c]]
+            point = float(_f1_of(rows.sum(0)))
+            boot = _f1_of(rows[draws[c]].sum(1))
+            per_draw[c] = boot
+            res[c] = {"f1": point, "lo": float(np.percentile(boot, lo_q)), "hi": float(np.percentile(boot, hi_q)),
+                      "n": int(len(idx[c]))}
+        mean_boot = np.mean([per_draw[c] for c in cats], axis=0)
+        per_draw["mean"] = mean_boot
+        res["mean"] = {"f1": float(np.mean([res[c]["f1"] for c in cats])), "lo": float(np.percentile(mean_boot, lo_q)),
+                       "hi": float(np.percentile(mean_boot, hi_q)), "n": int(sum(len(idx[c]) for c in cats))}
+        out[m] = res
+        out["_draws"][m] = per_draw
+    return out
+
+
+def paired_difference(boot: dict, a: str, b: str, level: float = 0.95) -> dict[str, dict]:
+    """F1 of method ``a`` minus method ``b`` per category (and ``"mean"``) with the percentile interval
+    of the paired bootstrap difference (the same resampled texts for both)."""
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for c, da in boot["_draws"][a].items():
+        d = da - boot["_draws"][b][c]
+        out[c] = {"diff": boot[a][c]["f1"] - boot[b][c]["f1"], "lo": float(np.percentile(d, lo_q)),
+                  "hi": float(np.percentile(d, hi_q))}
+    return out
