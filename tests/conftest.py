@@ -39,6 +39,14 @@ def tiny_qwen3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sinkfree(tmp_path_factory):
+    """A Block-FT-style checkpoint: no sinks, one ``<|block_boundary|>`` per block (num_sinks 0)."""
+    from vllm_blockattn.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-sinkfree"), "qwen3", sharpen=4.0, num_sinks=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     from vllm_blockattn.tiny import build_tiny_model
 

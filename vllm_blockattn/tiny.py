@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from .core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
+from .core.layout import BOUNDARY_TOKEN, CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, "<|im_start|>", "<|im_end|>", SINK_TOKEN]
@@ -42,8 +42,10 @@ The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < 
 """
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A fast byte-level BPE tokenizer with the project's special tokens, trained offline."""
+def build_tokenizer(vocab_size: int = 512, *, boundary: bool = False):
+    """A fast byte-level BPE tokenizer with the project's special tokens, trained offline; with
+    ``boundary`` also the sink-free layout's ``<|block_boundary|>``."""
+    specials = SPECIAL_TOKENS + ([BOUNDARY_TOKEN] if boundary else [])
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +54,7 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -61,7 +63,7 @@ def build_tokenizer(vocab_size: int = 512):
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=specials[1:],
     )
     hf.chat_template = CHAT_TEMPLATE
     return hf
@@ -102,7 +104,9 @@ def build_tiny_model(path: str | os.PathLike, arch: str = "qwen3", *, seed: int 
         seed: torch seed for the random weights.
         sharpen: scale of the output layer and attention projections. Random tiny models are flat
             (greedy decoding repeats one token whatever the mask); > 1 makes attention patterns matter.
-        num_sinks: sinks per group written to ``config.json``.
+        num_sinks: sinks per group written to ``config.json``; 0 builds a sink-free checkpoint (a
+            Block-FT-style model): its tokenizer gets ``<|block_boundary|>`` and ``config.json`` records
+            ``{"num_sinks": 0, "boundary_token_id": ...}``.
         dtype: weights dtype saved.
         **config_kwargs: passed to :func:`build_config` (hidden_size, num_layers, head_dim, ...).
 
@@ -114,7 +118,7 @@ def build_tiny_model(path: str | os.PathLike, arch: str = "qwen3", *, seed: int 
 
     path = str(path)
     os.makedirs(path, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(boundary=num_sinks == 0)
     settings = BlockSettings.from_tokenizer(tokenizer, num_sinks=num_sinks)
     config = build_config(arch, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     setattr(config, CONFIG_KEY, settings.to_dict())
@@ -147,8 +151,10 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--sharpen", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-sinks", type=int, default=DEFAULT_NUM_SINKS,
+                    help="sinks per block; 0 builds a sink-free checkpoint with a boundary token")
     a = ap.parse_args(argv)
-    print(build_tiny_model(a.path, a.arch, seed=a.seed, sharpen=a.sharpen, hidden_size=a.hidden_size,
+    print(build_tiny_model(a.path, a.arch, seed=a.seed, sharpen=a.sharpen, num_sinks=a.num_sinks, hidden_size=a.hidden_size,
                            num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
                            head_dim=a.head_dim))
 

@@ -1,13 +1,18 @@
 """The plugin's per-engine settings: sink token and count, page size, pad id, cache namespace.
 
 Read from the model's ``config.json`` ``block_attention`` entry, overridden by
-``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``,
+``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``;
+for the sink-free layout ``num_sinks: 0`` with ``boundary_token_id`` or ``boundary_token``;
 ``pad_token_id``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`;
 ``pin_fraction``: the share of KV pages that pinned documents may hold, default 0.5, see
 :mod:`vllm_blockattn.engine.pins`; ``dp_routing``: ``"blocks"`` (default) or ``"off"``, see
 :mod:`vllm_blockattn.frontend.routing`).
 An untrained model has no sink token: name an existing token as the marker (the "training-free"
 baseline), e.g. ``additional_config={"blockattn": {"sink_token": "<|im_start|>"}}``.
+
+A sink-free layout's boundary token must be a *special* token of the tokenizer: one boundary turns a
+prompt into a block prompt, so a token that ordinary text can produce would make plain prompts block
+prompts by accident. Such a setting is refused at start-up.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import dataclass
 from .layout import CONFIG_KEY, BlockLayout, BlockLayoutError, BlockSettings, parse_block_prompt
 from .paged import padded_length
 
-_OVERRIDE_KEYS = {"sink_token_id", "sink_token", "num_sinks", "pad_token_id", "segment", "pin_fraction", "dp_routing"}
+_LAYOUT_KEYS = ("sink_token_id", "num_sinks", "boundary_token_id")
+_OVERRIDE_KEYS = {*_LAYOUT_KEYS, "sink_token", "boundary_token", "pad_token_id", "segment", "pin_fraction",
+                  "dp_routing"}
 DP_ROUTING = ("blocks", "off")
 DEFAULT_PIN_FRACTION = 0.5
 
@@ -59,19 +66,47 @@ def _settings_from(vllm_config) -> tuple[BlockSettings, dict]:
     if unknown:
         raise ValueError(f"unknown additional_config['blockattn'] keys {sorted(unknown)}; "
                          f"expected some of {sorted(_OVERRIDE_KEYS)}")
-    merged = {k: v for k, v in entry.items() if k in ("sink_token_id", "num_sinks")}
+    merged = {k: v for k, v in entry.items() if k in _LAYOUT_KEYS}
     if "sink_token" in override:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
-        merged["sink_token_id"] = BlockSettings.from_tokenizer(tok, override["sink_token"]).sink_token_id
-    merged.update({k: override[k] for k in ("sink_token_id", "num_sinks") if k in override})
-    if "sink_token_id" not in merged:
+        merged["sink_token_id"] = BlockSettings.from_tokenizer(_tokenizer(model_config), override["sink_token"]).sink_token_id
+    if "boundary_token" in override:
+        merged["boundary_token_id"] = BlockSettings.from_tokenizer(
+            _tokenizer(model_config), num_sinks=0, boundary_token=override["boundary_token"]).boundary_token_id
+    merged.update({k: override[k] for k in _LAYOUT_KEYS if k in override})
+    # An override may switch layouts: keep only the marker of the layout that results.
+    merged.pop("sink_token_id" if merged.get("num_sinks") == 0 else "boundary_token_id", None)
+    if "sink_token_id" not in merged and merged.get("num_sinks") != 0:
         raise ValueError(
             f"the blockattn backend needs a sink token: the model's config.json has no '{CONFIG_KEY}' entry; "
-            "pass additional_config={'blockattn': {'sink_token': '<an existing token>'}} for an untrained model"
+            "pass additional_config={'blockattn': {'sink_token': '<an existing token>'}} for an untrained model, "
+            "or {'num_sinks': 0, 'boundary_token': '<a special token>'} for a checkpoint trained without sinks"
         )
-    return BlockSettings.from_dict(merged), override
+    settings = BlockSettings.from_dict(merged)
+    if settings.sink_free:
+        check_boundary_token(_tokenizer(model_config), settings.boundary_token_id)
+    return settings, override
+
+
+def _tokenizer(model_config):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
+
+
+def check_boundary_token(tokenizer, token_id: int) -> None:
+    """Refuse a sink-free boundary token that ordinary text can produce: it must be a special token of
+    ``tokenizer`` (then only text that spells the token itself yields it, and the server refuses it in
+    documents, segmented text and chat messages as it refuses stray sinks)."""
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    special |= {int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    if token_id not in special:
+        name = tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < len(tokenizer) else None
+        raise ValueError(
+            f"boundary_token_id {token_id} ({name!r}) is not a special token of the tokenizer: ordinary text can "
+            "produce it, and every prompt that holds it would become a block prompt; add a dedicated special "
+            "token (vllm_blockattn.distill.add_boundary_token) and name it in config.json's "
+            f"'{CONFIG_KEY}' entry"
+        )
 
 
 _CACHE: dict[int, tuple[object, BlockEngineConfig]] = {}
@@ -84,10 +119,10 @@ def _build(vllm_config) -> BlockEngineConfig:
     if pad is None:
         eos = getattr(hf, "eos_token_id", None)
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    if pad == settings.sink_token_id:
-        pad = 0 if settings.sink_token_id != 0 else 1
+    if pad == settings.marker_id:
+        pad = 0 if settings.marker_id != 0 else 1
     model_config = vllm_config.model_config
-    namespace = ("blockattn", str(model_config.model), settings.sink_token_id, settings.num_sinks)
+    namespace = ("blockattn", str(model_config.model), settings.marker_id, settings.num_sinks)
     if "segment" in override:  # the API server's segmenter settings; checked at start-up
         from .request_options import ServerSegmentConfig
 

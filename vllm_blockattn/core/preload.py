@@ -28,7 +28,7 @@ class PreloadError(ValueError):
 
 def final_block_ids(tokenizer, settings: BlockSettings) -> list[int]:
     """The one-token final block closing every preload prompt (a newline, else EOS)."""
-    ids = [t for t in tokenizer.encode("\n", add_special_tokens=False) if t != settings.sink_token_id][:1]
+    ids = [t for t in tokenizer.encode("\n", add_special_tokens=False) if t != settings.marker_id][:1]
     if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
         ids = [tokenizer.eos_token_id]
     return ids
@@ -58,10 +58,10 @@ def plan_preload(documents: Sequence[Sequence[Sequence[int]]], settings: BlockSe
     used = blocks = tokens = 0
     for d, pieces in enumerate(documents):
         for block in pieces:
-            if settings.sink_token_id in block:
-                raise PreloadError(f"documents[{d}] holds the block sink token (id {settings.sink_token_id}); "
-                                   f"documents are text, the sinks are added by the server", d)
-            n = settings.num_sinks + len(block)
+            if settings.marker_id in block:
+                raise PreloadError(f"documents[{d}] holds the block {settings.marker_name} (id {settings.marker_id}); "
+                                   f"documents are text, the server marks the blocks", d)
+            n = settings.num_sinks + len(block)  # attended tokens: a sink-free boundary is dropped
             padded = n + page_padding(n, page_size)
             if padded > budget:
                 raise PreloadError(f"documents[{d}] is a block of {n} tokens ({padded} padded to KV pages of "

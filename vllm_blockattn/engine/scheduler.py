@@ -6,7 +6,8 @@
    keys and the argument that a key determines the page's KV), so the same document hits at any
    offset, in any order, in any prompt; the head's full pages keep vLLM's own prefix hashes and are
    shared with plain prompts;
-2. blocks are padded to whole KV pages (``core/paged.py``); blocks whose pages are all cached move to
+2. blocks are padded to whole KV pages (``core/paged.py``), and a sink-free layout's boundary tokens are
+   dropped (they mark blocks and never reach the model or the KV cache); blocks whose pages are all cached move to
    the front, followed by the block with the longest run of cached leading pages: vLLM's lookup only
    accepts a leading run of hits (``num_computed_tokens`` is one count), and non-final blocks are
    order-independent;
@@ -128,6 +129,11 @@ class BlockAttnSchedulerMixin:
             return  # prompt embeddings and pooling requests carry no block layout
         layout = cfg.check_prompt(request.prompt_token_ids)  # raises on a malformed or oversized prompt
         if not layout.is_block_prompt:
+            if layout.has_markers_removed:  # sink-free `B question`: an ordinary prompt without its boundary
+                ids = list(request.prompt_token_ids)
+                _rebind(request, [ids[i] for i in layout.real_token_indices()])
+                request.block_hashes.clear()
+                request.update_block_hashes()
             return
         if request.mm_features:
             raise ValueError("multimodal inputs in a block prompt are not supported by the blockattn backend")
@@ -165,9 +171,7 @@ class BlockAttnSchedulerMixin:
         pinned_hits = sum(1 for b in hits if self._blockattn_pins.is_pinned(block_hashes[b][-1]))
         record(self.blockattn_stats, requests=1, blocks=len(layout.context_blocks), block_hits=len(hits),
                reused_tokens=reused, pinned_block_hits=pinned_hits)
-        request.prompt_token_ids = new_ids
-        request._all_token_ids[:] = new_ids  # `all_token_ids` is a read-only view of this list
-        request.num_prompt_tokens = len(new_ids)
+        _rebind(request, new_ids)
         setattr(request, _REQUEST_ATTR, paged)
         request.block_hashes.clear()
         if hasher is not None:
@@ -190,7 +194,7 @@ class BlockAttnSchedulerMixin:
             return {"error": f"ttl_seconds must be a positive number, got {ttl!r}"}
         cfg = self._block_config
         keys = namespace_keys(cfg.namespace, cache_salt, None if lora is None else tuple(lora))
-        sinks = [cfg.settings.sink_token_id] * cfg.settings.num_sinks
+        sinks = cfg.settings.sinks  # a block's attended span: its sinks (none sink-free) and its content
         chains = [block_chain(self._hash_fn, self.block_size, cfg.pad_id, sinks + list(b), keys) for b in blocks]
         pool, pins = self.kv_cache_manager.block_pool, self._blockattn_pins
         try:
@@ -207,6 +211,14 @@ class BlockAttnScheduler(BlockAttnSchedulerMixin, Scheduler):
 
 class BlockAttnAsyncScheduler(BlockAttnSchedulerMixin, AsyncScheduler):
     """vLLM's async scheduler with block-prompt preparation."""
+
+
+def _rebind(request, new_ids: list[int]) -> None:
+    """Give ``request`` the physical prompt the engine computes (padded, reordered, without sink-free
+    boundary tokens); the frontend keeps the user's prompt."""
+    request.prompt_token_ids = new_ids
+    request._all_token_ids[:] = new_ids  # `all_token_ids` is a read-only view of this list
+    request.num_prompt_tokens = len(new_ids)
 
 
 def _report_real_tokens(request, paged) -> None:

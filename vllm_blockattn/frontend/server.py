@@ -1,7 +1,8 @@
 """Block prompts built by the server: documents as blocks and automatic segmentation.
 
 A client of ``vllm serve MODEL --attention-backend blockattn`` gets block attention without building
-sink-token text itself:
+sink-token text itself (or, for a checkpoint trained without sinks, boundary-token text: every path
+below places the engine's block markers, whichever layout the checkpoint uses):
 
 - ``/v1/chat/completions``: vLLM's ``documents`` field. Each document becomes one context block, placed
   at the start of the last user message; the chat template's tokens before that message's content
@@ -246,7 +247,7 @@ async def _completion_by_default(blocks: ServerBlocks, tokenizer, prompt: str, a
         return None
     ids = _encode(tokenizer, prompt)
     head = tokenizer.encode("", add_special_tokens=True) if add_special_tokens else []
-    if blocks.settings.sink_token_id in ids:
+    if blocks.settings.marker_id in ids:
         return None  # already a block prompt: the server default leaves it as sent
     if not blocks.segment.min_tokens <= len(ids) or len(ids) + len(head) > blocks.max_model_len:
         return None
@@ -265,8 +266,9 @@ def _build(blocks: ServerBlocks, tokenizer, context: list, final, prefix) -> lis
         return build_block_prompt([*context, final], blocks.settings, tokenizer=tokenizer, prefix=prefix or None)
     except BlockLayoutError as e:
         msg = str(e)
-        if "sink token" in msg:
-            msg += " (the text of a request must not contain the block sink token: the server adds the sinks)"
+        if "sink token" in msg or "boundary token" in msg:
+            name = blocks.settings.marker_name
+            msg += f" (the text of a request must not contain the block {name}: the server marks the blocks)"
         raise BlockRequestError(msg, "documents") from None
 
 
@@ -339,11 +341,12 @@ async def chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids: list[int], tex
 
 async def _chat_ids(blocks: ServerBlocks, tokenizer, rendered_ids, text, documents, requested, tenant, *,
                     by_default: bool) -> list[int]:
-    sink = blocks.settings.sink_token_id
-    where = [i for i, t in enumerate(rendered_ids) if t == sink]
+    marker = blocks.settings.marker_id
+    where = [i for i, t in enumerate(rendered_ids) if t == marker]
     if len(where) != 1:
         raise BlockRequestError(
-            "block chat prompts need the block sink token to appear nowhere in the messages and the chat template "
+            f"block chat prompts need the block {blocks.settings.marker_name} to appear nowhere in the messages "
+            "and the chat template "
             f"to render the last user message once (found {len(where)} placeholders)", "messages")
     head, tail = rendered_ids[: where[0]], rendered_ids[where[0] + 1:]
     segment = SegmentOptions() if by_default else (None if requested == "off" else requested)
@@ -434,7 +437,7 @@ async def render_block_chat(renderer, vllm_config, request, render):
         by_default = documents is None and requested is None
         if not by_default:
             check_messages(request.messages)
-        sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.sink_token_id)
+        sink_text = tokenizer.convert_ids_to_tokens(blocks.settings.marker_id)
         index = last_user_index(request.messages)
         messages, text = chat_placeholder_messages(request.messages, index, sink_text)
     except BlockRequestError as e:
