@@ -463,13 +463,15 @@ def passage_documents(groups: dict[str, Sequence[StructuredDoc]], n_per_group: i
     """Single passages for ``prose-mixed``: from each group (a kind of text, e.g. ``fiction`` and
     ``prose``) up to ``n_per_group`` sections of at least ``min_chars`` chars, each its own one-section
     document, so that :func:`build_section_records` puts a gold cut exactly where one passage gives way
-    to another. The same number per group keeps either kind from dominating the seams."""
+    to another. Every group gives the same number (the smallest group's count when it has fewer than
+    ``n_per_group``), so that neither kind dominates the seams."""
     rng = random.Random(seed)
+    eligible = {g: [(d, j) for d in sorted(groups[g], key=lambda d: d.source)
+                    for j, s in enumerate(d.sections) if len(s) >= min_chars] for g in sorted(groups)}
+    take = min([n_per_group, *(len(v) for v in eligible.values())])  # as many from each group
     out = []
-    for group in sorted(groups):
-        secs = [(d, j) for d in sorted(groups[group], key=lambda d: d.source)
-                for j, s in enumerate(d.sections) if len(s) >= min_chars]
-        for d, j in rng.sample(secs, min(n_per_group, len(secs))):
+    for group, secs in eligible.items():
+        for d, j in rng.sample(secs, take):
             out.append(StructuredDoc([d.sections[j]], f"{d.source}#{j}", category, d.sep, d.license, d.package,
                                      d.version, {"group": group, "document": d.source}))
     return out
