@@ -26,8 +26,9 @@ from tools.cuda_cases import BATCHES, _row_layout
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4                      # fp32, interpreter
 MIN_GAP = 100 * TOL             # the reference must be this far from what a broken backend computes
-EXPECTED_CALLS = {"block-prefill": "block_attention_prefill", "block-decode": "block_attention_decode",
-                  "stock": "unified_attention"}
+EXPECTED_CALLS = {"block-prefill": {"block_attention_prefill": 1}, "block-decode": {"block_attention_decode_rows": 1},
+                  "block-mixed": {"block_attention_prefill": 1, "block_attention_decode_rows": 1},
+                  "stock": {"unified_attention": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_batch_matches_reference(cases, name):
     assert "error" not in r, r.get("error")
     spec = BATCHES[name]
     assert r["path"] == spec.path
-    assert r["calls"] == {EXPECTED_CALLS[spec.path]: 1}
+    assert r["calls"] == EXPECTED_CALLS[spec.path]
     assert r["is_block_metadata"] == (spec.path != "stock")
     assert r["max_abs_err"] <= TOL == r["tol"], r
     assert r["padding_untouched"] and r["returned_output"]
@@ -109,7 +110,7 @@ def test_cases_cover_reordered_padded_and_chunked_requests():
     assert any(row.start and row.start < lay.final_start and row.stop is None for row, _, lay in block)
     assert any(row.stop is not None and row.stop <= lay.final_start for row, _, lay in block)
     paths = {spec.path for spec in BATCHES.values()}
-    assert paths == {"block-prefill", "block-decode", "stock"}
+    assert paths == {"block-prefill", "block-decode", "block-mixed", "stock"}
     assert any(spec.path != "stock" and any(r.contexts is None for r in spec.rows) for spec in BATCHES.values())
 
 

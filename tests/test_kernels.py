@@ -20,8 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import blockattn_kernels  # noqa: E402
-from blockattn_kernels import (block_attention_decode, block_attention_prefill,  # noqa: E402
-                               block_attention_torch)
+from blockattn_kernels import (block_attention_decode, block_attention_decode_rows,  # noqa: E402
+                               block_attention_prefill, block_attention_torch)
 import tools.kernel_cases  # noqa: E402
 from tools.kernel_cases import SeqSpec, make_case  # noqa: E402
 
@@ -245,6 +245,73 @@ def test_decode_rejects_several_queries_per_sequence():
                                case.page_delta, case.page_valid, case.inv_freq, case.scale)
 
 
+# a step of serving: block and ordinary prefill rows beside block and ordinary decode rows
+MIXED_STEP = [SeqSpec((20, 16, 5), 7), SeqSpec((20, 16, 5), 1, q_len=1), SeqSpec((), 9, q_len=1),
+              SeqSpec((40, 3), 1, q_len=30), SeqSpec((), 21), SeqSpec((33,), 4, q_len=1)]
+
+
+def _split_rows(case, pad_rows: int = 0):
+    """(decode rows, prefill rows, prefix sums of the prefill rows' query counts) as int32 tensors."""
+    qsl = case.query_start_loc.tolist()
+    q_lens = [b - a for a, b in zip(qsl[:-1], qsl[1:])]
+    dec = [i for i, n in enumerate(q_lens) if n == 1] + [-1] * pad_rows
+    pre = [i for i, n in enumerate(q_lens) if n > 1]
+    starts = [0]
+    for i in pre:
+        starts.append(starts[-1] + q_lens[i])
+    i32 = dict(dtype=torch.int32)
+    return torch.tensor(dec, **i32), torch.tensor(pre, **i32), torch.tensor(starts, **i32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_step_rows_split_over_both_kernels(dtype):
+    """Single-query rows (block and ordinary) through the split-K decode kernel, the others through the
+    prefill kernel with a row list: together equal to the float64 oracle and the torch path, each kernel
+    leaving the other's rows untouched, ``-1`` row entries (a padded row buffer) skipped."""
+    case = _case(MIXED_STEP, dtype, heads=(4, 2), seed=5)
+    dec, pre, pre_qsl = _split_rows(case, pad_rows=2)
+    out = torch.full_like(case.q, 7.0)
+    block_attention_prefill(*case.prefill_args(), out=out, rows=pre, rows_query_start=pre_qsl)
+    qsl = case.query_start_loc
+    dec_tokens = qsl[dec[dec >= 0].long()].long()
+    assert (out[dec_tokens] == 7.0).all()                              # decode rows untouched so far
+    assert (out != 7.0).any(dim=(1, 2)).sum() == case.q.shape[0] - dec_tokens.numel()
+    assert block_attention_decode_rows(*case.prefill_args(), rows=dec, out=out) is out
+    assert not (out == 7.0).all(dim=(1, 2)).any()
+    torch.testing.assert_close(out.float(), block_attention_torch(*case.prefill_args()).float(), **TOL[dtype])
+    torch.testing.assert_close(out.double(), dense_oracle(case), **TOL[dtype])
+
+
+def test_decode_rows_take_a_one_token_chunk_of_a_context_block():
+    """A chunked prefill whose chunk is one token inside a non-final block is a single-query row too:
+    the decode kernel reads its q_kv_start / q_is_final (own block only, no rotation)."""
+    whole = _case([SeqSpec((20, 16, 5), 7)], torch.float32, seed=2)
+    rows = torch.tensor([0], dtype=torch.int32)
+    # blocks at slots [0, 20) + pads, [32, 48), [48, 53) + pads, final block [64, 71)
+    for slot, kv_start in ((39, 32), (50, 48), (10, 0)):
+        one = make_case([SeqSpec((20, 16, 5), 7)], page_size=16, q_heads=4, kv_heads=2, head_dim=32, seed=2)
+        one.q = whole.q[slot:slot + 1]
+        one.q_kv_start, one.q_is_final = whole.q_kv_start[slot:slot + 1], whole.q_is_final[slot:slot + 1]
+        one.seq_lens = torch.tensor([slot + 1], dtype=torch.int32)
+        one.query_start_loc = torch.tensor([0, 1], dtype=torch.int32)
+        assert not bool(one.q_is_final[0]) and int(one.q_kv_start[0]) == kv_start
+        got = block_attention_decode_rows(*one.prefill_args(), rows=rows)
+        torch.testing.assert_close(got, whole_out := block_attention_torch(*whole.prefill_args())[slot:slot + 1],
+                                   **TOL[torch.float32])
+        assert whole_out.abs().max() > 0
+
+
+def test_row_lists_are_checked():
+    case = _case(MIXED_STEP, torch.float32)
+    dec, pre, pre_qsl = _split_rows(case)
+    with pytest.raises(ValueError, match="rows must be int32"):
+        block_attention_decode_rows(*case.prefill_args(), rows=dec.long())
+    with pytest.raises(ValueError, match="go together"):
+        block_attention_prefill(*case.prefill_args(), rows=pre)
+    with pytest.raises(ValueError, match="rows_query_start must be 1-D of length"):
+        block_attention_prefill(*case.prefill_args(), rows=pre, rows_query_start=pre_qsl[:-1])
+
+
 def _run_py(code_or_args, env_extra, cwd=REPO, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra)
@@ -280,7 +347,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     res = _run_py(["-m", "tools.compile_check", "--json", str(out)], {})
     assert res.returncode == 0, res.stderr[-3000:]
     results = {r["kernel"]: r for r in json.loads(out.read_text())}
-    assert set(results) == {"prefill", "decode", "merge"}
+    assert set(results) == {"prefill", "decode", "merge", "prefill_rows", "decode_rows", "merge_rows"}
     for r in results.values():
         assert r["shared_bytes"] <= 227 * 1024, r
         assert r["registers"] <= 255 and r["stack_bytes"] <= 64, r    # no real spills

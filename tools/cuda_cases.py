@@ -87,7 +87,7 @@ PADDING_ROW = Row(None, 0, padding=True)
 class BatchSpec:
     rows: tuple[Row, ...]
     kv_layout: str            # a vllm.v1.kv_cache_layout.KVCacheLayout name
-    path: str                 # expected: "block-prefill", "block-decode" or "stock"
+    path: str                 # expected: "block-prefill", "block-decode", "block-mixed" (both kernels) or "stock"
     what: str = ""
 
 
@@ -106,13 +106,22 @@ BATCHES: dict[str, BatchSpec] = {
         Row((17, 12, 1), 3, generated=2, start=-1, cached=(2,)),
         Row(None, 9, generated=1, start=-1),
         PADDING_ROW, PADDING_ROW,
-    ), "LBNHC", "block-prefill", "decode rows + two padding rows (no query, seq_len 0): not the decode kernel"),
+    ), "LBNHC", "block-decode", "decode rows + two padding rows (no query, seq_len 0): skipped by the decode kernel"),
     "mixed": BatchSpec((
         Row(None, 37),
         Row((10, 25), 4, cached=(1,)),
         Row((5, 30, 8), 2, generated=3, start=-1, cached=(1, 2)),
         Row(None, 12, generated=5, start=-1),
-    ), "BLNHC", "block-prefill", "ordinary prefill and decode beside block prefill and decode"),
+    ), "BLNHC", "block-mixed", "ordinary prefill and decode beside block prefill and decode: decode rows on the "
+       "split-K decode kernel, prefill rows on the prefill kernel"),
+    "mixed_one_token_chunks": BatchSpec((
+        Row((20, 9), 1, start=8, stop=9),                # a one-token chunk inside a context block (not final)
+        Row((17, 12), 3, stop=None, start=-1, cached=(1,)),   # the prompt's last token alone (final block)
+        Row(None, 30),
+        Row((12, 30), 5, generated=2, start=-1),
+        PADDING_ROW,
+    ), "LBHNC", "block-mixed", "one-token chunks (context block, last prompt token) and decode on the decode "
+       "kernel beside an ordinary prefill, with a padding row"),
     "ordinary_prefill": BatchSpec((
         Row(None, 40),
         Row(None, 45, start=16),
@@ -262,7 +271,7 @@ def _count_calls():
     import vllm.v1.attention.backends.triton_attn as triton_attn
 
     calls: dict[str, int] = {}
-    targets = [(blockattn_kernels, "block_attention_prefill"), (blockattn_kernels, "block_attention_decode"),
+    targets = [(blockattn_kernels, "block_attention_prefill"), (blockattn_kernels, "block_attention_decode_rows"),
                (triton_attn, "unified_attention")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
     for mod, name, fn in saved:
@@ -442,13 +451,14 @@ TAMPERS = ("no_rotation", "causal")
 
 
 def _tamper(block, how: str) -> None:
-    """Break the block metadata the way a buggy builder would (to prove a check catches it)."""
+    """Break the block metadata the way a buggy builder would (to prove a check catches it). New tensors,
+    never the builder's own buffers (they persist across steps)."""
     if how == "no_rotation":
-        block.page_delta.zero_()
+        block.page_delta = torch.zeros_like(block.page_delta)
     elif how == "causal":
-        block.page_delta.zero_()
-        block.q_kv_start.zero_()
-        block.q_is_final.fill_(1)
+        block.page_delta = torch.zeros_like(block.page_delta)
+        block.q_kv_start = torch.zeros_like(block.q_kv_start)
+        block.q_is_final = torch.ones_like(block.q_is_final)
     else:
         raise ValueError(f"unknown tamper {how!r}; expected one of {TAMPERS}")
 
@@ -464,7 +474,8 @@ def run_batch(backend: Backend, batch: Batch, *, write_with_impl: bool, tamper: 
     block = getattr(meta, "block", None)
     if tamper is not None:
         _tamper(block, tamper)
-    path = "stock" if block is None else "block-decode" if block.decode_only else "block-prefill"
+    path = ("stock" if block is None else "block-mixed" if block.num_decode and block.num_prefill
+            else "block-decode" if block.num_decode else "block-prefill")
     if write_with_impl:   # the KV of this step's tokens, through vLLM's own cache-write kernel and slot mapping
         backend.impl.do_kv_cache_update(backend.layer, batch.key, batch.value, batch.kv_cache,
                                         batch.common.slot_mapping)

@@ -138,6 +138,16 @@ def check_prefill_extra(q, query_start_loc, q_kv_start, q_is_final, num_seqs: in
         _expect(x.stride(-1) == 1 or x.numel() <= 1, f"{name} must be contiguous")
 
 
+def check_rows(rows, q, name: str, length: int | None = None) -> None:
+    """A row list (``rows``/``rows_query_start``): int32, 1-D, contiguous, on q's device."""
+    _expect(rows.dim() == 1 and (length is None or rows.shape[0] == length),
+            f"{name} must be 1-D" + (f" of length {length}" if length is not None else "") +
+            f", got shape {tuple(rows.shape)}")
+    _expect(rows.dtype == torch.int32, f"{name} must be int32, got {rows.dtype}")
+    _expect(rows.device == q.device, f"{name} is on {rows.device} but q is on {q.device}")
+    _expect(rows.stride(-1) == 1 or rows.numel() <= 1, f"{name} must be contiguous")
+
+
 def check_out(out, q) -> torch.Tensor:
     """Allocate ``out`` like ``q`` or check the one given."""
     if out is None:

@@ -9,6 +9,12 @@ the splits with their log-sum-exp.
 The query sits at slot ``seq_len - 1``, is final, and sees every real slot ``0 .. seq_len - 1``; keys of
 context pages are read rotated by their page's delta (by rotating the query by ``-delta``, once per
 tile: :func:`_common._attend_tile`).
+
+:func:`block_attention_decode_rows` runs the same kernels on the single-query rows of a mixed batch
+(prefill's arguments plus a row list): program ``i`` takes row ``rows[i]``, whose query is token
+``query_start_loc[rows[i]]`` of ``q``, and reads that token's ``q_kv_start``/``q_is_final`` (a
+one-token chunk of a non-final block is not final and sees only its own block). Entries ``-1`` are
+skipped, so a fixed-size row buffer serves padded (CUDA-graph) batches.
 """
 
 from __future__ import annotations
@@ -18,14 +24,18 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, NEG_BIG, _attend_tile, _rmax, _rsum, check_common, check_launch_device, check_out,
-                      dot_flags, half_pad, triton_interpreted)
+                      check_prefill_extra, check_rows, dot_flags, half_pad, triton_interpreted)
 
 MAX_SPLITS = 64
 
 
 @triton.jit(do_not_specialize=["stride_bt", "stride_pd", "stride_pv"])
 def _decode_partial_kernel(
-    q_ptr,              # *DT [S, Hq, D]
+    rows_ptr,           # *int32 [R]: batch row of program i (INDEXED only; -1: skip)
+    qsl_ptr,            # *int32 [S + 1]: the row's query token (INDEXED only)
+    kv_start_ptr,       # *int32 [T] (INDEXED only)
+    is_final_ptr,       # *int8 [T] (INDEXED only)
+    q_ptr,              # *DT [S, Hq, D] ([T, Hq, D] when INDEXED)
     k_ptr, v_ptr,       # *DT [P, PAGE_SIZE, Hkv, D]
     part_acc_ptr,       # *fp32 [S, Hq, num_splits, D_P]: unnormalised partial outputs
     part_ml_ptr,        # *fp32 [S, Hq, num_splits, 2]: running max (log2 domain) and sum
@@ -40,26 +50,40 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEXED: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
+    prog = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)   # a runtime value: no recompile per batch size
-    seq_len = tl.load(seq_lens_ptr + seq)
-    n_tiles = (seq_len + BLOCK_N - 1) // BLOCK_N
-    per_split = (n_tiles + num_splits - 1) // num_splits
-    t0 = split * per_split
-    t1 = tl.minimum(t0 + per_split, n_tiles)
-
     rows = tl.arange(0, GROUP_P)
-    row_ok = rows < GROUP
+    if INDEXED:
+        seq = tl.load(rows_ptr + prog).to(tl.int64)
+        if seq < 0:
+            return
+        tok = tl.load(qsl_ptr + seq).to(tl.int64)
+        kv_lo = tl.load(kv_start_ptr + tok)
+        row_ok = rows < GROUP
+        row_final = row_ok & (tl.load(is_final_ptr + tok) != 0)
+    else:
+        seq = prog
+        tok = prog
+        kv_lo = 0
+        row_ok = rows < GROUP
+        row_final = row_ok
+    seq_len = tl.load(seq_lens_ptr + seq)
+    t_lo = kv_lo // BLOCK_N
+    n_tiles = (seq_len + BLOCK_N - 1) // BLOCK_N - t_lo
+    per_split = (n_tiles + num_splits - 1) // num_splits
+    t0 = t_lo + split * per_split
+    t1 = tl.minimum(t0 + per_split, t_lo + n_tiles)
+
     heads = kv_head * GROUP + rows
-    row_lo = tl.full([GROUP_P], 0, dtype=tl.int32)
+    row_lo = tl.full([GROUP_P], 0, dtype=tl.int32) + kv_lo
     row_hi = tl.where(row_ok, seq_len - 1, -1)
     offs_h = tl.arange(0, HALF_P)
     h_ok = row_ok[:, None] & (offs_h < HALF)[None, :]
-    q_off = seq * stride_qs + heads[:, None] * stride_qh + offs_h[None, :]
+    q_off = tok * stride_qs + heads[:, None] * stride_qh + offs_h[None, :]
     q_lo = tl.load(q_ptr + q_off, mask=h_ok, other=0.0)            # [GROUP_P, HALF_P]
     q_hi = tl.load(q_ptr + q_off + HALF, mask=h_ok, other=0.0)
     inv_freq = tl.load(inv_freq_ptr + offs_h, mask=offs_h < HALF, other=0.0)
@@ -72,12 +96,12 @@ def _decode_partial_kernel(
     pv_row = pv_ptr + seq * stride_pv
     for t in range(t0, t1):
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q_lo, q_hi, row_ok, row_lo, row_hi, inv_freq, t * BLOCK_N, seq_len,
+            acc, l_i, m_i, q_lo, q_hi, row_final, row_lo, row_hi, inv_freq, t * BLOCK_N, seq_len,
             bt_row, pd_row, pv_row, k_ptr, v_ptr, kv_head,
             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, qk_scale,
             BLOCK_N, PAGE_SIZE, HALF, HALF_P, D, D_P, UPCAST_DOT, DOT_PRECISION)
 
-    part = (seq * (GROUP * tl.num_programs(1)) + heads) * num_splits + split        # [GROUP_P]
+    part = (prog * (GROUP * tl.num_programs(1)) + heads) * num_splits + split       # [GROUP_P]
     offs_d = tl.arange(0, D_P)
     tl.store(part_acc_ptr + part[:, None] * D_P + offs_d[None, :], acc, mask=row_ok[:, None])
     tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
@@ -86,16 +110,26 @@ def _decode_partial_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
+    rows_ptr,           # *int32 [R] (INDEXED only)
+    qsl_ptr,            # *int32 [S + 1] (INDEXED only)
     part_acc_ptr,       # *fp32 [S, Hq, num_splits, D_P]
     part_ml_ptr,        # *fp32 [S, Hq, num_splits, 2]
     out_ptr,            # *DT [S, Hq, D]
     stride_os, stride_oh,
     num_splits,
     SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,   # SPLITS_P: num_splits rounded up to 2^k
+    INDEXED: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64)
+    prog = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    part = (seq * tl.num_programs(1) + head) * num_splits
+    if INDEXED:
+        seq = tl.load(rows_ptr + prog).to(tl.int64)
+        if seq < 0:
+            return
+        tok = tl.load(qsl_ptr + seq).to(tl.int64)
+    else:
+        tok = prog
+    part = (prog * tl.num_programs(1) + head) * num_splits
     offs_s = tl.arange(0, SPLITS_P)
     s_ok = offs_s < num_splits
     m = tl.load(part_ml_ptr + (part + offs_s) * 2, mask=s_ok, other=NEG_BIG)
@@ -105,7 +139,7 @@ def _decode_merge_kernel(
     w = tl.exp2(m - _rmax(m, axis=0))                                              # [SPLITS_P]
     total = _rsum(l * w, axis=0)
     out = _rsum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + tok * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < D)
 
 
@@ -123,15 +157,15 @@ def _block_n(on_gpu: bool, head_dim: int) -> int:
 
 
 def decode_meta(dtype: torch.dtype, head_dim: int, group: int, page_size: int, splits: int, on_gpu: bool,
-                interpreted: bool) -> tuple[dict, dict, dict]:
+                interpreted: bool, indexed: bool = False) -> tuple[dict, dict, dict]:
     """``(partial-kernel constexprs, launch options, merge-kernel constexprs)``."""
     upcast, precision = dot_flags(dtype, interpreted)
     half_p = half_pad(head_dim)
     consts = dict(GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),
                   BLOCK_N=_block_n(on_gpu, head_dim), PAGE_SIZE=page_size, HALF=head_dim // 2, HALF_P=half_p,
-                  D=head_dim, D_P=2 * half_p, UPCAST_DOT=upcast, DOT_PRECISION=precision)
+                  D=head_dim, D_P=2 * half_p, UPCAST_DOT=upcast, DOT_PRECISION=precision, INDEXED=indexed)
     options = dict(num_warps=4, num_stages=2) if on_gpu else {}
-    merge = dict(SPLITS_P=triton.next_power_of_2(splits), D=head_dim, D_P=2 * half_p)
+    merge = dict(SPLITS_P=triton.next_power_of_2(splits), D=head_dim, D_P=2 * half_p, INDEXED=indexed)
     return consts, options, merge
 
 
@@ -152,18 +186,51 @@ def block_attention_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                          f"{q.shape[0]} rows, block_table {s}")
     check_launch_device(q)
     out = check_out(out, q)
-    if s == 0:
+    return _launch(q, key_cache, value_cache, block_table, seq_lens, page_delta, page_valid, inv_freq, scale, out,
+                   s, hq, hkv, d, page_size, None)
+
+
+def block_attention_decode_rows(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                                q_kv_start: torch.Tensor, q_is_final: torch.Tensor, page_delta: torch.Tensor,
+                                page_valid: torch.Tensor, inv_freq: torch.Tensor, scale: float, rows: torch.Tensor,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The split-K decode kernel on the single-query rows ``rows`` of a mixed batch.
+
+    Arguments as :func:`block_attention_prefill` (``q``/``out`` ``[T, Hq, D]``), plus ``rows`` ``[R]``
+    int32: batch rows that have exactly one query this step (``-1`` entries are skipped). Row ``r``'s
+    query is token ``query_start_loc[r]`` at slot ``seq_lens[r] - 1``; it sees ``[q_kv_start, own slot]``,
+    rotated if ``q_is_final``, exactly as the prefill kernel would compute it. Output rows of tokens not
+    listed are left untouched. No host sync.
+    """
+    hq, hkv, d, page_size, s = check_common(q, key_cache, value_cache, block_table, seq_lens, page_delta,
+                                            page_valid, inv_freq, scale)
+    check_prefill_extra(q, query_start_loc, q_kv_start, q_is_final, s)
+    check_rows(rows, q, "rows")
+    check_launch_device(q)
+    out = check_out(out, q)
+    if q_is_final.dtype == torch.bool:
+        q_is_final = q_is_final.view(torch.int8)
+    return _launch(q, key_cache, value_cache, block_table, seq_lens, page_delta, page_valid, inv_freq, scale, out,
+                   rows.shape[0], hq, hkv, d, page_size, (rows, query_start_loc, q_kv_start, q_is_final))
+
+
+def _launch(q, key_cache, value_cache, block_table, seq_lens, page_delta, page_valid, inv_freq, scale, out,
+            n, hq, hkv, d, page_size, indexed):
+    if n == 0 or q.shape[0] == 0:
         return out
-    splits = num_splits(q.device, s, hkv, block_table.shape[1] * page_size)
+    splits = num_splits(q.device, n, hkv, block_table.shape[1] * page_size)
     consts, options, merge = decode_meta(q.dtype, d, hq // hkv, page_size, splits, q.device.type == "cuda",
-                                         triton_interpreted())
-    part_acc = torch.empty(s, hq, splits, consts["D_P"], dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(s, hq, splits, 2, dtype=torch.float32, device=q.device)
-    _decode_partial_kernel[(s, hkv, splits)](
+                                         triton_interpreted(), indexed is not None)
+    part_acc = torch.empty(n, hq, splits, consts["D_P"], dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(n, hq, splits, 2, dtype=torch.float32, device=q.device)
+    rows, qsl, kv_start, is_final = indexed if indexed is not None else (seq_lens, seq_lens, seq_lens, seq_lens)
+    _decode_partial_kernel[(n, hkv, splits)](
+        rows, qsl, kv_start, is_final,
         q, key_cache, value_cache, part_acc, part_ml, block_table, seq_lens, page_delta, page_valid, inv_freq,
         float(scale) * LOG2E, q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0), page_delta.stride(0), page_valid.stride(0), **consts, **options)
-    _decode_merge_kernel[(s, hq)](part_acc, part_ml, out, out.stride(0), out.stride(1), splits, **merge)
+    _decode_merge_kernel[(n, hq)](rows, qsl, part_acc, part_ml, out, out.stride(0), out.stride(1), splits, **merge)
     return out

@@ -3,7 +3,8 @@
 Batches without a block request run vLLM's own Triton attention unchanged. A batch with one runs
 ``blockattn_kernels``: ordinary rows are a single final block there (plain causal attention), block
 rows get block-diagonal prefill, a global final block and the per-block RoPE delta applied to keys as
-they load. Decode-only batches take the split-K decode kernel.
+they load. Rows are split by their query count: every single-query row (a decode step, block or
+ordinary) takes the split-K decode kernel, the other rows the prefill kernel, in the same step.
 
 The metadata is rebuilt every step on the host, so full CUDA graphs are off for this backend
 (``AttentionCGSupport.NEVER``); vLLM then captures the rest of the model piecewise.
@@ -67,22 +68,20 @@ class BlockAttnTritonImpl(TritonAttentionImpl):
         if block is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        from blockattn_kernels import block_attention_decode, block_attention_prefill
+        from blockattn_kernels import block_attention_decode_rows, block_attention_prefill
 
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the blockattn backend")
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        if block.decode_only:
-            block_attention_decode(query[:n], key_cache, value_cache, attn_metadata.block_table,
-                                   attn_metadata.seq_lens, block.page_delta, block.page_valid, block.inv_freq,
-                                   self.scale, out=out)
-        else:
-            block_attention_prefill(query[:n], key_cache, value_cache, attn_metadata.block_table,
-                                    attn_metadata.query_start_loc, attn_metadata.seq_lens, block.q_kv_start,
-                                    block.q_is_final, block.page_delta, block.page_valid, block.inv_freq,
-                                    self.scale, out=out)
+        args = (query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
+                attn_metadata.seq_lens, block.q_kv_start, block.q_is_final, block.page_delta, block.page_valid,
+                block.inv_freq, self.scale)
+        if block.num_prefill:
+            block_attention_prefill(*args, out=out, rows=block.prefill_rows, rows_query_start=block.prefill_query_start)
+        if block.num_decode:
+            block_attention_decode_rows(*args, rows=block.decode_rows, out=out)
         return output
 
 
