@@ -134,3 +134,52 @@ def test_distill_script_eval_logging_and_resume(tmp_path):
     assert [x["step"] for x in logs if "loss" in x] == [1, 2, 3]
     with open(os.path.join(out, "checkpoint-3", "trainer_state.json")) as f:
         assert json.load(f)["global_step"] == 3
+
+
+QWEN3_LIKE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+              "{%- endif %}{%- endif %}")
+
+
+@pytest.mark.parametrize("flag, think_open", [([], False), (["--enable_thinking", "true"], True)])
+def test_distill_script_thinking_flag(tmp_path, monkeypatch, flag, think_open):
+    """``enable_thinking`` (default off) reaches the training formatter: with a Qwen3-style template the turn
+    switch before the labelled answer closes an empty think block, unless the flag turns thinking on."""
+    import vllm_blockattn.distill.data as data
+
+    real, seen = data.ChatBlockFormatter, {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(tokenizer, settings, **kw):
+        tokenizer.chat_template = QWEN3_LIKE
+        seen["kw"], seen["switch"] = kw, real(tokenizer, settings, **kw).turn_switch
+        raise Stop  # formatting is all this test needs: no training
+
+    monkeypatch.setattr(data, "ChatBlockFormatter", spy)
+    with pytest.raises(Stop):
+        _run_distill(["--config", os.path.join(REPO, "train", "configs", "tiny_cpu.yaml"),
+                      "--output_dir", str(tmp_path / "run"), *flag])
+    assert seen["kw"]["enable_thinking"] is think_open
+    assert seen["switch"].endswith("<|im_start|>assistant\n" + ("" if think_open else "<think>\n\n</think>\n\n"))
+
+
+@pytest.mark.parametrize("name", ["qwen3_4b_gpu", "qwen3_8b_gpu", "qwen3_14b_gpu", "llama3_8b_gpu"])
+def test_gpu_configs_parse(name):
+    """Every GPU config is read by train/distill.py's parser (unknown keys fail there), trains on the mix that
+    train/configs/data_hotpotqa_chatqa2.yaml prepares, with thinking off."""
+    from trl import ModelConfig, TrlParser
+
+    from vllm_blockattn.distill import BlockDistillationConfig
+
+    mod = _script("distill")
+    parser = TrlParser((mod.DistillScriptArguments, BlockDistillationConfig, ModelConfig))
+    script, train, model = parser.parse_args_and_config(
+        args=["--config", os.path.join(REPO, "train", "configs", f"{name}.yaml"), "--bf16", "false"])
+    assert script.dataset_name == "data/hotpotqa_chatqa2_train.jsonl" and script.enable_thinking is False
+    assert script.eval_dataset_name == "data/hotpotqa_chatqa2_eval.jsonl"
+    assert 0 < train.warmup_steps < 1 and train.gradient_checkpointing and model.use_peft
+    if name == "qwen3_14b_gpu":
+        assert model.model_name_or_path == "Qwen/Qwen3-14B" and train.gradient_accumulation_steps == 4

@@ -36,6 +36,11 @@ class DistillScriptArguments:
         segmenter: how long documents become blocks: ``"paragraphs"``, ``"learned"`` /
             ``"learned:<checkpoint>"`` (the learned segmenter) or ``"package.module:function"``.
         system_prompt: optional system message in the chat template.
+        enable_thinking: handed to chat templates that read it (Qwen3's). False (the default): the
+            template closes an empty ``<think></think>`` in the generation prompt and the labelled response is
+            the answer alone, as the model is evaluated with thinking off; True: the generation prompt is left
+            open and the empty think block becomes part of the labelled response (the training data has no
+            reasoning text either way). Templates that do not mention it format the same either way.
         synthetic_num_samples / synthetic_num_docs / synthetic_facts_per_doc / synthetic_seed: the
             synthetic set's size and shape.
         tiny_hidden_size / tiny_num_layers: shape of the tiny model when ``model_name_or_path`` is
@@ -53,6 +58,8 @@ class DistillScriptArguments:
     segmenter: str = field(default="paragraphs",
                            metadata={"help": "'paragraphs', 'learned', 'learned:<checkpoint>' or 'module:function'."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    enable_thinking: bool = field(default=False, metadata={
+        "help": "Chat templates that read it (Qwen3): False renders an empty think block before the response."})
     synthetic_num_samples: int = field(default=256, metadata={"help": "Synthetic samples."})
     synthetic_num_docs: int = field(default=4, metadata={"help": "Documents (context blocks) per synthetic sample."})
     synthetic_facts_per_doc: int = field(default=3, metadata={"help": "Facts per synthetic document."})
@@ -165,7 +172,8 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
                               num_sinks=training_args.num_sinks or DEFAULT_NUM_SINKS, init=training_args.sink_init)
     sinks = training_args.num_sinks > 0  # 0: the without-sinks ablation (blocks travel as block_lengths)
     formatter = ChatBlockFormatter(tokenizer, settings, system=script_args.system_prompt,
-                                   max_length=training_args.max_length, sinks=sinks)
+                                   max_length=training_args.max_length, sinks=sinks,
+                                   enable_thinking=script_args.enable_thinking)
     records, held = split_records(script_args)
     samples = [s for s in map(formatter, records) if s is not None]
     if not samples:
