@@ -183,3 +183,22 @@ def test_gpu_configs_parse(name):
     assert 0 < train.warmup_steps < 1 and train.gradient_checkpointing and model.use_peft
     if name == "qwen3_14b_gpu":
         assert model.model_name_or_path == "Qwen/Qwen3-14B" and train.gradient_accumulation_steps == 4
+
+
+def test_distill_script_trains_on_the_mix(tmp_path):
+    """A mixed file (HotpotQA + segmented ChatQA2-style) goes through train/distill.py with dataset_format auto."""
+    prep = _script("prepare_data")
+    (tmp_path / "hotpot.json").write_text(json.dumps(_hotpot(8)))
+    conv = [{"messages": [{"role": "user", "content": f"what is x{i} ?"}, {"role": "assistant", "content": f"{i}"}],
+             "document": f"x{i} is {i} .\n\ny{i} is {i + 1} ."} for i in range(8)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conv))
+    stats = prep.main(["mix", "--source", "hotpotqa", str(tmp_path / "hotpot.json"), "--source", "chatqa2",
+                       str(tmp_path / "chat.jsonl"), "--mix", "hotpotqa=1,chatqa2=1", "--size", "8",
+                       "--out", str(tmp_path / "mix.jsonl"), "--segmenter", "paragraphs"])
+    assert stats["sources"]["chatqa2"]["train"] == 4
+    out = str(tmp_path / "run")
+    _run_distill(["--config", os.path.join(REPO, "train", "configs", "tiny_cpu.yaml"), "--output_dir", out,
+                  "--dataset_name", str(tmp_path / "mix.jsonl"), "--per_device_train_batch_size", "4",
+                  "--max_steps", "2"])
+    logs = _jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [x["step"] for x in logs if "loss" in x] == [1, 2]
