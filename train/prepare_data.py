@@ -518,4 +518,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input or a bad mix: the message, without a traceback
+        sys.exit(f"prepare_data.py: error: {e}")
