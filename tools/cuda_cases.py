@@ -327,11 +327,15 @@ def _slot_facts(layout: PagedLayout | None, seq_len: int):
     return is_pad, is_final, kv_start, delta
 
 
-def make_batch(name: str, backend: Backend, *, seed: int = 0) -> Batch:
-    """Requests of ``BATCHES[name]`` laid out in a shuffled paged cache; earlier slots already cached."""
+def make_batch(name: str, backend: Backend, *, seed: int = 0, spec: BatchSpec | None = None,
+               layouts: list | None = None) -> Batch:
+    """Requests of ``BATCHES[name]`` (or ``spec``) laid out in a shuffled paged cache; earlier slots already
+    cached. ``layouts``: the rows' layout objects to use (as a worker keeps one object per request across
+    steps; each must equal the one the row's spec gives)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    spec = _TAMPER_SPEC if name == TAMPER_BATCH else BATCHES[name]
+    if spec is None:
+        spec = _TAMPER_SPEC if name == TAMPER_BATCH else BATCHES[name]
     dev, page = backend.device, backend.spec.block_size
     hkv, d, dtype = backend.spec.num_kv_heads, backend.spec.head_size, backend.spec.dtype
     hq = backend.impl.num_heads
@@ -343,6 +347,10 @@ def make_batch(name: str, backend: Backend, *, seed: int = 0) -> Batch:
             rows.append((None, 0, 0))
             continue
         prompt_len, layout = _row_layout(row, page)
+        if layouts is not None and layouts[len(rows)] is not None:
+            if layouts[len(rows)] != layout:
+                raise ValueError(f"{name}: row {len(rows)}'s layout object differs from its spec's")
+            layout = layouts[len(rows)]
         total = prompt_len + row.generated
         stop = total if row.stop is None else row.stop
         start = stop - 1 if row.start == -1 else (row.start or 0)

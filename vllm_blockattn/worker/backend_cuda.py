@@ -6,8 +6,10 @@ rows get block-diagonal prefill, a global final block and the per-block RoPE del
 they load. Rows are split by their query count: every single-query row (a decode step, block or
 ordinary) takes the split-K decode kernel, the other rows the prefill kernel, in the same step.
 
-The metadata is rebuilt every step on the host, so full CUDA graphs are off for this backend
-(``AttentionCGSupport.NEVER``); vLLM then captures the rest of the model piecewise.
+Per-request metadata is written once per layout into persistent buffers
+(:class:`~.kernel_meta.PersistentKernelMetadata`); per step the host splits the rows by query count and the
+device computes each token's block start and final flag (no host sync). Full CUDA graphs are still off
+for this backend (``AttentionCGSupport.NEVER``); vLLM then captures the rest of the model piecewise.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from .kernel_meta import BlockKernelMetadata, build_kernel_metadata
+from .kernel_meta import BlockKernelMetadata, PersistentKernelMetadata
 from ..core.rope import inv_freq_from_config
 from .hooks import batch_layouts
 
@@ -40,6 +42,10 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.page_size = kv_cache_spec.block_size
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, kv_cache_spec.head_size)
+        sched = vllm_config.scheduler_config
+        self.block_meta = PersistentKernelMetadata(self.page_size, self.inv_freq, device,
+                                                   max_rows=sched.max_num_seqs,
+                                                   max_tokens=sched.max_num_batched_tokens)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -47,9 +53,8 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         layouts = batch_layouts(self.vllm_config, cm.num_reqs)
         if not any(layouts):
             return meta
-        block = build_kernel_metadata(
-            layouts, cm.query_start_loc_cpu.tolist(), cm.seq_lens.cpu().tolist(), cm.block_table_tensor.shape[1],
-            self.page_size, cm.num_actual_tokens, self.inv_freq, cm.query_start_loc.device)
+        block = self.block_meta.update(layouts, cm.query_start_loc_cpu, cm.query_start_loc, cm.seq_lens, cm.num_reqs,
+                                       cm.num_actual_tokens, cm.block_table_tensor.shape[1])
         values = {f.name: getattr(meta, f.name) for f in fields(TritonAttentionMetadata)}
         return BlockAttnTritonMetadata(**values, block=block)
 

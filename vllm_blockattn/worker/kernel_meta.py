@@ -7,12 +7,22 @@ treat as one final block: plain causal attention). See ``docs/kernels.md`` for t
 Each step's rows are split by their query count: rows with one query (decode steps of block and
 ordinary requests, and a one-token chunk) take the split-K decode kernel, rows with more take the
 prefill kernel; rows without a query (batch padding) take neither.
+
+:class:`PersistentKernelMetadata` is what the CUDA backend runs: a request's per-page metadata (RoPE
+delta, real slots, first slot of its block) and its final block's start depend on its layout alone,
+so they are computed once per layout (when the worker first sees it) and written into a batch row of
+persistent buffers only when that row's occupant changes (vLLM moves requests between rows); the
+device copy is updated only then, from pinned host memory. Per step, on the host: the row split (from
+``query_start_loc_cpu``, already on the host); on the device: each query token's ``q_kv_start`` and
+``q_is_final``, from ``query_start_loc``, ``seq_lens`` and the per-row buffers. Nothing reads
+``seq_lens`` on the host (no GPU-to-CPU sync). :func:`build_kernel_metadata` builds the same metadata
+from scratch on the host (the reference the persistent path is tested against).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -84,3 +94,171 @@ def build_kernel_metadata(layouts: Sequence[PagedLayout | None], query_start_loc
     decode, prefill, starts = split_rows(query_start_loc, rows)
     return BlockKernelMetadata(t(q_kv_start), t(q_is_final), t(page_delta), t(page_valid),
                                inv_freq.to(device), t(decode), t(prefill), t(starts))
+
+
+@dataclass
+class _LayoutPages:
+    """Per-page metadata of one layout's context pages (computed once per layout)."""
+
+    layout: PagedLayout
+    delta: np.ndarray  # [n_pages] int32
+    valid: np.ndarray  # [n_pages] int32
+    kv_start: np.ndarray  # [n_pages] int32 first slot of the page's block
+
+    @classmethod
+    def of(cls, layout: PagedLayout, page_size: int) -> _LayoutPages:
+        n = layout.final_start // page_size
+        delta, valid, kv_start = (np.zeros(n, np.int32) for _ in range(3))
+        for b in range(layout.num_blocks):
+            first, last = layout.starts[b] // page_size, layout.padded_ends[b] // page_size
+            delta[first:last] = layout.offsets[b]
+            valid[first:last] = np.clip(layout.ends[b] - np.arange(first, last) * page_size, 0, page_size)
+            kv_start[first:last] = layout.starts[b]
+        return cls(layout, delta, valid, kv_start)
+
+
+_UNSET = object()   # a row whose buffers hold nothing known (before its first write)
+
+
+@dataclass
+class _Buffers:
+    """Host (pinned on CUDA) and device copies of the per-row and per-token buffers."""
+
+    rows: int
+    pages: int
+    tokens: int
+    host: dict = field(default_factory=dict)
+    dev: dict = field(default_factory=dict)
+
+
+class PersistentKernelMetadata:
+    """Per-request kernel metadata kept across steps (see the module docstring).
+
+    ``update`` returns a :class:`BlockKernelMetadata` whose tensors are views of persistent device
+    buffers: the same addresses every step (what a captured CUDA graph replays).
+    """
+
+    def __init__(self, page_size: int, inv_freq: torch.Tensor, device, max_rows: int = 256,
+                 max_pages: int = 1, max_tokens: int = 8192):
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.inv_freq = inv_freq.to(self.device)
+        self._pin = self.device.type == "cuda"
+        self._layouts: dict[int, _LayoutPages] = {}
+        self._copied: torch.cuda.Event | None = None
+        self.row_writes = 0          # rows rewritten (a row's occupant changed), for tests and counters
+        self.layouts_computed = 0    # layouts whose page metadata was computed
+        self._alloc(max_rows, max_pages, max_tokens)
+
+    # -- buffers ---------------------------------------------------------------------------------
+
+    def _alloc(self, rows: int, pages: int, tokens: int) -> None:
+        b = _Buffers(rows, pages, tokens)
+        i32 = dict(dtype=torch.int32)
+        for name, shape, fill in (("page_delta", (rows, pages), 0), ("page_valid", (rows, pages), self.page_size),
+                                  ("page_kv_start", (rows, pages), 0), ("final_start", (rows,), 0)):
+            b.host[name] = torch.full(shape, fill, pin_memory=self._pin, **i32)
+            b.dev[name] = b.host[name].to(self.device, copy=True)   # a copy on CPU too: host writes stay unseen
+        # row lists in one host buffer, one copy: [decode rows | prefill rows | prefill query prefix sums]
+        b.host["row_lists"] = torch.zeros(3 * rows + 1, pin_memory=self._pin, **i32)
+        b.dev["row_lists"] = torch.zeros(3 * rows + 1, device=self.device, **i32)
+        b.dev["q_kv_start"] = torch.zeros(tokens, device=self.device, **i32)
+        b.dev["q_is_final"] = torch.ones(tokens, device=self.device, dtype=torch.int8)
+        b.dev["tokens"] = torch.arange(tokens, device=self.device, **i32)
+        self._buf = b
+        self._owner: list = [_UNSET] * rows
+        self._row_pages = [pages] * rows       # pages of the row that may differ from the defaults
+
+    def _ensure(self, rows: int, pages: int, tokens: int) -> None:
+        b = self._buf
+        if pages != b.pages or rows > b.rows or tokens > b.tokens:
+            self._wait_copies()
+            self._alloc(max(rows, b.rows), pages, max(tokens, b.tokens))
+
+    def _wait_copies(self) -> None:
+        """The host buffers may be rewritten only once the last step's copies out of them are done."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
+    # -- per layout, per row ---------------------------------------------------------------------
+
+    def _pages_of(self, layout: PagedLayout) -> _LayoutPages:
+        entry = self._layouts.get(id(layout))
+        if entry is None or entry.layout is not layout:   # the entry keeps its layout alive: ids are not reused
+            entry = self._layouts[id(layout)] = _LayoutPages.of(layout, self.page_size)
+            self.layouts_computed += 1
+        return entry
+
+    def _write_row(self, i: int, layout: PagedLayout | None) -> None:
+        h = self._buf.host
+        old = self._row_pages[i]
+        h["page_delta"][i, :old] = 0
+        h["page_valid"][i, :old] = self.page_size
+        h["page_kv_start"][i, :old] = 0
+        n = 0
+        if layout is not None:
+            pages = self._pages_of(layout)
+            n = min(len(pages.delta), self._buf.pages)
+            h["page_delta"][i, :n] = torch.from_numpy(pages.delta[:n])
+            h["page_valid"][i, :n] = torch.from_numpy(pages.valid[:n])
+            h["page_kv_start"][i, :n] = torch.from_numpy(pages.kv_start[:n])
+        h["final_start"][i] = 0 if layout is None else layout.final_start
+        self._row_pages[i] = n
+        self._owner[i] = layout
+        self.row_writes += 1
+
+    def _forget_unused_layouts(self) -> None:
+        live = {id(o) for o in self._owner if o is not None and o is not _UNSET}
+        self._layouts = {k: v for k, v in self._layouts.items() if k in live}
+
+    # -- per step ----------------------------------------------------------------------------------
+
+    def update(self, layouts: Sequence[PagedLayout | None], query_start_loc_cpu: torch.Tensor,
+               query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, num_tokens: int,
+               max_pages: int) -> BlockKernelMetadata:
+        """Metadata of this step: rows ``0..num_reqs-1`` hold ``layouts`` (None: ordinary or padding)."""
+        self._ensure(num_reqs, max_pages, num_tokens)
+        self._wait_copies()
+        b = self._buf
+        changed = [i for i in range(num_reqs)
+                   if self._owner[i] is not (layouts[i] if i < len(layouts) else None)]
+        for i in changed:
+            self._write_row(i, layouts[i] if i < len(layouts) else None)
+        if changed:
+            lo, hi = changed[0], changed[-1] + 1
+            for name in ("page_delta", "page_valid", "page_kv_start", "final_start"):
+                b.dev[name][lo:hi].copy_(b.host[name][lo:hi], non_blocking=True)
+        if len(self._layouts) > 4 * b.rows + 64:
+            self._forget_unused_layouts()
+
+        decode, prefill, starts = split_rows(query_start_loc_cpu.numpy(), num_reqs)
+        nd, npf = len(decode), len(prefill)
+        lists = b.host["row_lists"]
+        lists[:nd] = torch.from_numpy(decode)
+        lists[nd:nd + npf] = torch.from_numpy(prefill)
+        lists[nd + npf:nd + 2 * npf + 1] = torch.from_numpy(starts)
+        dev_lists = b.dev["row_lists"]
+        dev_lists[:nd + 2 * npf + 1].copy_(lists[:nd + 2 * npf + 1], non_blocking=True)
+        if self._pin:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+        q_kv_start, q_is_final = b.dev["q_kv_start"][:num_tokens], b.dev["q_is_final"][:num_tokens]
+        if num_tokens:
+            self._token_metadata(query_start_loc[:num_reqs + 1], seq_lens[:num_reqs], num_reqs, num_tokens,
+                                 q_kv_start, q_is_final)
+        return BlockKernelMetadata(q_kv_start, q_is_final, b.dev["page_delta"][:num_reqs],
+                                   b.dev["page_valid"][:num_reqs], self.inv_freq, dev_lists[:nd],
+                                   dev_lists[nd:nd + npf], dev_lists[nd + npf:nd + 2 * npf + 1])
+
+    def _token_metadata(self, qsl: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, num_tokens: int,
+                        q_kv_start: torch.Tensor, q_is_final: torch.Tensor) -> None:
+        """Each query token's first visible slot and final flag, on the device (no host sync)."""
+        b = self._buf
+        tok = b.dev["tokens"][:num_tokens]
+        row = torch.searchsorted(qsl[1:], tok, right=True, out_int32=True).clamp_(max=num_reqs - 1).long()
+        slot = seq_lens[row] - qsl[row + 1] + tok                       # seq_len - q_len + index in row
+        page = torch.div(slot, self.page_size, rounding_mode="floor").clamp_(0, b.pages - 1).long()
+        q_kv_start.copy_(b.dev["page_kv_start"][row, page])
+        q_is_final.copy_(slot >= b.dev["final_start"][row])
