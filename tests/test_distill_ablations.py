@@ -80,7 +80,8 @@ def test_ablation_constructs_computes_and_steps(tmp_path, tiny_qwen3, name):
     if name == "no_sinks":
         assert not (batch["input_ids"] == sink).any() and "block_lengths" in batch
         assert torch.equal(batch["full_input_ids"], batch["input_ids"])  # nothing to strip
-        assert not hasattr(trainer.model.config, "block_attention")
+        assert trainer.model.config.block_attention == trainer.served_settings.to_dict()  # served sink-free
+        assert trainer.served_settings.sink_free
     else:
         assert (batch["input_ids"] == sink).any() and "block_lengths" not in batch
     if name == "no_dropout":
@@ -157,3 +158,40 @@ def test_one_forward_computes_the_ce_on_the_dropout_pattern(tmp_path, tiny_qwen3
     assert one["kl"] == pytest.approx(two["kl"], rel=1e-6)  # the same dropout pattern and teacher targets
     assert one["ce"] != pytest.approx(two["ce"], rel=1e-4)  # the CE now sees the dropout pattern
     assert one["hard_token_fraction"] == two["hard_token_fraction"]  # token weights come from the teacher
+
+
+@pytest.mark.parametrize("mode", ["distill", "block_finetune"])
+def test_no_sinks_checkpoint_is_saved_in_the_sink_free_layout(tmp_path, tiny_qwen3, mode):
+    """num_sinks=0 (the paper's "w/o sinks" arm, and Block-FT without sinks) saves a checkpoint the plugin
+    serves: a boundary token in the tokenizer, ``{"num_sinks": 0, "boundary_token_id"}`` in config.json.
+    The pattern it trained under (blocks from ``block_lengths``) is the pattern served from boundaries:
+    the same sample with boundary tokens has the same block-attention logits on every real token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_blockattn.core.config import check_boundary_token
+    from vllm_blockattn.core.layout import build_block_prompt, parse_block_prompt
+    from vllm_blockattn.core.reference import block_forward
+
+    trainer = _trainer(tmp_path, tiny_qwen3, num_sinks=0, mode=mode)
+    trainer.train()
+    out = tmp_path / "ckpt"
+    trainer.save_model(str(out))
+    served = BlockSettings.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert served.sink_free and served.boundary_token_id == tok.convert_tokens_to_ids("<|block_boundary|>")
+    check_boundary_token(tok, served.boundary_token_id)  # what the engine checks at start-up
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.get_input_embeddings().weight.shape[0] > served.boundary_token_id
+    batch = next(iter(trainer.get_train_dataloader()))
+    n, lengths = int(batch["lengths"][0]), [int(x) for x in batch["block_lengths"][0] if x > 0]
+    ids = batch["input_ids"][0, :n].tolist()
+    pieces, at = [], 0
+    for k in lengths:
+        pieces.append(ids[at:at + k])
+        at += k
+    marked = build_block_prompt(pieces[1:], served, prefix=pieces[0])  # the chat head, documents, final
+    with torch.no_grad():
+        trained = block_forward(model, ids, layout_from_lengths(lengths))
+        layout = parse_block_prompt(marked, served)
+        serving = block_forward(model, marked, layout)[layout.real_token_indices()]
+    assert (trained - serving).abs().max().item() <= 1e-4

@@ -197,8 +197,8 @@ def main(script_args: DistillScriptArguments, training_args, model_args: ModelCo
             tokenizer.save_pretrained(out)
     else:
         trainer.save_model(out)
-    if trainer.accelerator.is_main_process and sinks:
-        write_block_config(out, settings)
+    if trainer.accelerator.is_main_process:  # sink settings, or the sink-free layout's boundary token
+        write_block_config(out, trainer.served_settings)
     trainer.accelerator.wait_for_everyone()
     return out
 

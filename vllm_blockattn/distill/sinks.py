@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
+from ..core.layout import BOUNDARY_TOKEN, CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings
 
 
 def add_sink_token(tokenizer, model, *, sink_token: str = SINK_TOKEN, num_sinks: int = DEFAULT_NUM_SINKS,
@@ -46,6 +46,58 @@ def add_sink_token(tokenizer, model, *, sink_token: str = SINK_TOKEN, num_sinks:
     if added:  # what a separately loaded teacher needs to get the same initialisation (prepare_teacher_sink)
         model.__dict__["_block_sink_init"] = {"added": True, "num_existing": old_len, "init": init,
                                               "eos_token_id": tokenizer.eos_token_id}
+    return settings
+
+
+def add_boundary_token(tokenizer, model=None, *, boundary_token: str = BOUNDARY_TOKEN) -> BlockSettings:
+    """The sink-free layout's marker for a checkpoint trained without sinks (``num_sinks: 0``, e.g. a
+    Block-FT model): make ``boundary_token`` a special token of ``tokenizer`` and return the settings
+    ``{"num_sinks": 0, "boundary_token_id": ...}``.
+
+    The boundary is removed before attention, so its embedding row is never read; the embeddings of
+    ``model`` (if given) grow only when the id does not fit, and the new rows are set to the mean row so that
+    the checkpoint stays finite everywhere. ``model.config.block_attention`` is set to the settings.
+    """
+    if boundary_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [boundary_token]}, replace_extra_special_tokens=False)
+    settings = BlockSettings.from_tokenizer(tokenizer, num_sinks=0, boundary_token=boundary_token)
+    if model is not None:
+        old = model.get_input_embeddings().weight.shape[0]
+        if settings.boundary_token_id >= old:
+            model.resize_token_embeddings(settings.boundary_token_id + 1, mean_resizing=False)
+            with torch.no_grad():
+                for emb in _embedding_matrices(model):
+                    emb[old:] = emb[:old].float().mean(0).to(emb.dtype)
+        set_block_config(model.config, settings)
+    return settings
+
+
+def make_sink_free_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                              boundary_token: str = BOUNDARY_TOKEN) -> BlockSettings:
+    """Make the checkpoint at ``path`` (trained without sinks) servable by the blockattn backend: add the
+    boundary token to its tokenizer and write ``{"num_sinks": 0, "boundary_token_id": ...}`` into
+    ``config.json``, in place or into ``out``. The weights are loaded (and their embeddings grown) only
+    when the tokenizer has no spare id inside the embedding matrix; otherwise only the tokenizer and
+    ``config.json`` are written (weights copied as they are when ``out`` is given)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = str(out or path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    rows = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size")
+    settings = add_boundary_token(tokenizer)
+    if settings.boundary_token_id >= rows:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        add_boundary_token(tokenizer, model, boundary_token=boundary_token)
+        model.save_pretrained(out)
+    elif out != str(path):
+        shutil.copytree(path, out, dirs_exist_ok=True)
+    tokenizer.save_pretrained(out)
+    write_block_config(out, settings)
     return settings
 
 
@@ -126,3 +178,25 @@ def apply_sink_peft(peft_config, settings: BlockSettings, embedding_module: str 
     idx[embedding_module] = rows
     peft_config.trainable_token_indices = idx
     return peft_config
+
+
+def main(argv=None) -> None:
+    """``python -m vllm_blockattn.distill.sinks add-boundary MODEL_DIR [--out DIR]``: prepare a checkpoint
+    trained without sinks (Block-FT) for ``vllm serve MODEL --attention-backend blockattn``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vllm_blockattn.distill.sinks",
+                                 description="Block-attention token helpers for checkpoints.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add-boundary", help="add the sink-free layout's boundary token to a checkpoint "
+                                              "trained without sinks and record it in config.json")
+    add.add_argument("model", help="checkpoint directory")
+    add.add_argument("--out", help="write a copy here instead of editing in place")
+    add.add_argument("--boundary-token", default=BOUNDARY_TOKEN)
+    a = ap.parse_args(argv)
+    settings = make_sink_free_checkpoint(a.model, a.out, boundary_token=a.boundary_token)
+    print(f"{a.out or a.model}: config.json {CONFIG_KEY} = {settings.to_dict()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 from trl import SFTTrainer
 
-from ..core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, parse_block_prompt
+from ..core.layout import DEFAULT_NUM_SINKS, parse_block_prompt
 from ..core.reference import block_attention_mask, full_attention_mask
 from .config import BlockDistillationConfig
 from .data import BlockDataCollator, layout_from_lengths
@@ -34,7 +34,7 @@ from .losses import (block_finetune_loss, block_kl_loss, chunked_kl_loss, chunke
                      token_weights, weighted_ce_loss)
 from .masks import (batch_dropout_attention_masks, block_pattern_ids, flex_block_mask, full_pattern_ids,
                     kl_query_mask, pad_attention_masks, sample_dropped_blocks)
-from .sinks import add_sink_token, apply_sink_peft, prepare_teacher_sink, write_block_config
+from .sinks import add_boundary_token, add_sink_token, apply_sink_peft, prepare_teacher_sink, write_block_config
 
 
 def _load(model_or_path, init_kwargs: dict | None):
@@ -118,12 +118,15 @@ class BlockDistillationTrainer(SFTTrainer):
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required: it receives the sink token")
         model = _load(model, args.model_init_kwargs)
-        # num_sinks=0 (the "without sinks" ablation): the token is still added (harmless, keeps the vocabulary
-        # alike across ablations) but no sample carries it; see ChatBlockFormatter(sinks=False).
+        # num_sinks=0 (the "without sinks" ablation, Block-FT without sinks): the sink token is still added
+        # (harmless, keeps the vocabulary alike across ablations) but no sample carries it (see
+        # ChatBlockFormatter(sinks=False)); the checkpoint is saved in the sink-free layout, with a boundary
+        # token the plugin uses to mark blocks and removes before attention.
         settings = add_sink_token(processing_class, model, sink_token=args.sink_token,
                                   num_sinks=args.num_sinks or DEFAULT_NUM_SINKS, init=args.sink_init)
-        if args.num_sinks == 0:  # no sink in any sample: the checkpoint is not a block-attention checkpoint
-            model.config.__dict__.pop(CONFIG_KEY, None)
+        self.served_settings = settings
+        if args.num_sinks == 0:
+            self.served_settings = add_boundary_token(processing_class, model)
         elif peft_config is not None:
             apply_sink_peft(peft_config, settings)
         teacher = None
@@ -548,8 +551,8 @@ class BlockDistillationTrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
         out = output_dir or self.args.output_dir
-        if os.path.exists(os.path.join(out, "config.json")) and self.args.num_sinks > 0:
-            write_block_config(out, self.block_settings)
+        if os.path.exists(os.path.join(out, "config.json")):
+            write_block_config(out, self.served_settings)
 
 
 class BlockFinetuneTrainer(BlockDistillationTrainer):
