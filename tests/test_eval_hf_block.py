@@ -75,3 +75,25 @@ def test_rejects_bad_args(tiny_qwen3):
     short = HFBlockLM(pretrained=tiny_qwen3, max_model_len=16)
     with pytest.raises(ValueError, match="exceeds max_model_len 16"):
         short.prefill(short.tok_encode(build_block_text(BLOCKS)))
+
+
+def test_sink_free_checkpoint_matches_the_reference(tiny_sinkfree):
+    """hf-block on a checkpoint trained without sinks (config.json num_sinks 0): boundary tokens mark the
+    blocks and take no part in attention, exactly as the reference and the vLLM plugin treat them."""
+    from vllm_blockattn.core.layout import BOUNDARY_TOKEN
+
+    lm = HFBlockLM(pretrained=tiny_sinkfree)
+    assert lm.settings.sink_free
+    assert resolve_settings(lm.tokenizer, tiny_sinkfree, BOUNDARY_TOKEN, 0) == lm.settings
+    text = build_block_text(BLOCKS, BOUNDARY_TOKEN, 0)
+    for prompt in (text, lm.apply_chat_template([{"role": "user", "content": text}])):
+        ids = lm.tok_encode(prompt)
+        layout = parse_block_prompt(ids, lm.settings)
+        assert layout.is_block_prompt and ids.count(lm.settings.boundary_token_id) == len(BLOCKS)
+        logits, _, start = lm.prefill(ids, keep=layout.final.num_tokens)
+        torch.testing.assert_close(logits, block_forward(lm.model, ids, layout)[start:], atol=2e-4, rtol=1e-4)
+        assert lm.greedy(ids, 6, stop_ids=set(), until=[]) == block_generate(lm.model, ids, layout, max_new_tokens=6)
+    # the question alone after its boundary: the boundary is dropped, the rest is plain causal attention
+    q = lm.tok_encode(BLOCKS[-1])
+    assert lm.greedy([lm.settings.boundary_token_id] + q, 4, stop_ids=set(), until=[]) == \
+        lm.greedy(q, 4, stop_ids=set(), until=[])

@@ -351,3 +351,21 @@ def test_lm_evals_hf_model_renders_without_thinking_with_the_added_argument(qwen
     args = chat.thinking_model_args("hf", {"pretrained": qwen3_like_model, "device": "cpu"})
     assert HFLM(**args).apply_chat_template(chat_history).endswith("assistant\n" + EMPTY_THINK)
     assert HFLM(pretrained=qwen3_like_model, device="cpu").apply_chat_template(chat_history).endswith("assistant\n")
+
+
+def test_sink_free_checkpoint_gets_one_boundary_per_block(tiny_sinkfree):
+    """A checkpoint trained without sinks: the task pack's block forms place its boundary token, one per
+    block, read from config.json (or from the vLLM plugin's override), and budget one token per block."""
+    from transformers import AutoTokenizer
+
+    from vllm_blockattn.core.layout import BlockSettings, parse_block_prompt
+
+    o = blocks.FormOptions.from_kwargs({"pretrained": tiny_sinkfree, "max_length": 512})
+    assert (o.sink_token, o.num_sinks, o.marker_tokens) == ("<|block_boundary|>", 0, 1)
+    text = blocks.block_text(["one doc", "two doc", "Q?"], o)
+    assert text == "<|block_boundary|>one doc<|block_boundary|>two doc<|block_boundary|>Q?"
+    ids = AutoTokenizer.from_pretrained(tiny_sinkfree).encode(text, add_special_tokens=False)
+    assert len(parse_block_prompt(ids, BlockSettings.from_pretrained(tiny_sinkfree)).blocks) == 3
+    via_plugin = blocks.FormOptions.from_kwargs({"pretrained": tiny_sinkfree, "max_length": 512, "additional_config": {
+        "blockattn": {"num_sinks": 0, "boundary_token": "<|block_boundary|>"}}})
+    assert (via_plugin.sink_token, via_plugin.num_sinks) == ("<|block_boundary|>", 0)

@@ -8,10 +8,13 @@ the plugin's own override) merged with ``--metadata`` JSON; environment variable
 ========================  ==========================  =============================================
 option (``--metadata``)    environment variable        meaning
 ========================  ==========================  =============================================
-``sink_token``             ``BLOCKATTN_SINK_TOKEN``    sink token text (default: the model's
-                                                       ``block_attention.sink_token_id`` decoded, else
-                                                       ``<|block_sink|>``)
-``num_sinks``              ``BLOCKATTN_NUM_SINKS``     sinks per group (default: model config, else 4)
+``sink_token``             ``BLOCKATTN_SINK_TOKEN``    the block marker's text (default: the model's
+                                                       ``block_attention.sink_token_id`` decoded, or its
+                                                       ``boundary_token_id`` when ``num_sinks`` is 0,
+                                                       else ``<|block_sink|>``)
+``num_sinks``              ``BLOCKATTN_NUM_SINKS``     sinks per group (default: model config, else 4);
+                                                       0: the sink-free layout, one boundary token per
+                                                       block (``<|block_boundary|>`` by default)
 ``block_tokens``           ``BLOCKATTN_BLOCK_TOKENS``  target block size of the rule-based segmenter
 ``max_length``             ``BLOCKATTN_MAX_LENGTH``    prompt token budget (middle truncation)
 ``segmenter``              ``BLOCKATTN_SEGMENTER``     ``rule``, ``rule_stable``, ``learned``,
@@ -38,7 +41,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..core.layout import CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN
+from ..core.layout import BOUNDARY_TOKEN, CONFIG_KEY, DEFAULT_NUM_SINKS, SINK_TOKEN
 from ..segmenter.rules import rule_based_segments  # noqa: F401 - part of this module's API (the "rule" form)
 
 DEFAULT_BLOCK_TOKENS = 512
@@ -92,15 +95,15 @@ def _window(config: dict) -> int | None:
     return None
 
 
-def _int_option(value, what: str) -> int | None:
+def _int_option(value, what: str, minimum: int = 1) -> int | None:
     if value is None or value == "":
         return None
     try:
         out = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be an integer, got {value!r}") from None
-    if out < 1:
-        raise ValueError(f"{what} must be positive, got {out}")
+    if out < minimum:
+        raise ValueError(f"{what} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {out}")
     return out
 
 
@@ -174,10 +177,15 @@ class FormOptions:
     def from_kwargs(cls, kwargs: dict, max_gen_toks: int = 0) -> FormOptions:
         # vLLM's model_args (merged into the metadata by lm-eval) may carry the plugin's override
         plugin = (kwargs.get("additional_config") or {}).get("blockattn") or {}
-        if isinstance(plugin, dict) and "sink_token_id" in plugin and "sink_token" not in plugin:
+        if isinstance(plugin, dict) and "sink_token" not in plugin:
             name = kwargs.get("tokenizer") or kwargs.get("pretrained")
             if isinstance(name, str) and name:
-                plugin = {**plugin, "sink_token": load_tokenizer(name).convert_ids_to_tokens(int(plugin["sink_token_id"]))}
+                # the block marker's text: the sink, or a sink-free checkpoint's boundary token (num_sinks 0)
+                if "boundary_token" in plugin:
+                    plugin = {**plugin, "sink_token": plugin["boundary_token"]}
+                for key in ("sink_token_id", "boundary_token_id"):
+                    if key in plugin:
+                        plugin = {**plugin, "sink_token": load_tokenizer(name).convert_ids_to_tokens(int(plugin[key]))}
 
         def get(key):
             value = kwargs.get(key)
@@ -201,10 +209,13 @@ class FormOptions:
             config = {}  # the budget is given; block settings then come from options or defaults
         block_cfg = config.get(CONFIG_KEY) or {}
         sink_token = get("sink_token")
-        if not sink_token and "sink_token_id" in block_cfg and tok_name:
-            sink_token = load_tokenizer(tok_name).convert_ids_to_tokens(int(block_cfg["sink_token_id"]))
-        sink_token = sink_token or SINK_TOKEN
-        num_sinks = _int_option(get("num_sinks"), "num_sinks") or int(block_cfg.get("num_sinks", DEFAULT_NUM_SINKS))
+        marker_key = "boundary_token_id" if block_cfg.get("num_sinks") == 0 else "sink_token_id"
+        if not sink_token and marker_key in block_cfg and tok_name:
+            sink_token = load_tokenizer(tok_name).convert_ids_to_tokens(int(block_cfg[marker_key]))
+        num_sinks = _int_option(get("num_sinks"), "num_sinks", minimum=0)  # 0: the sink-free layout
+        if num_sinks is None:
+            num_sinks = int(block_cfg.get("num_sinks", DEFAULT_NUM_SINKS))
+        sink_token = sink_token or (BOUNDARY_TOKEN if num_sinks == 0 else SINK_TOKEN)
         window = window or _window(config)
         if max_length is None and window:
             # LongBench truncates to the model's window less the answer (e.g. 31500 for 32k models);
@@ -227,22 +238,31 @@ class FormOptions:
         opts.check_sink()
         return opts
 
+    @property
+    def marker_tokens(self) -> int:
+        """Marker tokens before every block in the prompt: k sinks, or one boundary (sink-free, which the
+        engine drops before the model runs but which the prompt still carries)."""
+        return self.num_sinks or 1
+
     def check_sink(self) -> None:
-        """The sink text must encode to exactly one token per sink, or the layout cannot be parsed."""
+        """The marker text must encode to exactly one token per marker, or the layout cannot be parsed."""
         tok = self.tokenizer
         if tok is None:
             return
-        ids = tok.encode(self.sink_token * self.num_sinks, add_special_tokens=False)
-        if len(ids) != self.num_sinks or len(set(ids)) != 1:
+        if self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be >= 0 (0: the sink-free layout), got {self.num_sinks}")
+        ids = tok.encode(self.sink_token * self.marker_tokens, add_special_tokens=False)
+        if len(ids) != self.marker_tokens or len(set(ids)) != 1:
             raise ValueError(
                 f"sink_token {self.sink_token!r} is not a single token of tokenizer {self.tokenizer_name!r} "
-                f"({self.num_sinks} copies encode to {ids[:12]}); name a special token of the model "
+                f"({self.marker_tokens} copies encode to {ids[:12]}); name a special token of the model "
                 f"(e.g. --metadata '{{\"sink_token\": \"<|endoftext|>\"}}' for the training-free baseline)"
             )
 
 
 def block_text(blocks: Sequence[str], opts: FormOptions) -> str:
-    """The block prompt's text: ``[S x k] block`` for every block (the last is the final block)."""
+    """The block prompt's text: ``[S x k] block`` for every block (the last is the final block); one
+    boundary token per block for a sink-free checkpoint (``num_sinks`` 0)."""
     from ..core.layout import build_block_text
 
     return build_block_text(blocks, sink_token=opts.sink_token, num_sinks=opts.num_sinks)

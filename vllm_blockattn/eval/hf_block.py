@@ -37,25 +37,30 @@ eval_logger = logging.getLogger("lm_eval")
 
 def resolve_settings(tokenizer, pretrained: str, sink_token: str | None = None,
                      num_sinks: int | str | None = None) -> BlockSettings | None:
-    """Sink settings: model args, then ``BLOCKATTN_SINK_TOKEN`` / ``BLOCKATTN_NUM_SINKS``, then the
-    checkpoint's ``block_attention`` config, then a ``<|block_sink|>`` token in the vocabulary."""
+    """Block settings: model args, then ``BLOCKATTN_SINK_TOKEN`` / ``BLOCKATTN_NUM_SINKS``, then the
+    checkpoint's ``block_attention`` config, then a ``<|block_sink|>`` token in the vocabulary.
+    ``num_sinks=0`` is the sink-free layout: ``sink_token`` then names the boundary token
+    (``<|block_boundary|>`` by default)."""
     sink_token = sink_token or os.environ.get(ENV["sink_token"]) or None
-    num_sinks = num_sinks or os.environ.get(ENV["num_sinks"]) or None
+    num_sinks = num_sinks if num_sinks not in (None, "") else os.environ.get(ENV["num_sinks"]) or None
+    num_sinks = None if num_sinks is None else int(num_sinks)
     from_config = BlockSettings.from_pretrained(pretrained) if os.path.isfile(
         os.path.join(pretrained, "config.json")) else None
     if sink_token is not None:
         ids = tokenizer.encode(sink_token, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"sink_token {sink_token!r} must be one token of the model's tokenizer, got ids {ids}")
-        k = int(num_sinks) if num_sinks else (from_config.num_sinks if from_config else 4)
-        return BlockSettings(ids[0], k)
-    if from_config is not None:
-        return BlockSettings(from_config.sink_token_id, int(num_sinks) if num_sinks else from_config.num_sinks)
+        k = num_sinks if num_sinks is not None else (from_config.num_sinks if from_config else 4)
+        return BlockSettings(num_sinks=0, boundary_token_id=ids[0]) if k == 0 else BlockSettings(ids[0], k)
+    if from_config is not None and (num_sinks is None or (num_sinks == 0) == from_config.sink_free):
+        return from_config if num_sinks in (None, 0) else BlockSettings(from_config.sink_token_id, num_sinks)
     try:
+        if num_sinks == 0:
+            return BlockSettings.from_tokenizer(tokenizer, num_sinks=0)
         base = BlockSettings.from_tokenizer(tokenizer)
     except ValueError:
         return None
-    return BlockSettings(base.sink_token_id, int(num_sinks) if num_sinks else base.num_sinks)
+    return BlockSettings(base.sink_token_id, num_sinks if num_sinks is not None else base.num_sinks)
 
 
 @register_model("hf-block")
@@ -142,7 +147,8 @@ class HFBlockLM(TemplateLM):
         if self.settings is None:
             return None
         layout = parse_block_prompt(ids, self.settings)
-        return layout if layout.is_block_prompt else None
+        # a sink-free `B question` is ordinary attention, but its boundary token is still removed
+        return layout if layout.is_block_prompt or layout.has_markers_removed else None
 
     @torch.no_grad()
     def prefill(self, ids: list[int], keep: int = 1):
@@ -160,11 +166,13 @@ class HFBlockLM(TemplateLM):
         layout = self.layout(ids)
         cache = DynamicCache(config=self.model.config)
         start = 0
+        # global positions over the tokens that take part in attention (a sink-free boundary takes none)
+        positions = layout.positions() if layout is not None else list(range(len(ids)))
         if layout is not None:
             per_layer: list[tuple[list, list]] | None = None
             for blk in layout.context_blocks:
                 block_cache = DynamicCache(config=self.model.config)
-                pos = torch.arange(blk.start, blk.end, device=dev)[None]
+                pos = torch.tensor([positions[blk.start:blk.end]], device=dev)
                 self.model(input_ids=torch.tensor([ids[blk.start:blk.end]], device=dev), position_ids=pos,
                            past_key_values=block_cache, use_cache=True, logits_to_keep=1)
                 if per_layer is None:
@@ -175,7 +183,7 @@ class HFBlockLM(TemplateLM):
             for layer, (ks, vs) in enumerate(per_layer or []):
                 cache.update(torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), layer)
             start = layout.final.start
-        pos = torch.arange(start, len(ids), device=dev)[None]
+        pos = torch.tensor([positions[start:]], device=dev)
         if keep > len(ids) - start:
             raise ValueError(f"asked for the logits of {keep} tokens but the final block has {len(ids) - start}")
         out = self.model(input_ids=torch.tensor([ids[start:]], device=dev), position_ids=pos,
@@ -189,7 +197,7 @@ class HFBlockLM(TemplateLM):
         logits, cache, _ = self.prefill(ids)
         out: list[int] = []
         nxt = int(logits[-1].argmax())
-        pos = len(ids)
+        pos = cache.get_seq_length()  # the next position: every prompt token the model saw
         while True:
             if nxt in stop_ids:
                 break

@@ -196,8 +196,8 @@ def build_prompt(sample: dict, qa: dict, key: str, opts: FormOptions, block: boo
         return prompt, n, options
     counts = _token_counts(sample, key.rsplit("/", 1)[0], opts)
     if truncation == "recent":
-        fixed = opts.count_tokens(intro + qa_prompt) + 2 + (opts.num_sinks if block else 0) + sum(opts.special_tokens())
-        kept = _keep_recent(parts, counts, opts.max_length - fixed, opts.num_sinks if block else 1)
+        fixed = opts.count_tokens(intro + qa_prompt) + 2 + (opts.marker_tokens if block else 0) + sum(opts.special_tokens())
+        kept = _keep_recent(parts, counts, opts.max_length - fixed, opts.marker_tokens if block else 1)
         prompt, n = _prompt(intro, qa_prompt, kept, session_order, opts, block)
         return prompt, n, options
     fixed = len(tok.encode(intro)) + len(tok.encode(qa_prompt))  # start_tokens + question_tokens

@@ -220,7 +220,7 @@ def block_blocks(spec: LongBenchTask, context: str, question: str, opts: FormOpt
     for _ in range(32):  # then shave while the sink groups (or re-tokenisation) make it overflow
         if keep_head + keep_tail < n_ctx:
             blocks = cut(truncate_middle(context, keep_head, keep_tail, opts))
-        total = sum(opts.count_tokens(b) for b in blocks) + opts.num_sinks * len(blocks) + lead + trail
+        total = sum(opts.count_tokens(b) for b in blocks) + opts.marker_tokens * len(blocks) + lead + trail
         if total <= opts.max_length or len(blocks) == 1:
             return blocks
         if keep_head + keep_tail >= n_ctx:
