@@ -157,3 +157,20 @@ def test_vllm_blockattn_backend_block_form(tiny_qwen3, hf_out, metadata):
     for name in tasks:
         assert got[name][0][0] == ref[name][0][0]
         assert got[name][0][1] == ref[name][0][1], name
+
+
+@pytest.mark.slow  # two lm-eval runs and an engine of its own
+@pytest.mark.skipif(_backend_missing() is not None, reason=str(_backend_missing()))
+def test_sink_free_checkpoint_through_hf_block_and_vllm(tiny_sinkfree, metadata):
+    """A checkpoint trained without sinks (config.json num_sinks 0): the block forms carry one boundary
+    token per block, and lm-eval's vLLM model with the blockattn backend answers exactly as hf-block."""
+    tasks = ["locomo_temporal_block", "longbench_hotpotqa_block"]
+    ref = evaluate("hf-block", {"pretrained": tiny_sinkfree}, tasks, metadata)
+    out = evaluate("vllm", {"pretrained": tiny_sinkfree, "attention_backend": "blockattn", **VLLM_ARGS}, tasks,
+                   metadata)
+    check_scores(out, tasks)
+    got, want = prompts_and_responses(out), prompts_and_responses(ref)
+    for name in tasks:
+        prompt = got[name][0][0]
+        assert "<|block_boundary|>" in prompt and "<|block_sink|>" not in prompt
+        assert got[name] == want[name], name
