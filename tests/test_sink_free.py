@@ -159,3 +159,41 @@ def test_a_boundary_that_ordinary_text_can_produce_is_refused_at_start_up(tiny_s
     with pytest.raises(ValueError, match="not a special token"):
         get_block_config(vllm_config)
     assert parse_block_prompt([1, 2], BlockSettings(num_sinks=0, boundary_token_id=ordinary)).num_tokens == 2
+
+
+def test_offline_preload_of_documents_is_hit_by_later_requests(llm, hf):
+    from vllm_blockattn import block_cache_stats, preload_documents
+
+    llm.reset_prefix_cache()
+    preload_documents(llm, [DOCS[1], DOCS[3]])
+    before = block_cache_stats(llm)["block_hits"]
+    ids = ids_of(hf, [DOCS[3], DOCS[1]])
+    out = run(llm, ids)
+    assert block_cache_stats(llm)["block_hits"] - before == 2 and out.num_cached_tokens > 0
+    assert_matches(out, reference(hf, ids))
+
+
+def test_add_boundary_prepares_a_checkpoint_trained_without_sinks(tiny_qwen3, tmp_path):
+    """`python -m vllm_blockattn.distill.sinks add-boundary` makes a Block-FT-style checkpoint (no
+    block_attention entry, no boundary token) servable: special token added, config.json written."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from vllm_blockattn.core.config import check_boundary_token
+    from vllm_blockattn.distill.sinks import main
+
+    src = tmp_path / "block-ft"
+    shutil.copytree(tiny_qwen3, src)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["block_attention"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    main(["add-boundary", str(src), "--out", str(tmp_path / "served")])
+    settings = BlockSettings.from_pretrained(tmp_path / "served")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "served")
+    assert settings.sink_free and tok.convert_ids_to_tokens(settings.boundary_token_id) == "<|block_boundary|>"
+    check_boundary_token(tok, settings.boundary_token_id)
+    assert BlockSettings.from_pretrained(src) is None  # the source is left as it was
+    ids = tok.encode("<|block_boundary|>a b<|block_boundary|>c", add_special_tokens=False)
+    assert len(parse_block_prompt(ids, settings).blocks) == 2
