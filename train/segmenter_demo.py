@@ -336,6 +336,32 @@ def render(summary: dict) -> str:
     return "\n".join(out)
 
 
+README_ROWS = ("learned", "packaged_before", "learned_plain", "blank_line@natural", "heading@natural", "random_candidate")
+
+
+def render_short(summary: dict) -> str:
+    """The README's evidence block: F1 with intervals for the main rows, the re-ship verdict, the data."""
+    kinds, boot = summary["kinds"], summary["bootstrap"]
+    out = [f"Measured {summary['date']} by `python train/segmenter_demo.py` (commit {summary['commit']}, seed "
+           f"{summary['seed']}, {summary['cpu']}): "
+           + ", ".join(f"{k} {summary['test_counts'][k]}" for k in kinds)
+           + f" held-out texts (mean {summary['test_mean_tokens']:.0f} MiniLM tokens). Boundary F1 with bootstrap 95% "
+           "intervals over texts; the full tables (every baseline, Pk/WindowDiff, paired differences) are in "
+           "docs/segmenter.md.", "",
+           "| method | " + " | ".join(kinds) + " | mean |", "|---" * (len(kinds) + 2) + "|"]
+    for m in README_ROWS:
+        if m in boot:
+            out.append(f"| {LABEL.get(m, m.replace('_', '-'))} | "
+                       + " | ".join(f"{boot[m][k]['f1']:.3f} [{boot[m][k]['lo']:.2f}, {boot[m][k]['hi']:.2f}]"
+                                    for k in (*kinds, "mean")) + " |")
+    out += ["", ("The new head is packaged (not worse beyond the interval on any kind measured before)."
+                 if summary["ship_ok"] else
+                 f"The new head is **not** packaged: worse beyond the interval on {', '.join(summary['worse_than_before'])}.")]
+    out += ["", "Data: " + "; ".join(f"`{name}` {p['version']} ({p['license']}): {', '.join(p['kinds'])}"
+                                     for name, p in summary["provenance"].items()) + "."]
+    return "\n".join(out)
+
+
 def update_docs(block: str, begin: str = BEGIN, end: str = END,
                 files: tuple[str, ...] = ("docs/segmenter.md", "README.md")) -> list[str]:
     """Replace the text between ``begin`` and ``end`` in ``files``; a file without the markers is skipped."""
@@ -571,7 +597,8 @@ def main(argv=None):
                       f, indent=2)
         print(f"shipped the layout head to {dst}")
     if args.update_docs:
-        print("updated", ", ".join(update_docs(block)) or "nothing")
+        done = update_docs(block, files=("docs/segmenter.md",)) + update_docs(render_short(summary), files=("README.md",))
+        print("updated", ", ".join(done) or "nothing")
 
 
 if __name__ == "__main__":
