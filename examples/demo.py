@@ -2,6 +2,7 @@
 
     make demo                    # sets everything up, then runs this
     python examples/demo.py      # inside the venv; --model PATH for a real (distilled) checkpoint
+    python examples/demo.py --sink-free   # a checkpoint trained without sinks (Block-FT style)
 
 It builds a tiny random Qwen3 checkpoint (nothing downloads), lays the documents out as blocks
 (`[S x 4] doc_1 ... [S x 4] question`), and generates greedily through vLLM with
@@ -9,6 +10,11 @@ It builds a tiny random Qwen3 checkpoint (nothing downloads), lays the documents
 document in front: the cached documents are reused (non-prefix reuse), and the answer to the repeated
 prompt equals the cold one. Finally it checks the first answer against the Hugging Face reference.
 The weights are random, so the text is gibberish; the machinery is the point.
+
+With ``--sink-free`` the tiny checkpoint is built the way a Block-FT model (trained without sinks) is
+served: its ``config.json`` says ``"block_attention": {"num_sinks": 0, "boundary_token_id": ...}``, every
+block is marked by one ``<|block_boundary|>`` token, and the engine drops that token before the model
+runs. The same checks apply.
 """
 
 import argparse
@@ -31,6 +37,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a checkpoint directory with a block_attention entry (default: a tiny one)")
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--sink-free", action="store_true",
+                    help="build the tiny checkpoint without sinks (one boundary token per block)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -43,7 +51,9 @@ def main():
     if path is None:
         from vllm_blockattn.tiny import build_tiny_model
 
-        path = build_tiny_model(os.path.join(tempfile.gettempdir(), "vllm-blockattn-demo-qwen3"), "qwen3", sharpen=4.0)
+        name = "vllm-blockattn-demo-qwen3" + ("-sinkfree" if args.sink_free else "")
+        path = build_tiny_model(os.path.join(tempfile.gettempdir(), name), "qwen3", sharpen=4.0,
+                                num_sinks=0 if args.sink_free else 4)
     tok = AutoTokenizer.from_pretrained(path)
     settings = BlockSettings.from_pretrained(path)
     llm = LLM(model=path, attention_backend="blockattn", dtype="float32", enforce_eager=True, max_model_len=2048)
@@ -56,7 +66,7 @@ def main():
               f"{out.num_cached_tokens} prompt tokens reused -> {out.outputs[0].token_ids}")
         return ids, out
 
-    print(f"model: {path}")
+    print(f"model: {path} (block layout: {settings.to_dict()})")
     ids, first = ask(DOCS, "cold     ")
     _, reordered = ask([NEW_DOC, DOCS[2], DOCS[0], DOCS[1]], "new first")
     _, again = ask(DOCS, "repeat   ")

@@ -21,7 +21,9 @@ from .core.layout import DEFAULT_NUM_SINKS, SINK_TOKEN, build_block_text
 
 def block_prompt_text(documents: Sequence[str], question: str, *, prefix: str = "", sink_token: str = SINK_TOKEN,
                       num_sinks: int = DEFAULT_NUM_SINKS) -> str:
-    """``prefix [S x k] doc_1 ... [S x k] question`` as text; the question is the final block."""
+    """``prefix [S x k] doc_1 ... [S x k] question`` as text; the question is the final block. For a
+    checkpoint trained without sinks pass ``sink_token="<|block_boundary|>", num_sinks=0`` (one boundary
+    token per block)."""
     return prefix + build_block_text([*documents, question], sink_token, num_sinks)
 
 
