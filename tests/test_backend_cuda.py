@@ -92,6 +92,15 @@ def test_broken_block_metadata_is_caught(cases):
 
 
 @pytest.mark.slow  # the GPU check script under the Triton interpreter: 30 s, shared by the module
+def test_several_steps_of_one_builder(cases, run):
+    steps = cases["steps"]
+    assert steps["ok"] and steps["row_writes"] == [3, 0, 4, 0] and steps["layouts_computed"] == 3
+    assert all(r["max_abs_err"] <= TOL for r in steps["results"])
+    prov = run[0]["provenance"]
+    assert prov["commit"] and prov["date_utc"] and "tools.gpu_check" in prov["command"]
+
+
+@pytest.mark.slow  # the GPU check script under the Triton interpreter: 30 s, shared by the module
 def test_backend_promises(cases):
     facts = cases["facts"]
     assert facts["builder"] == "BlockAttnTritonMetadataBuilder" and facts["impl"] == "BlockAttnTritonImpl"
@@ -119,7 +128,7 @@ def test_script_without_vllm(tmp_path):
     kernel stage and says why it skipped the others; here at CPU sizes."""
     out = tmp_path / "report.json"
     code = ("import runpy, sys; sys.modules['vllm'] = None; sys.modules['vllm_blockattn'] = None; "
-            f"sys.argv = ['gpu_check', '--device', 'cpu', '--quick', '--no-throughput', '--engine', 'yes', "
+            f"sys.argv = ['gpu_check', '--device', 'cpu', '--quick', '--engine', 'yes', "
             f"'--json', {str(out)!r}]; runpy.run_module('tools.gpu_check', run_name='__main__', "
             "alter_sys=True)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "triton_kernels"), str(REPO)])}
@@ -128,7 +137,54 @@ def test_script_without_vllm(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["bench"]["ok"] and {c["kernel"] for c in report["bench"]["correctness"]} == {"prefill", "decode"}
+    # vLLM's paged kernels cannot be timed without vLLM: said so, with the reason
+    assert set(report["bench"]["skipped"]) == {"vllm_triton", "flash_attn"}
+    assert {r["impl"] for r in report["bench"]["throughput"]} == {"triton", "sdpa"}
+    assert report["provenance"]["commit"] and report["provenance"]["date_utc"]
     assert report["backend"] == {"skipped": "vllm_blockattn is blocked", "ok": None}
     assert report["engine"]["ok"] is None and report["vllm"] is None
     summary = json.loads(proc.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
     assert summary["ok"] and summary["stages"]["bench"]["ok"]
+
+
+def test_engine_configs_parse():
+    from tools.gpu_check import _parse_engine_configs
+
+    assert _parse_engine_configs("float32:eager,bfloat16:compiled") == [("float32", True), ("bfloat16", False)]
+    with pytest.raises(ValueError, match="expected DTYPE"):
+        _parse_engine_configs("bfloat16:graph")
+
+
+def test_decode_baseline_reads_kv_heads_once():
+    """The SDPA decode baseline gets K/V at KV-head width (no copy per query head), and its queries grouped
+    by KV head give the same result as attention with K/V repeated per query head."""
+    import torch
+    import torch.nn.functional as F
+
+    from tools.kernel_bench import _sdpa
+
+    b, hkv, group, length, d = 2, 2, 4, 40, 16
+    q, k, v = torch.randn(b, hkv * group, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    packed = _sdpa(q.reshape(b, hkv, group, d), k, v, False).reshape(b, hkv * group, d)
+    repeated = F.scaled_dot_product_attention(q[:, :, None], k.repeat_interleave(group, 1),
+                                              v.repeat_interleave(group, 1))[:, :, 0]
+    torch.testing.assert_close(packed, repeated)
+    gqa = _sdpa(q[:, :, None], k, v, False)[:, :, 0]          # enable_gqa for prefill-shaped calls
+    torch.testing.assert_close(gqa, repeated)
+
+
+@pytest.mark.slow  # the kernel benchmark with vLLM's kernel under the Triton interpreter: ~15 s
+def test_bench_times_vllm_paged_kernel_beside_ours(tmp_path):
+    """With vLLM importable, the benchmark times vLLM's own paged kernel on the same cache (here under the
+    interpreter) and says why FlashAttention could not run (no CUDA extension on this machine)."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tools.kernel_bench", "--device", "cpu", "--quick", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    impls = {(r["kernel"], r["impl"]) for r in report["throughput"]}
+    assert {("prefill", "vllm_triton"), ("decode", "vllm_triton")} <= impls
+    assert "vllm_triton" not in report["skipped"] and report["skipped"]["flash_attn"]
+    decode = {r["impl"]: r for r in report["throughput"] if r["kernel"] == "decode"}
+    assert decode["triton"]["kv_bytes"] == decode["sdpa"]["kv_bytes"] == decode["vllm_triton"]["kv_bytes"]

@@ -15,7 +15,6 @@ import torch  # noqa: E402
 
 import blockattn_kernels  # noqa: E402
 from tools import cuda_cases  # noqa: E402
-from tools.cuda_cases import PADDING_ROW, Row  # noqa: E402
 
 blockattn_kernels.enable_triton_interpreter()
 
@@ -82,42 +81,15 @@ def test_mixed_step_sends_ordinary_decode_rows_to_the_decode_kernel(backend):
         assert not (out[qsl[i]:qsl[i + 1]] == 7.0).any()
 
 
-def _multi_step_specs():
-    """Four steps of three requests: A (block, reordered), B (ordinary), C (block; its last prompt token
-    alone), then D admitted while B finished and C moved to row 0."""
-    A, B, C, D = (Row((17, 12, 1), 3, cached=(2,)), Row(None, 20), Row((30,), 2), Row((9, 40), 3))
-
-    def r(base, **kw):
-        return Row(base.contexts, base.final, cached=base.cached, **kw)
-
-    return [
-        ("ABC", (r(A), r(B), r(C, start=-1))),
-        ("ABC", (r(A, generated=1, start=-1), r(B, generated=1, start=-1), r(C, generated=1, start=-1))),
-        ("CAD", (r(C, generated=2, start=-1), r(A, generated=2, start=-1), r(D, start=20), PADDING_ROW)),
-        ("CAD", (r(C, generated=3, start=-1), r(A, generated=3, start=-1), r(D, generated=1, start=-1))),
-    ]
-
 
 def test_several_steps_with_persistent_metadata_match_the_reference():
     """A fresh builder over four steps, each request keeping its layout object (as the worker does):
     every step equals the float64 reference, layouts are computed once, and only rows whose request
-    changed are rewritten."""
+    changed are rewritten (``tools.cuda_cases.run_steps``, also run on a GPU by the GPU check)."""
     config = cuda_cases.make_vllm_config(q_heads=4, kv_heads=2, head_dim=32, dtype=torch.float32)
     backend = cuda_cases.make_backend(config, page_size=16, device=torch.device("cpu"))
-    meta = backend.builder.block_meta
-    objects: dict[str, object] = {}
-    writes = []
-    for step, (names, rows) in enumerate(_multi_step_specs()):
-        spec = cuda_cases.BatchSpec(rows, "LBNHC", "block-mixed" if step in (0, 2) else "block-decode")
-        layouts = [objects.get(n) for n in names] + [None] * (len(rows) - len(names))
-        batch = cuda_cases.make_batch(f"step{step}", backend, seed=10 + step, spec=spec, layouts=layouts)
-        for n, lay in zip(names, batch.layouts):
-            objects.setdefault(n, lay)
-        before = meta.row_writes
-        r = cuda_cases.run_batch(backend, batch, write_with_impl=False)
-        writes.append(meta.row_writes - before)
-        assert r["path"] == spec.path and r["max_abs_err"] <= TOL and r["padding_untouched"], (step, r)
-        assert r["block_vs_causal"] > 100 * TOL
-    assert meta.layouts_computed == 3                 # A, C, D
-    # step 0: three rows; step 1: none; step 2: C and A swap rows, D replaces B, a padding row; step 3: none
-    assert writes == [3, 0, 4, 0]
+    rep = cuda_cases.run_steps(backend)
+    for r in rep["results"]:
+        assert r["ok"] and r["max_abs_err"] <= TOL and r["block_vs_causal"] > 100 * TOL, r
+    assert [r["path"] for r in rep["results"]] == ["block-mixed", "block-decode", "block-mixed", "block-decode"]
+    assert rep["row_writes"] == [3, 0, 4, 0] and rep["layouts_computed"] == 3 and rep["ok"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -578,6 +579,55 @@ def run_cases(device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.
 
 
 # ----------------------------------------------------------------------------------------------
+# Several steps of one builder: persistent metadata
+# ----------------------------------------------------------------------------------------------
+
+def _steps_spec() -> list[tuple[str, tuple[Row, ...], str]]:
+    """Four steps of three requests: A (block, reordered), B (ordinary), C (block; its last prompt token
+    alone), then D admitted while B finished and C moved to row 0 (vLLM condensing its batch)."""
+    a, b, c, d = Row((17, 12, 1), 3, cached=(2,)), Row(None, 20), Row((30,), 2), Row((9, 40), 3)
+
+    def r(base, **kw):
+        return Row(base.contexts, base.final, cached=base.cached, **kw)
+
+    return [
+        ("ABC", (r(a), r(b), r(c, start=-1)), "block-mixed"),
+        ("ABC", (r(a, generated=1, start=-1), r(b, generated=1, start=-1), r(c, generated=1, start=-1)),
+         "block-decode"),
+        ("CAD", (r(c, generated=2, start=-1), r(a, generated=2, start=-1), r(d, start=20), PADDING_ROW),
+         "block-mixed"),
+        ("CAD", (r(c, generated=3, start=-1), r(a, generated=3, start=-1), r(d, generated=1, start=-1)),
+         "block-decode"),
+    ]
+
+
+STEP_ROW_WRITES = [3, 0, 4, 0]     # rows whose occupant changed: all, none, C/A swapped + D + padding, none
+STEP_LAYOUTS_COMPUTED = 3          # A, C and D, once each
+
+
+def run_steps(backend: Backend, *, seed: int = 10, write_with_impl: bool = False) -> dict:
+    """The steps of :func:`_steps_spec` through one builder, each request keeping its layout object
+    across steps (as the worker does): every step against the reference, plus the persistent
+    metadata's counters (rows rewritten per step, layouts computed)."""
+    meta = backend.builder.block_meta
+    computed0 = meta.layouts_computed
+    objects: dict[str, PagedLayout] = {}
+    results, writes = [], []
+    for step, (names, rows, path) in enumerate(_steps_spec()):
+        spec = BatchSpec(rows, "LBNHC", path, f"step {step}")
+        layouts = [objects.get(n) for n in names] + [None] * (len(rows) - len(names))
+        batch = make_batch(f"step{step}", backend, seed=seed + step, spec=spec, layouts=layouts)
+        for n, lay in zip(names, batch.layouts):
+            objects.setdefault(n, lay)
+        before = meta.row_writes
+        results.append(run_batch(backend, batch, write_with_impl=write_with_impl))
+        writes.append(meta.row_writes - before)
+    computed = meta.layouts_computed - computed0
+    ok = (all(r["ok"] for r in results) and writes == STEP_ROW_WRITES and computed == STEP_LAYOUTS_COMPUTED)
+    return dict(results=results, row_writes=writes, layouts_computed=computed, ok=bool(ok))
+
+
+# ----------------------------------------------------------------------------------------------
 # The plugin inside a vLLM engine (GPU check; on CPU the engine takes the CPU backend instead)
 # ----------------------------------------------------------------------------------------------
 
@@ -616,6 +666,11 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    import vllm_blockattn
+
+    # vLLM loads the plugin through its entry point, which a checkout on PYTHONPATH does not have
+    vllm_blockattn.register()
+
     from vllm_blockattn.engine.metrics import block_cache_stats
     from vllm_blockattn.core.reference import block_generate
     from vllm_blockattn.tiny import build_tiny_model
@@ -652,6 +707,9 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
         checks.append(dict(prompt=name, tokens=got, reference=want, max_logprob_err=lp_err,
                            ok=bool(got == want and lp_err <= logprob_tol)))
     del llm
+    gc.collect()      # the next engine of the same check starts in this process
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     result = dict(dtype=dtype, enforce_eager=enforce_eager, backends=backends, kernel_calls=dict(calls),
                   block_cache=stats, checks=checks, startup_seconds=startup, seconds=time.perf_counter() - t0)
     cuda_path = not on_cuda or (any(b.endswith("BlockAttnTritonBackend") for b in backends)

@@ -3,20 +3,28 @@
 Runs on a CUDA machine with torch, triton and transformers; vLLM is optional. Nothing downloads. From a
 checkout (the ``vllm_blockattn`` folder next to ``triton_kernels/`` is found on its own)::
 
-    python -m tools.gpu_check --quick --json gpu_check.json
+    PYTHONPATH=triton_kernels python -m tools.gpu_check --quick      # about 5 minutes; writes gpu_check.json
 
-Stages, each reported in the JSON summary printed at the end (exit status 1 if any check fails):
+Stages, each reported in the JSON report (``--json``, default ``gpu_check.json``, with provenance: command,
+commit, uncommitted files, date, host, device, driver/CUDA, torch/triton/vLLM versions) and in the
+summary printed at the end (exit status 1 if any check fails):
 
 1. ``bench``: ``tools.kernel_bench``'s correctness (Triton vs torch, bf16/fp32) and throughput
-   (vs SDPA) — the same functions ``python -m tools.kernel_bench`` runs.
+   (vs SDPA reading the same K/V bytes, vLLM's ``unified_attention`` and vLLM's FlashAttention on the
+   same paged cache; a baseline that cannot run is listed under ``skipped`` with the reason) — the same
+   functions ``python -m tools.kernel_bench`` runs.
 2. ``backend`` (needs vLLM): ``tools.cuda_cases`` on CUDA tensors: the real
    ``BlockAttnTritonMetadataBuilder`` and ``BlockAttnTritonImpl`` of ``backend_cuda.py`` on prefill,
    decode, mixed, padded and ordinary-only batches (the last through vLLM's own ``unified_attention``),
-   against a torch reference; the KV of each step is written with vLLM's ``do_kv_cache_update``. The
-   same cases run on CPU under the interpreter in ``tests/test_backend_cuda.py``.
+   then four steps of one builder (persistent metadata: rows rewritten only when their request
+   changes), against a torch reference; the KV of each step is written with vLLM's
+   ``do_kv_cache_update``. The same cases run on CPU under the interpreter in
+   ``tests/test_backend_cuda.py`` and ``tests/test_cuda_step.py``.
 3. ``engine`` (needs vLLM): ``LLM(..., attention_backend="blockattn")`` on a tiny checkpoint built on the
    spot, against the Hugging Face block reference (greedy tokens and log-probs), with block cache
-   hits in a batch that also holds an ordinary prompt.
+   hits in a batch that also holds an ordinary prompt; in fp32 with ``enforce_eager`` (log-probs to
+   5e-3) and in bf16 compiled (torch.compile and CUDA graphs as ``vllm serve`` runs it; tokens equal,
+   log-probs to 0.1), ``--engine-configs`` to choose.
 
 ``--device cpu`` (with ``TRITON_INTERPRET=1`` set before Python starts) runs the same code at CPU sizes:
 the tests use it as a smoke run of this script.
@@ -109,7 +117,10 @@ def _bench(device: torch.device, quick: bool, throughput: bool) -> dict:
               f"{c['max_abs_err']:.2e} (tol {c['tol']:.0e}) {'ok' if c['ok'] else 'FAIL'}", flush=True)
     out = dict(correctness=rows, ok=all(c["ok"] for c in rows))
     if throughput:
-        out["throughput"] = bench.throughput(device, quick)
+        out["skipped"] = {}
+        out["throughput"] = bench.throughput(device, quick, out["skipped"])
+        for impl, why in out["skipped"].items():
+            print(f"baseline {impl} skipped: {why}", flush=True)
         print(bench._table(out["throughput"]), flush=True)
     return out
 
@@ -130,27 +141,96 @@ def _backend(device: torch.device, quick: bool) -> dict:
             else:
                 print(f"   {r['batch']:18} {r['path']:13} max|err| {r['max_abs_err']:.2e} (tol {r['tol']:.0e}) "
                       f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
+        if i == 0:    # several steps of one builder: the persistent metadata on this device
+            steps = _cuda_cases.run_steps(_cuda_cases.make_backend(
+                _cuda_cases.make_vllm_config(q_heads=hq, kv_heads=hkv, head_dim=d, dtype=getattr(torch, dtype)),
+                page_size=page, device=device), write_with_impl=device.type == "cuda")
+            print(f"   steps: {[r['path'] for r in steps['results']]} max|err| "
+                  f"{max(r['max_abs_err'] for r in steps['results']):.2e} rows rewritten {steps['row_writes']} "
+                  f"{'ok' if steps['ok'] else 'FAIL'}", flush=True)
+            rep["steps"] = steps
         reports.append(rep)
     facts_ok = all(r["facts"]["cudagraph_support"] == "NEVER" and not r["facts"]["fused_output_quant_supported"]
                    for r in reports)
     ok = facts_ok and all(r["ok"] is not False for rep in reports for r in rep["results"]) and all(
-        t["caught"] for rep in reports for t in rep["tampered"])
+        t["caught"] for rep in reports for t in rep["tampered"]) and all(
+        rep["steps"]["ok"] for rep in reports if "steps" in rep)
     if device.type == "cuda":   # on a GPU nothing may be skipped
         ok = ok and all(r["ok"] is True for rep in reports for r in rep["results"])
     return dict(configs=reports, ok=bool(ok))
 
 
-def _engine(eager: bool) -> dict:
+# log-prob tolerance against the fp32 HF reference per engine dtype (bf16 logits carry ~3 digits)
+ENGINE_LOGPROB_TOL = {"float32": 5e-3, "bfloat16": 0.1, "float16": 0.05}
+
+
+def _parse_engine_configs(text: str) -> list[tuple[str, bool]]:
+    """``"float32:eager,bfloat16:compiled"`` -> ``[("float32", True), ("bfloat16", False)]`` (dtype, eager)."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        dtype, _, mode = item.partition(":")
+        if dtype not in ENGINE_LOGPROB_TOL or mode not in ("eager", "compiled"):
+            raise ValueError(f"engine config {item!r}: expected DTYPE:eager|compiled, DTYPE in {list(ENGINE_LOGPROB_TOL)}")
+        out.append((dtype, mode == "eager"))
+    return out
+
+
+def _engine(configs: list[tuple[str, bool]]) -> dict:
     from tools import cuda_cases as _cuda_cases
 
-    # fp32: the greedy tokens and log-probs are compared with the fp32 HF reference
-    res = _cuda_cases.run_engine_check(dtype="float32", enforce_eager=eager)
-    for c in res["checks"]:
-        print(f"   {c['prompt']:24} tokens {'equal' if c['tokens'] == c['reference'] else 'DIFFER'} "
-              f"max logprob err {c['max_logprob_err']:.2e} {'ok' if c['ok'] else 'FAIL'}", flush=True)
-    print(f"   backends {res['backends']}, block kernel calls {res['kernel_calls']}, cache {res['block_cache']}",
-          flush=True)
-    return res
+    runs = []
+    for dtype, eager in configs:
+        print(f"-- engine {dtype} {'eager' if eager else 'compiled (torch.compile + CUDA graphs)'}", flush=True)
+        try:
+            res = _cuda_cases.run_engine_check(dtype=dtype, enforce_eager=eager,
+                                               logprob_tol=ENGINE_LOGPROB_TOL[dtype])
+        except Exception as e:  # noqa: BLE001 - recorded; the other configurations still run
+            traceback.print_exc()
+            runs.append(dict(dtype=dtype, enforce_eager=eager, ok=False, error=f"{type(e).__name__}: {e}"))
+            continue
+        for c in res["checks"]:
+            print(f"   {c['prompt']:24} tokens {'equal' if c['tokens'] == c['reference'] else 'DIFFER'} "
+                  f"max logprob err {c['max_logprob_err']:.2e} {'ok' if c['ok'] else 'FAIL'}", flush=True)
+        print(f"   backends {res['backends']}, block kernel calls {res['kernel_calls']}, cache {res['block_cache']}",
+              flush=True)
+        runs.append(res)
+    return dict(runs=runs, ok=bool(runs) and all(r["ok"] for r in runs))
+
+
+def provenance(argv: list[str] | None) -> dict:
+    """Where the numbers come from: command, commit, uncommitted files, date, host, device, versions."""
+    import datetime
+    import socket
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001 - not a checkout, no git
+            return None
+
+    status = git("status", "--porcelain")
+    cuda = torch.cuda.is_available()
+    return dict(
+        command=" ".join([sys.executable, "-m", "tools.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
+        commit=git("rev-parse", "HEAD"), uncommitted=status.splitlines() if status else [],
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
+        gpu=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        cuda_runtime=torch.version.cuda, driver=_driver() if cuda else None)
+
+
+def _driver() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,10 +242,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-backend", action="store_true", help="skip stage 2")
     ap.add_argument("--engine", choices=["auto", "yes", "no"], default="auto",
                     help="stage 3; auto: on CUDA when vLLM imports")
-    ap.add_argument("--engine-compiled", action="store_true", help="engine with torch.compile + piecewise graphs "
-                    "(default: enforce_eager, faster to start)")
-    ap.add_argument("--json", default=None, help="also write the summary here")
+    ap.add_argument("--engine-configs", default="float32:eager,bfloat16:compiled",
+                    help="engine runs, DTYPE:eager|compiled, comma-separated (compiled: torch.compile and CUDA "
+                    "graphs, as vllm serve runs)")
+    ap.add_argument("--json", default="gpu_check.json", help="write the report here ('' for none)")
     a = ap.parse_args(argv)
+    try:
+        engine_configs = _parse_engine_configs(a.engine_configs)
+    except ValueError as e:
+        ap.error(str(e))
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no CUDA device (use --device cpu for the smoke run)")
@@ -179,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     report = dict(device=a.device, device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"CPU {platform.machine()} (Triton interpreter)", torch=torch.__version__,
-                  triton=triton.__version__, quick=a.quick)
+                  triton=triton.__version__, quick=a.quick, provenance=provenance(argv))
     if not a.no_bench:
         _stage(report, "bench", lambda: _bench(device, a.quick, not a.no_throughput))
     missing = _vllm_missing()
@@ -193,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         if missing:
             report["engine"] = dict(skipped=missing, ok=None)
         else:
-            _stage(report, "engine", lambda: _engine(not a.engine_compiled))
+            _stage(report, "engine", lambda: _engine(engine_configs))
     stages = [k for k in ("bench", "backend", "engine") if k in report]
     report["ok"] = all(report[k].get("ok") is not False for k in stages)
     report["seconds"] = time.perf_counter() - t0
