@@ -86,7 +86,7 @@ class Vocab:
             pad = eos[0] if isinstance(eos, list) else eos
         tok = AutoTokenizer.from_pretrained(path)
         specials = tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
-        assert settings.sink_token_id not in (pad, *specials)
+        assert settings.marker_id not in (pad, *specials)
         return cls(size=config["vocab_size"], settings=settings, pad=int(pad), specials=specials)
 
 
@@ -110,7 +110,7 @@ def make_workload(seed: int, vocab: Vocab, *, num_docs: int = 10, num_prompts: i
                   max_batch: int = 4, max_docs: int = 3) -> Workload:
     rng = random.Random(seed)
     k, pad = vocab.settings.num_sinks, vocab.pad
-    tokens = [t for t in range(vocab.size) if t != vocab.settings.sink_token_id]
+    tokens = [t for t in range(vocab.size) if t != vocab.settings.marker_id]  # a sink or a boundary
 
     def content(n: int) -> list[int]:
         return [rng.choice(tokens) for _ in range(n)]
@@ -438,3 +438,12 @@ def test_random_workloads_equal_reference_slow(arch, request):
                       workload=dict(num_docs=14, num_prompts=32, num_pairs=5, max_batch=6, max_docs=4),
                       spare_pages=3, max_num_seqs=5, enable_chunked_prefill=True,
                       max_num_batched_tokens=48 if arch == "llama" else 80, scheduler_reserve_full_isl=False)
+
+
+@pytest.mark.slow
+def test_random_workloads_equal_reference_sink_free(tiny_sinkfree):
+    """The same workloads on a checkpoint trained without sinks: one boundary token per block, dropped
+    before the model runs; pads, reordering, eviction and preemption as above."""
+    check_equivalence(tiny_sinkfree, _seeds([8, 9]), workload=dict(num_docs=10, num_prompts=20, num_pairs=3, max_batch=4),
+                      max_num_seqs=4, enable_chunked_prefill=True, max_num_batched_tokens=64,
+                      scheduler_reserve_full_isl=False)
