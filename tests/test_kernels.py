@@ -312,6 +312,55 @@ def test_row_lists_are_checked():
         block_attention_prefill(*case.prefill_args(), rows=pre, rows_query_start=pre_qsl[:-1])
 
 
+# the warm-TTFT shape in miniature: a short final block (and a chunk of it) over a long context
+FINAL_OVER_CONTEXT = [SeqSpec((40, 40, 40, 40), 10), SeqSpec((60, 33, 50), 12, q_len=7), SeqSpec((), 20)]
+
+
+@pytest.mark.parametrize(("heads", "pack", "splits"), [((4, 2), False, 3), ((4, 2), True, 1), ((8, 2), True, 4)],
+                         ids=str)
+def test_prefill_split_k_and_packed_heads(heads, pack, splits):
+    """The prefill kernel with its KV range split (log-sum-exp merge; short KV ranges leave some splits empty) and with
+    a KV head's query heads packed into one program (4 tokens x 4 heads per 16-row tile at GQA 4)
+    equals the float64 oracle."""
+    from blockattn_kernels.prefill import prefill_meta
+
+    case = _case(FINAL_OVER_CONTEXT, torch.float32, heads=heads, seed=7)
+    if pack:
+        consts, _ = prefill_meta(torch.float32, 32, heads[0] // heads[1], 16, False, True, pack=True)
+        assert consts["PACK"] == heads[0] // heads[1] and consts["TOK_M"] * consts["PACK"] == consts["BLOCK_M"]
+    out = torch.full_like(case.q, 7.0)
+    block_attention_prefill(*case.prefill_args(), out=out, num_splits=splits, pack=pack)
+    torch.testing.assert_close(out.double(), dense_oracle(case), **TOL[torch.float32])
+
+
+def test_prefill_split_with_row_lists_and_bf16():
+    """Split and packed prefill on the prefill rows of a mixed step, in bf16: the decode rows' outputs
+    stay untouched by the merge too."""
+    case = _case(MIXED_STEP, torch.bfloat16, heads=(4, 2), seed=5)
+    dec, pre, pre_qsl = _split_rows(case)
+    out = torch.full_like(case.q, 7.0)
+    block_attention_prefill(*case.prefill_args(), out=out, rows=pre, rows_query_start=pre_qsl, num_splits=4,
+                            pack=True)
+    dec_tokens = case.query_start_loc[dec.long()].long()
+    assert (out[dec_tokens] == 7.0).all()
+    block_attention_decode_rows(*case.prefill_args(), rows=dec, out=out)
+    torch.testing.assert_close(out.double(), dense_oracle(case), **TOL[torch.bfloat16])
+
+
+def test_prefill_chooses_splits_for_a_small_grid():
+    """A final block over a long context has few tiles: the launcher splits the KV range; a long prompt
+    fills the grid on its own and is not split."""
+    from blockattn_kernels.prefill import prefill_splits
+
+    cpu = torch.device("cpu")
+    assert prefill_splits(cpu, programs=2, max_tiles=40) > 1
+    assert prefill_splits(cpu, programs=2, max_tiles=2) == 2          # never more splits than KV tiles
+    assert prefill_splits(cpu, programs=64, max_tiles=40) == 1
+    with pytest.raises(ValueError, match="num_splits must be"):
+        case = _case(FINAL_OVER_CONTEXT, torch.float32)
+        block_attention_prefill(*case.prefill_args(), num_splits=0)
+
+
 def _run_py(code_or_args, env_extra, cwd=REPO, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra)
@@ -347,7 +396,8 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     res = _run_py(["-m", "tools.compile_check", "--json", str(out)], {})
     assert res.returncode == 0, res.stderr[-3000:]
     results = {r["kernel"]: r for r in json.loads(out.read_text())}
-    assert set(results) == {"prefill", "decode", "merge", "prefill_rows", "decode_rows", "merge_rows"}
+    assert set(results) == {"prefill", "decode", "merge", "prefill_rows", "decode_rows", "merge_rows",
+                            "prefill_split", "prefill_merge"}
     for r in results.values():
         assert r["shared_bytes"] <= 227 * 1024, r
         assert r["registers"] <= 255 and r["stack_bytes"] <= 64, r    # no real spills

@@ -70,18 +70,22 @@ def _resources(cubin: bytes) -> dict:
 def compile_kernels(arch: int = 90, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, group: int = 4,
                     page_size: int = 16, splits: int = 16,
                     kernels: tuple[str, ...] = ("prefill", "decode", "merge", "prefill_rows", "decode_rows",
-                                                "merge_rows"),
+                                                "merge_rows", "prefill_split", "prefill_merge"),
                     ) -> list[dict]:
     """Compile the kernels exactly as their launchers configure them on a GPU; one dict per kernel
     (``*_rows``: the variants that take a row list, as a mixed step launches them)."""
     from blockattn_kernels.decode import _decode_merge_kernel, _decode_partial_kernel, decode_meta
-    from blockattn_kernels.prefill import _prefill_kernel, prefill_meta
+    from blockattn_kernels.prefill import MERGE_M, _prefill_kernel, _prefill_merge_kernel, prefill_meta
 
     pre_consts, pre_opts = prefill_meta(dtype, head_dim, group, page_size, True, False)
     dec_consts, dec_opts, merge_consts = decode_meta(dtype, head_dim, group, page_size, splits, True, False)
     pre_rows, _ = prefill_meta(dtype, head_dim, group, page_size, True, False, has_rows=True)
     dec_rows, _, merge_rows = decode_meta(dtype, head_dim, group, page_size, splits, True, False, indexed=True)
+    pre_split, _ = prefill_meta(dtype, head_dim, group, page_size, True, False, has_rows=True, split=True)
+    pre_merge = dict(MERGE_M=MERGE_M, D=head_dim, D_P=pre_consts["D_P"], HAS_ROWS=True)
     jobs = {"prefill": (_prefill_kernel, pre_consts, pre_opts),
+            "prefill_split": (_prefill_kernel, pre_split, pre_opts),
+            "prefill_merge": (_prefill_merge_kernel, pre_merge, {}),
             "decode": (_decode_partial_kernel, dec_consts, dec_opts),
             "merge": (_decode_merge_kernel, merge_consts, {}),
             "prefill_rows": (_prefill_kernel, pre_rows, pre_opts),
