@@ -5,24 +5,17 @@ stray boundary tokens are a 400 while the server keeps serving."""
 import pytest
 from openai import BadRequestError, OpenAI
 
-from vllm_blockattn import build_block_prompt, parse_block_prompt
+from vllm_blockattn import build_block_prompt
 from vllm_blockattn.core.layout import BOUNDARY_TOKEN, build_block_text
-from vllm_blockattn.core.reference import block_generate
 from vllm_blockattn.segmenter import load_segmenter, segment_cuts, split_at, thresholds_for
 
 from tests._reference import load_hf
 from tests._server import MODEL_NAME, serve
+from tests.test_server_documents import DOCS, MAX_TOKENS, QUESTION, complete, reference
 
-DOCS = [
-    "Alice moved to Paris in 2019 and works as a nurse at a large hospital near the river.",
-    "Bob collects stamps from 42 countries and keeps them in a wooden chest in the attic.",
-    "The river flows past the old mill, where the miller keeps his books in a wooden chest.",
-]
-QUESTION = "Question: Where does Alice live? Answer:"
 LONG = "\n\n".join(
     f"## Part {i}\n{DOCS[i % 3]} Then the story goes on with part {i}, and more about the mill and the chest."
     for i in range(8)) + "\n\nQuestion: Who keeps books in a chest? Answer:"
-MAX_TOKENS = 4
 
 pytestmark = pytest.mark.slow  # a server of its own (the offline engine tests are in test_sink_free.py)
 
@@ -41,16 +34,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def hf(tiny_sinkfree):
     return load_hf(tiny_sinkfree)
-
-
-def reference(hf, ids):
-    model, _, settings = hf
-    return block_generate(model, ids, parse_block_prompt(ids, settings), max_new_tokens=MAX_TOKENS)
-
-
-def complete(client, prompt, **extra_body):
-    return client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                     extra_body={"ignore_eos": True, "return_token_ids": True, **extra_body})
 
 
 def test_documents_segmentation_and_the_text_form_match_the_reference(client, hf):

@@ -11,19 +11,9 @@ import pytest
 from vllm_blockattn import BlockSettings, build_block_prompt, parse_block_prompt
 
 from tests._reference import assert_matches, block_reference, load_hf
+from tests.test_plugin import DOCS, MAX_TOKENS, PREFIX, QUESTION
 
 vllm = pytest.importorskip("vllm")
-
-MAX_TOKENS = 6
-DOCS = [
-    "Alice moved to Paris in 2019 and works as a nurse at a large hospital near the river. " * 2,
-    "Bob collects stamps from 42 countries and keeps them in a wooden chest in the attic.",
-    "The river flows past the old mill, where the miller keeps his books in a wooden chest. " * 3,
-    "Caroline: Hey Mel! How was the concert last night? Melanie: It was great, thanks!",
-]
-QUESTION = "Question: Where does Alice live? Answer:"
-PREFIX = "<|im_start|>user\nRead the documents and answer the question at the end, please.\n"
-
 
 @pytest.fixture(scope="module")
 def hf(tiny_sinkfree):
