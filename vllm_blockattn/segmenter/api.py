@@ -23,11 +23,13 @@ from pathlib import Path
 from ..core.layout import DEFAULT_NUM_SINKS, SINK_TOKEN, BlockSettings, build_block_prompt, build_block_text
 from ..core.segment_settings import SegmenterInputError, check_threshold, thresholds_for  # noqa: F401  (re-exported)
 from .candidates import as_text, split_at
-from .model import Segmenter
+from .model import Segmenter, resolve_backbone
 from .work import checkpoint
 
 # A head trained by train/segmenter_demo.py on the offline MiniLM backbone, shipped with the package.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+# the head retrained with public-domain prose (issue 24); not the default: see docs/segmenter.md
+PROSE_MODEL = Path(__file__).resolve().parent / "prose_model"
 
 
 @functools.lru_cache(maxsize=4)
@@ -36,9 +38,13 @@ def _load(path: str) -> Segmenter:
 
 
 def load_segmenter(model: str | os.PathLike | Segmenter | None = None) -> Segmenter:
-    """A segmenter object from a checkpoint path (cached), an object, or None for the default."""
+    """A segmenter object from a checkpoint path (cached), a ``pkg:<module>/<dir>`` reference to a
+    checkpoint inside an installed package (``pkg:vllm_blockattn.segmenter/prose_model``), an object, or
+    None for the default."""
     if isinstance(model, Segmenter):
         return model
+    if isinstance(model, str) and model.startswith("pkg:"):
+        model = resolve_backbone(model)
     if model is None:
         if not (DEFAULT_MODEL / "segmenter_config.json").is_file():
             raise FileNotFoundError(
