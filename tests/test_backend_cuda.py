@@ -150,7 +150,7 @@ def test_script_without_vllm(tmp_path):
 def test_engine_configs_parse():
     from tools.gpu_check import _parse_engine_configs
 
-    assert _parse_engine_configs("float32:eager,bfloat16:compiled") == [("float32", True), ("bfloat16", False)]
+    assert _parse_engine_configs("float32:eager,bfloat16:graphs") == [("float32", "eager"), ("bfloat16", "graphs")]
     with pytest.raises(ValueError, match="expected DTYPE"):
         _parse_engine_configs("bfloat16:graph")
 

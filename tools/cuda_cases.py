@@ -693,6 +693,10 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
         outs += llm.generate([{"prompt_token_ids": reordered}, {"prompt_token_ids": plain}], params, use_tqdm=False)
     stats = block_cache_stats(llm)
     backends = _engine_backends(llm)
+    try:
+        graph_mode = str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)
+    except Exception:  # noqa: BLE001 - informative only
+        graph_mode = None
     on_cuda = any(b.endswith("BlockAttnTritonBackend") for b in backends) or torch.cuda.is_available()
     # the reference on CPU in fp32 whatever the engine used: independent of vLLM's and the GPU's settings
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -710,7 +714,8 @@ def run_engine_check(*, dtype: str = "float32", max_tokens: int = 6, enforce_eag
     gc.collect()      # the next engine of the same check starts in this process
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    result = dict(dtype=dtype, enforce_eager=enforce_eager, backends=backends, kernel_calls=dict(calls),
+    result = dict(dtype=dtype, enforce_eager=enforce_eager, cudagraph_mode=graph_mode, backends=backends,
+                  kernel_calls=dict(calls),
                   block_cache=stats, checks=checks, startup_seconds=startup, seconds=time.perf_counter() - t0)
     cuda_path = not on_cuda or (any(b.endswith("BlockAttnTritonBackend") for b in backends)
                                 and calls.get("block_attention_prefill", 0) > 0)

@@ -23,8 +23,9 @@ summary printed at the end (exit status 1 if any check fails):
 3. ``engine`` (needs vLLM): ``LLM(..., attention_backend="blockattn")`` on a tiny checkpoint built on the
    spot, against the Hugging Face block reference (greedy tokens and log-probs), with block cache
    hits in a batch that also holds an ordinary prompt; in fp32 with ``enforce_eager`` (log-probs to
-   5e-3) and in bf16 compiled (torch.compile and CUDA graphs as ``vllm serve`` runs it; tokens equal,
-   log-probs to 0.1), ``--engine-configs`` to choose.
+   5e-3), in bf16 compiled (torch.compile and piecewise CUDA graphs as ``vllm serve`` runs it; tokens
+   equal, log-probs to 0.1; not with ``--quick``) and in bf16 compiled with full CUDA graphs of decode
+   batches (``VLLM_BLOCKATTN_CUDA_GRAPHS=decode``); ``--engine-configs`` to choose.
 
 ``--device cpu`` (with ``TRITON_INTERPRET=1`` set before Python starts) runs the same code at CPU sizes:
 the tests use it as a smoke run of this script.
@@ -164,30 +165,53 @@ def _backend(device: torch.device, quick: bool) -> dict:
 ENGINE_LOGPROB_TOL = {"float32": 5e-3, "bfloat16": 0.1, "float16": 0.05}
 
 
-def _parse_engine_configs(text: str) -> list[tuple[str, bool]]:
-    """``"float32:eager,bfloat16:compiled"`` -> ``[("float32", True), ("bfloat16", False)]`` (dtype, eager)."""
+ENGINE_MODES = {
+    "eager": "enforce_eager",
+    "compiled": "torch.compile + vLLM's piecewise CUDA graphs (attention eager), as vllm serve runs by default",
+    "graphs": "compiled, plus full CUDA graphs of decode-only batches (VLLM_BLOCKATTN_CUDA_GRAPHS=decode)",
+}
+ENGINE_CONFIGS = {"quick": "float32:eager,bfloat16:graphs", "full": "float32:eager,bfloat16:compiled,bfloat16:graphs"}
+
+
+def _parse_engine_configs(text: str) -> list[tuple[str, str]]:
+    """``"float32:eager,bfloat16:graphs"`` -> ``[("float32", "eager"), ("bfloat16", "graphs")]``."""
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         dtype, _, mode = item.partition(":")
-        if dtype not in ENGINE_LOGPROB_TOL or mode not in ("eager", "compiled"):
-            raise ValueError(f"engine config {item!r}: expected DTYPE:eager|compiled, DTYPE in {list(ENGINE_LOGPROB_TOL)}")
-        out.append((dtype, mode == "eager"))
+        if dtype not in ENGINE_LOGPROB_TOL or mode not in ENGINE_MODES:
+            raise ValueError(f"engine config {item!r}: expected DTYPE:{'|'.join(ENGINE_MODES)}, "
+                             f"DTYPE in {list(ENGINE_LOGPROB_TOL)}")
+        out.append((dtype, mode))
     return out
 
 
-def _engine(configs: list[tuple[str, bool]]) -> dict:
+def _engine(configs: list[tuple[str, str]]) -> dict:
     from tools import cuda_cases as _cuda_cases
 
     runs = []
-    for dtype, eager in configs:
-        print(f"-- engine {dtype} {'eager' if eager else 'compiled (torch.compile + CUDA graphs)'}", flush=True)
+    for dtype, mode in configs:
+        print(f"-- engine {dtype} {mode}: {ENGINE_MODES[mode]}", flush=True)
+        saved = os.environ.get("VLLM_BLOCKATTN_CUDA_GRAPHS")
+        if mode == "graphs":
+            os.environ["VLLM_BLOCKATTN_CUDA_GRAPHS"] = "decode"
+        else:
+            os.environ.pop("VLLM_BLOCKATTN_CUDA_GRAPHS", None)
         try:
-            res = _cuda_cases.run_engine_check(dtype=dtype, enforce_eager=eager,
+            res = _cuda_cases.run_engine_check(dtype=dtype, enforce_eager=mode == "eager",
                                                logprob_tol=ENGINE_LOGPROB_TOL[dtype])
+            res["mode"] = mode
+            if mode == "graphs":   # the engine must really have enabled full graphs for decode batches
+                res["full_graphs"] = "FULL" in str(res.get("cudagraph_mode"))
+                res["ok"] = bool(res["ok"] and res["full_graphs"])
         except Exception as e:  # noqa: BLE001 - recorded; the other configurations still run
             traceback.print_exc()
-            runs.append(dict(dtype=dtype, enforce_eager=eager, ok=False, error=f"{type(e).__name__}: {e}"))
+            runs.append(dict(dtype=dtype, mode=mode, ok=False, error=f"{type(e).__name__}: {e}"))
             continue
+        finally:
+            if saved is None:
+                os.environ.pop("VLLM_BLOCKATTN_CUDA_GRAPHS", None)
+            else:
+                os.environ["VLLM_BLOCKATTN_CUDA_GRAPHS"] = saved
         for c in res["checks"]:
             print(f"   {c['prompt']:24} tokens {'equal' if c['tokens'] == c['reference'] else 'DIFFER'} "
                   f"max logprob err {c['max_logprob_err']:.2e} {'ok' if c['ok'] else 'FAIL'}", flush=True)
@@ -242,13 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-backend", action="store_true", help="skip stage 2")
     ap.add_argument("--engine", choices=["auto", "yes", "no"], default="auto",
                     help="stage 3; auto: on CUDA when vLLM imports")
-    ap.add_argument("--engine-configs", default="float32:eager,bfloat16:compiled",
-                    help="engine runs, DTYPE:eager|compiled, comma-separated (compiled: torch.compile and CUDA "
-                    "graphs, as vllm serve runs)")
+    ap.add_argument("--engine-configs", default=None,
+                    help=f"engine runs, DTYPE:MODE comma-separated, MODE one of {list(ENGINE_MODES)} (default: "
+                    f"{ENGINE_CONFIGS['quick']!r} with --quick, else {ENGINE_CONFIGS['full']!r})")
     ap.add_argument("--json", default="gpu_check.json", help="write the report here ('' for none)")
     a = ap.parse_args(argv)
     try:
-        engine_configs = _parse_engine_configs(a.engine_configs)
+        engine_configs = _parse_engine_configs(a.engine_configs or ENGINE_CONFIGS["quick" if a.quick else "full"])
     except ValueError as e:
         ap.error(str(e))
     device = torch.device(a.device)

@@ -8,12 +8,20 @@ ordinary) takes the split-K decode kernel, the other rows the prefill kernel, in
 
 Per-request metadata is written once per layout into persistent buffers
 (:class:`~.kernel_meta.PersistentKernelMetadata`); per step the host splits the rows by query count and the
-device computes each token's block start and final flag (no host sync). Full CUDA graphs are still off
-for this backend (``AttentionCGSupport.NEVER``); vLLM then captures the rest of the model piecewise.
+device computes each token's block start and final flag (no host sync).
+
+CUDA graphs: by default the backend declares ``AttentionCGSupport.NEVER`` (vLLM captures the model
+piecewise; attention runs eagerly). With ``VLLM_BLOCKATTN_CUDA_GRAPHS=decode`` in the worker's
+environment it declares ``UNIFORM_SINGLE_TOKEN_DECODE``: vLLM then captures full graphs of decode-only
+batches, and every decode-only batch (with or without a block request, since the graph captured at
+start-up, outside any step, must be the one replayed for both) runs the split-K decode kernel on the
+persistent buffers, whose addresses never change between steps. Opt-in because no GPU has run it yet
+(``tools.gpu_check`` does, in its engine stage).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -30,6 +38,14 @@ from ..core.rope import inv_freq_from_config
 from .hooks import batch_layouts
 
 
+# "decode": full CUDA graphs of decode-only batches (see the module docstring); anything else: none
+CUDA_GRAPHS_ENV = "VLLM_BLOCKATTN_CUDA_GRAPHS"
+
+
+def full_decode_graphs() -> bool:
+    return os.environ.get(CUDA_GRAPHS_ENV, "").strip().lower() == "decode"
+
+
 @dataclass
 class BlockAttnTritonMetadata(TritonAttentionMetadata):
     block: BlockKernelMetadata | None = None
@@ -38,8 +54,13 @@ class BlockAttnTritonMetadata(TritonAttentionMetadata):
 class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if full_decode_graphs() else cls._cudagraph_support
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.decode_graphs = full_decode_graphs()
         self.page_size = kv_cache_spec.block_size
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, kv_cache_spec.head_size)
         sched = vllm_config.scheduler_config
@@ -51,7 +72,9 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         layouts = batch_layouts(self.vllm_config, cm.num_reqs)
-        if not any(layouts):
+        # with decode graphs, a decode-only batch takes our kernel even without a block request: the
+        # graph replayed for it was captured outside any step, i.e. from a batch of ordinary rows
+        if not any(layouts) and not (self.decode_graphs and cm.max_query_len <= 1):
             return meta
         block = self.block_meta.update(layouts, cm.query_start_loc_cpu, cm.query_start_loc, cm.seq_lens, cm.num_reqs,
                                        cm.num_actual_tokens, cm.block_table_tensor.shape[1])

@@ -159,15 +159,17 @@ class PersistentKernelMetadata:
                                   ("page_kv_start", (rows, pages), 0), ("final_start", (rows,), 0)):
             b.host[name] = torch.full(shape, fill, pin_memory=self._pin, **i32)
             b.dev[name] = b.host[name].to(self.device, copy=True)   # a copy on CPU too: host writes stay unseen
-        # row lists in one host buffer, one copy: [decode rows | prefill rows | prefill query prefix sums]
-        b.host["row_lists"] = torch.zeros(3 * rows + 1, pin_memory=self._pin, **i32)
-        b.dev["row_lists"] = torch.zeros(3 * rows + 1, device=self.device, **i32)
+        # row lists in one host buffer, one copy: [decode rows | prefill rows | prefill query prefix sums],
+        # each region at a fixed offset (a captured decode graph keeps reading the decode region)
+        b.host["row_lists"] = torch.full((3 * rows + 1,), -1, pin_memory=self._pin, **i32)
+        b.dev["row_lists"] = torch.full((3 * rows + 1,), -1, device=self.device, **i32)
         b.dev["q_kv_start"] = torch.zeros(tokens, device=self.device, **i32)
         b.dev["q_is_final"] = torch.ones(tokens, device=self.device, dtype=torch.int8)
         b.dev["tokens"] = torch.arange(tokens, device=self.device, **i32)
         self._buf = b
         self._owner: list = [_UNSET] * rows
         self._row_pages = [pages] * rows       # pages of the row that may differ from the defaults
+        self._decode_high = 0                  # decode-region entries written so far (the rest hold -1)
 
     def _ensure(self, rows: int, pages: int, tokens: int) -> None:
         b = self._buf
@@ -177,7 +179,7 @@ class PersistentKernelMetadata:
 
     def _wait_copies(self) -> None:
         """The host buffers may be rewritten only once the last step's copies out of them are done."""
-        if self._copied is not None:
+        if self._copied is not None and not torch.cuda.is_current_stream_capturing():
             self._copied.synchronize()
             self._copied = None
 
@@ -234,13 +236,17 @@ class PersistentKernelMetadata:
 
         decode, prefill, starts = split_rows(query_start_loc_cpu.numpy(), num_reqs)
         nd, npf = len(decode), len(prefill)
-        lists = b.host["row_lists"]
+        lists, dev_lists, r = b.host["row_lists"], b.dev["row_lists"], b.rows
+        # decode region: this step's rows, then -1 over whatever an earlier (larger) step left, so a graph
+        # captured with more rows skips the rest; prefill region and prefix sums after it
+        high = max(nd, self._decode_high)
         lists[:nd] = torch.from_numpy(decode)
-        lists[nd:nd + npf] = torch.from_numpy(prefill)
-        lists[nd + npf:nd + 2 * npf + 1] = torch.from_numpy(starts)
-        dev_lists = b.dev["row_lists"]
-        dev_lists[:nd + 2 * npf + 1].copy_(lists[:nd + 2 * npf + 1], non_blocking=True)
-        if self._pin:
+        lists[nd:high] = -1
+        self._decode_high = nd
+        lists[r:r + npf] = torch.from_numpy(prefill)
+        lists[2 * r:2 * r + npf + 1] = torch.from_numpy(starts)
+        dev_lists.copy_(lists, non_blocking=True)      # one copy of 3 x max_num_seqs ints
+        if self._pin and not torch.cuda.is_current_stream_capturing():
             self._copied = torch.cuda.Event()
             self._copied.record()
 
@@ -250,7 +256,7 @@ class PersistentKernelMetadata:
                                  q_kv_start, q_is_final)
         return BlockKernelMetadata(q_kv_start, q_is_final, b.dev["page_delta"][:num_reqs],
                                    b.dev["page_valid"][:num_reqs], self.inv_freq, dev_lists[:nd],
-                                   dev_lists[nd:nd + npf], dev_lists[nd + npf:nd + 2 * npf + 1])
+                                   dev_lists[r:r + npf], dev_lists[2 * r:2 * r + npf + 1])
 
     def _token_metadata(self, qsl: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, num_tokens: int,
                         q_kv_start: torch.Tensor, q_is_final: torch.Tensor) -> None:
