@@ -139,7 +139,7 @@ def test_script_without_vllm(tmp_path):
     assert report["bench"]["ok"] and {c["kernel"] for c in report["bench"]["correctness"]} == {"prefill", "decode"}
     # vLLM's paged kernels cannot be timed without vLLM: said so, with the reason
     assert set(report["bench"]["skipped"]) == {"vllm_triton", "flash_attn"}
-    assert {r["impl"] for r in report["bench"]["throughput"]} == {"triton", "sdpa"}
+    assert {r["impl"] for r in report["bench"]["throughput"]} == {"triton", "triton_unsplit", "sdpa"}
     assert report["provenance"]["commit"] and report["provenance"]["date_utc"]
     assert report["backend"] == {"skipped": "vllm_blockattn is blocked", "ok": None}
     assert report["engine"]["ok"] is None and report["vllm"] is None

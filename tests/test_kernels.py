@@ -419,6 +419,7 @@ def test_bench_cpu_smoke(tmp_path):
     assert report["correctness"] and all(c["ok"] for c in report["correctness"])
     assert {c["kernel"] for c in report["correctness"]} == {"prefill", "decode"}
     kinds = {(r["kernel"], r["impl"]) for r in report["throughput"]}
-    assert kinds == {("prefill", "triton"), ("prefill", "sdpa"), ("decode", "triton"), ("decode", "sdpa")}
+    assert kinds == {("prefill", "triton"), ("prefill", "sdpa"), ("decode", "triton"), ("decode", "sdpa"),
+                     ("final", "triton"), ("final", "triton_unsplit"), ("final", "sdpa")}
     assert all(r["ms"] > 0 and r["tflops"] > 0 and r["useful_flops"] > 0 for r in report["throughput"])
     assert "TFLOP/s" in res.stdout

@@ -28,6 +28,9 @@ CPU smoke run of the same code paths at tiny sizes (used by the tests)::
    - ``flash_attn``: vLLM's FlashAttention (``vllm.vllm_flash_attn.flash_attn_varlen_func`` with the
      block table), same inputs as ``vllm_triton``.
 
+   Warm TTFT (kernel ``final``): the final block's 64 queries alone over a cached context in 32 blocks,
+   ours with the automatic KV split and forced unsplit (what the split buys), against the same baselines.
+
    A baseline that cannot run (not installed, no CUDA build, unsupported page size) is listed in
    ``skipped`` with the reason. Decode rows report ``kv_gb_per_s``: K/V bytes of the real slots at KV-head
    width, the same count for every implementation.
@@ -268,10 +271,46 @@ def throughput(device: torch.device, quick: bool, skipped: dict | None = None) -
             del case, kd, vd, qd, out
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        _warm_ttft(rows, skipped, fns, total, block_counts[len(block_counts) // 2], final, heads, page_size, dtype,
+                   device, quick)
     return rows
 
 
-BASELINES = ("sdpa", "vllm_triton", "flash_attn")
+def _warm_ttft(rows, skipped, fns, total, n_blocks, final, heads, page_size, dtype, device, quick) -> None:
+    """The warm-cache RAG step: only the final block's ``final`` queries over a cached context (kernel
+    ``final``). Ours with its automatic KV split (``triton``) and forced unsplit (``triton_unsplit``),
+    SDPA on the same useful work (final queries against the context, then causally against themselves),
+    vLLM's kernels on the same paged cache (plain causal: the same pairs)."""
+    prefill, _, _ = _kernels()
+    blocks = _block_layout(total, n_blocks, page_size)
+    case = make_case([SeqSpec(blocks, final, q_len=final)], page_size=page_size, dtype=dtype, device=device,
+                     nan_fill=False, seed=3, **heads)
+    n_ctx = sum(blocks)
+    pairs = final * n_ctx + final * (final + 1) // 2
+    flops = 4 * pairs * heads["head_dim"] * heads["q_heads"]
+    tr = case.truth[0]
+    real = ~tr.is_pad
+    kd = tr.keys[real].transpose(0, 1)[None].contiguous()                                # [1, Hkv, ctx + final, D]
+    vd = tr.values[real].transpose(0, 1)[None].contiguous()
+    qd = case.q.transpose(0, 1)[None]                                                    # [1, Hq, final, D]
+
+    def sdpa_final():
+        _sdpa(qd, kd[:, :, :n_ctx], vd[:, :, :n_ctx], False)
+        _sdpa(qd, kd[:, :, n_ctx:], vd[:, :, n_ctx:], True)
+
+    out = torch.empty_like(case.q)
+    base = dict(kernel="final", tokens=total, blocks=n_blocks, block_len=blocks[0], final=final, useful_pairs=pairs,
+                useful_flops=flops)
+    impls = {"triton": lambda: prefill(*case.prefill_args(), out=out),
+             "triton_unsplit": lambda: prefill(*case.prefill_args(), out=out, num_splits=1), "sdpa": sdpa_final}
+    for impl, fn in impls.items():
+        ms = _time_ms(fn, device, quick)
+        rows.append(dict(base, impl=impl, ms=ms, tflops=flops / ms / 1e9))
+    _time_baselines(rows, skipped, fns, case, [final], dict(base, work="plain causal, the final queries only"),
+                    device, quick)
+
+
+BASELINES = ("triton_unsplit", "sdpa", "vllm_triton", "flash_attn")
 
 
 def _table(rows: list[dict]) -> str:
