@@ -310,6 +310,8 @@ def test_row_lists_are_checked():
         block_attention_prefill(*case.prefill_args(), rows=pre)
     with pytest.raises(ValueError, match="rows_query_start must be 1-D of length"):
         block_attention_prefill(*case.prefill_args(), rows=pre, rows_query_start=pre_qsl[:-1])
+    with pytest.raises(ValueError, match="rows_tokens must be"):
+        block_attention_prefill(*case.prefill_args(), rows_tokens=3)
 
 
 # the warm-TTFT shape in miniature: a short final block (and a chunk of it) over a long context
@@ -340,7 +342,7 @@ def test_prefill_split_with_row_lists_and_bf16():
     dec, pre, pre_qsl = _split_rows(case)
     out = torch.full_like(case.q, 7.0)
     block_attention_prefill(*case.prefill_args(), out=out, rows=pre, rows_query_start=pre_qsl, num_splits=4,
-                            pack=True)
+                            pack=True, rows_tokens=int(pre_qsl[-1]))     # the grid sized to the prefill rows
     dec_tokens = case.query_start_loc[dec.long()].long()
     assert (out[dec_tokens] == 7.0).all()
     block_attention_decode_rows(*case.prefill_args(), rows=dec, out=out)

@@ -244,7 +244,7 @@ def block_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cach
                             page_valid: torch.Tensor, inv_freq: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, rows: torch.Tensor | None = None,
                             rows_query_start: torch.Tensor | None = None, num_splits: int | None = None,
-                            pack: bool | None = None) -> torch.Tensor:
+                            pack: bool | None = None, rows_tokens: int | None = None) -> torch.Tensor:
     """Paged block attention for any number of query tokens per sequence (Triton).
 
     Shapes: q/out ``[T, Hq, D]``; key_cache/value_cache ``[P, page_size, Hkv, D]``; block_table,
@@ -258,7 +258,9 @@ def block_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cach
 
     ``num_splits``: KV splits per query tile (merged by log-sum-exp), None to choose from the grid size
     (a short final block over a long context gets many); ``pack``: a KV head's query heads in one
-    program (None: when tiles allow, see :func:`pack_heads`).
+    program (None: when tiles allow, see :func:`pack_heads`). ``rows_tokens``: the listed rows' query
+    count (``rows_query_start[-1]``) when the caller knows it on the host: the grid is then sized to
+    them rather than to all ``T`` tokens (a mixed step's decode tokens need no prefill tiles).
     """
     hq, hkv, d, page_size, s = check_common(q, key_cache, value_cache, block_table, seq_lens, page_delta,
                                             page_valid, inv_freq, scale)
@@ -279,7 +281,9 @@ def block_attention_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cach
     on_gpu = q.device.type == "cuda"
     consts, options = prefill_meta(q.dtype, d, hq // hkv, page_size, on_gpu, triton_interpreted(),
                                    has_rows=rows is not None, pack=pack)
-    tiles = t // consts["TOK_M"] + n
+    if rows_tokens is not None and not (rows is not None and 0 <= rows_tokens <= t):
+        raise ValueError(f"rows_tokens must be the listed rows' query count (0..{t}), with rows; got {rows_tokens}")
+    tiles = (t if rows_tokens is None else rows_tokens) // consts["TOK_M"] + n
     heads = hq // consts["PACK"]
     if num_splits is None:
         num_splits = prefill_splits(q.device, tiles * heads,

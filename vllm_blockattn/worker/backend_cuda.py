@@ -107,7 +107,8 @@ class BlockAttnTritonImpl(TritonAttentionImpl):
                 attn_metadata.seq_lens, block.q_kv_start, block.q_is_final, block.page_delta, block.page_valid,
                 block.inv_freq, self.scale)
         if block.num_prefill:
-            block_attention_prefill(*args, out=out, rows=block.prefill_rows, rows_query_start=block.prefill_query_start)
+            block_attention_prefill(*args, out=out, rows=block.prefill_rows, rows_query_start=block.prefill_query_start,
+                                    rows_tokens=block.prefill_tokens)
         if block.num_decode:
             block_attention_decode_rows(*args, rows=block.decode_rows, out=out)
         return output

@@ -40,6 +40,7 @@ class BlockKernelMetadata:
     decode_rows: torch.Tensor  # [R_dec] int32 rows with one query: the split-K decode kernel
     prefill_rows: torch.Tensor  # [R_pre] int32 rows with more: the prefill kernel
     prefill_query_start: torch.Tensor  # [R_pre + 1] int32 prefix sums of the prefill rows' query counts
+    prefill_tokens: int | None = None  # their total (host), sizes the prefill grid
 
     @property
     def num_decode(self) -> int:
@@ -93,7 +94,7 @@ def build_kernel_metadata(layouts: Sequence[PagedLayout | None], query_start_loc
 
     decode, prefill, starts = split_rows(query_start_loc, rows)
     return BlockKernelMetadata(t(q_kv_start), t(q_is_final), t(page_delta), t(page_valid),
-                               inv_freq.to(device), t(decode), t(prefill), t(starts))
+                               inv_freq.to(device), t(decode), t(prefill), t(starts), int(starts[-1]))
 
 
 @dataclass
@@ -256,7 +257,7 @@ class PersistentKernelMetadata:
                                  q_kv_start, q_is_final)
         return BlockKernelMetadata(q_kv_start, q_is_final, b.dev["page_delta"][:num_reqs],
                                    b.dev["page_valid"][:num_reqs], self.inv_freq, dev_lists[:nd],
-                                   dev_lists[r:r + npf], dev_lists[2 * r:2 * r + npf + 1])
+                                   dev_lists[r:r + npf], dev_lists[2 * r:2 * r + npf + 1], int(starts[-1]))
 
     def _token_metadata(self, qsl: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, num_tokens: int,
                         q_kv_start: torch.Tensor, q_is_final: torch.Tensor) -> None:
