@@ -215,3 +215,20 @@ def test_guide_without_headings_meets_the_story_like_any_paragraph():
     assert text[at - 2 : at] == "\n\n" and text[at - 3] != "\n"
     assert "```bash\npython -m venv .venv" in text  # code fences (and comments inside) stay
     assert demo.held_out("janeaustenr:emma", 0.25) and not demo.held_out("janeaustenr:prideprejudice", 0.25)
+
+
+def test_every_packaged_segmenter_checkpoint_is_package_data():
+    """A checkpoint directory inside the package (default_model, prose_model) that pyproject's
+    package-data does not list would be missing from the installed wheel."""
+    import fnmatch
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["vllm_blockattn.segmenter"]
+    pkg = ROOT / "vllm_blockattn" / "segmenter"
+    ckpts = sorted(p.parent for p in pkg.glob("*/segmenter_config.json"))
+    assert {p.name for p in ckpts} >= {"default_model", "prose_model"}
+    for ckpt in ckpts:
+        for f in ("segmenter_config.json", "head.safetensors", "provenance.json", "README.md"):
+            rel = f"{ckpt.name}/{f}"
+            assert (ckpt / f).is_file() and any(fnmatch.fnmatch(rel, g) for g in globs), rel
