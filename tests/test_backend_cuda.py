@@ -188,3 +188,10 @@ def test_bench_times_vllm_paged_kernel_beside_ours(tmp_path):
     assert "vllm_triton" not in report["skipped"] and report["skipped"]["flash_attn"]
     decode = {r["impl"]: r for r in report["throughput"] if r["kernel"] == "decode"}
     assert decode["triton"]["kv_bytes"] == decode["sdpa"]["kv_bytes"] == decode["vllm_triton"]["kv_bytes"]
+
+
+def test_engine_runs_past_the_budget_are_skipped_with_the_reason():
+    from tools.gpu_check import _engine
+
+    res = _engine([("float32", "eager"), ("bfloat16", "graphs")], deadline=0.0)
+    assert res["ok"] is None and [r["skipped"] for r in res["runs"]] == ["over the --budget-s time budget"] * 2
