@@ -5,6 +5,8 @@ load the plugin's endpoint plugin; the plain server runs without it, so the rout
 Every document here is unique to this module, so other modules' traffic cannot have cached it.
 """
 
+import json
+
 import pytest
 import requests
 from openai import OpenAI
@@ -169,7 +171,8 @@ def small_server(tiny_qwen3, tmp_path_factory):
     from tests._server import serve
 
     with serve(tiny_qwen3, tmp_path_factory.mktemp("pin-server"), "--num-gpu-blocks-override", str(SMALL_PAGES),
-               "--enable-prompt-tokens-details", env={"VLLM_PLUGINS": "blockattn"}) as srv:
+               "--enable-prompt-tokens-details", "--additional-config",
+               json.dumps({"blockattn": {"pin_tenant_fraction": 0.5}}), env={"VLLM_PLUGINS": "blockattn"}) as srv:
         yield srv
 
 
@@ -210,6 +213,26 @@ def test_pins_beyond_the_bound_are_refused_and_nothing_is_pinned(small_server):
     assert "over the bound" in r.json()["error"]["message"] and "not pinned" in r.json()["error"]["message"]
     u = requests.post(small_server.url + "/v1/blocks/unpin", json={"documents": many}, timeout=60)
     assert u.status_code == 200 and u.json()["unpinned"] == 0  # all or nothing: none was pinned
+    assert small_server.alive()
+
+
+def test_one_tenant_cannot_pin_more_than_its_share(small_server):
+    """pin_tenant_fraction 0.5: a tenant (cache_salt) that would hold more than half of the pinnable pages
+    is refused (400 naming `pin`, nothing pinned), and another tenant still pins."""
+    docs = [f"share {i}: " + " ".join(f"share-word-{i}-{j}" for j in range(24)) for i in range(3)]
+    one = preload(small_server, documents=docs[:1], pin=True, cache_salt="tenant-a")
+    assert one.status_code == 200, one.text
+    share = SMALL_PAGES // 2 // 2  # pin_fraction 0.5 of the pages, then the tenant's half of those
+    pages = one.json()["pinned"]["pinned_pages"]
+    assert pages <= share < 3 * pages  # one document fits the share, three do not
+    r = preload(small_server, documents=docs[1:], pin=True, cache_salt="tenant-a")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pin"
+    assert "over its share" in r.json()["error"]["message"], r.text
+    other = preload(small_server, documents=docs[1:2], pin=True, cache_salt="tenant-b")
+    assert other.status_code == 200 and other.json()["pinned"]["pinned"] == 1, other.text
+    for salt, ds in (("tenant-a", docs[:1]), ("tenant-b", docs[1:2])):
+        u = requests.post(small_server.url + "/v1/blocks/unpin", json={"documents": ds, "cache_salt": salt}, timeout=60)
+        assert u.status_code == 200 and u.json()["unpinned"] == 1
     assert small_server.alive()
 
 
@@ -254,3 +277,35 @@ def test_pin_table_bound_expiry_and_missing_pages():
     assert table.expire(pool, now=float("inf")) == 1 and pool.refs["b1"] == 0
     assert table.unpin(pool, [["a1", "a2"]]) == {"unpinned": 1, "pinned_pages": 0}
     assert pool.refs == {"a1": 0, "a2": 0, "b1": 0}
+
+
+def test_pin_table_per_tenant_share():
+    """One tenant (cache_salt) may hold at most its share of the pinnable pages; others still pin, and a
+    released pin gives its pages back to its tenant."""
+    from vllm_blockattn.engine.pins import PinError, PinTable
+
+    pool = _Pool({"a1", "a2", "a3", "b1", "b2"})
+    table = PinTable(limit_pages=5, tenant_limit_pages=2)
+    table.pin(pool, [0], [["a1", "a2"]], ttl=None, tenant="alice")
+    with pytest.raises(PinError, match="over its share of 2"):
+        table.pin(pool, [0], [["a3"]], ttl=None, tenant="alice")
+    assert pool.refs == {"a1": 1, "a2": 1} and table.tenant_pages("alice") == 2
+    table.pin(pool, [0], [["b1", "b2"]], ttl=None, tenant="bob")
+    table.pin(pool, [0], [["a3"]], ttl=None)  # requests without a cache_salt are a tenant of their own
+    assert table.pinned_pages == 5 and table.tenant_pages(None) == 1
+    table.unpin(pool, [["a1", "a2"]])
+    assert table.tenant_pages("alice") == 0
+    table.pin(pool, [0], [["a1"]], ttl=None, tenant="alice")
+    assert table.tenant_pages("alice") == 1 and table.pinned_pages == 4
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "half", True])
+def test_pin_tenant_fraction_is_checked_at_start_up(tiny_qwen3, value):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_blockattn.core.config import get_block_config
+
+    cfg = EngineArgs(model=tiny_qwen3, attention_backend="blockattn", max_model_len=256,
+                     additional_config={"blockattn": {"pin_tenant_fraction": value}}).create_engine_config()
+    with pytest.raises(ValueError, match="pin_tenant_fraction"):
+        get_block_config(cfg)

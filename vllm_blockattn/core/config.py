@@ -4,7 +4,8 @@ Read from the model's ``config.json`` ``block_attention`` entry, overridden by
 ``additional_config={"blockattn": {...}}`` (keys: ``sink_token_id`` or ``sink_token``, ``num_sinks``;
 for the sink-free layout ``num_sinks: 0`` with ``boundary_token_id`` or ``boundary_token``;
 ``pad_token_id``, ``segment``: the API server's segmenter, see :mod:`vllm_blockattn.frontend.server`;
-``pin_fraction``: the share of KV pages that pinned documents may hold, default 0.5, see
+``pin_fraction``: the share of KV pages that pinned documents may hold, default 0.5, and
+``pin_tenant_fraction``: the share of those that one tenant (``cache_salt``) may hold, default 1, see
 :mod:`vllm_blockattn.engine.pins`; ``dp_routing``: ``"blocks"`` (default) or ``"off"``, see
 :mod:`vllm_blockattn.frontend.routing`).
 An untrained model has no sink token: name an existing token as the marker (the "training-free"
@@ -24,7 +25,7 @@ from .paged import padded_length
 
 _LAYOUT_KEYS = ("sink_token_id", "num_sinks", "boundary_token_id")
 _OVERRIDE_KEYS = {*_LAYOUT_KEYS, "sink_token", "boundary_token", "pad_token_id", "segment", "pin_fraction",
-                  "dp_routing"}
+                  "pin_tenant_fraction", "dp_routing"}
 DP_ROUTING = ("blocks", "off")
 DEFAULT_PIN_FRACTION = 0.5
 
@@ -37,6 +38,7 @@ class BlockEngineConfig:
     max_model_len: int
     namespace: tuple  # goes into every block-mode page hash
     pin_fraction: float = DEFAULT_PIN_FRACTION  # share of the KV pages pinned documents may hold
+    pin_tenant_fraction: float = 1.0  # share of those pinnable pages one tenant (cache_salt) may hold
     dp_routing: str = "blocks"  # data parallelism: send block requests where their blocks are
 
     def parse(self, token_ids) -> BlockLayout:
@@ -131,12 +133,17 @@ def _build(vllm_config) -> BlockEngineConfig:
     if isinstance(pin_fraction, bool) or not isinstance(pin_fraction, int | float) or not 0 <= pin_fraction <= 1:
         raise ValueError(f"additional_config['blockattn']['pin_fraction'] must be a number in [0, 1], "
                          f"got {pin_fraction!r}")
+    pin_tenant_fraction = override.get("pin_tenant_fraction", 1.0)
+    if isinstance(pin_tenant_fraction, bool) or not isinstance(pin_tenant_fraction, int | float) \
+            or not 0 < pin_tenant_fraction <= 1:
+        raise ValueError(f"additional_config['blockattn']['pin_tenant_fraction'] must be a number in (0, 1], "
+                         f"got {pin_tenant_fraction!r}")
     dp_routing = override.get("dp_routing", "blocks")
     if dp_routing not in DP_ROUTING:
         raise ValueError(f"additional_config['blockattn']['dp_routing'] must be one of {DP_ROUTING}, "
                          f"got {dp_routing!r}")
     return BlockEngineConfig(settings, vllm_config.cache_config.block_size, int(pad), model_config.max_model_len,
-                             namespace, float(pin_fraction), dp_routing)
+                             namespace, float(pin_fraction), float(pin_tenant_fraction), dp_routing)
 
 
 def get_block_config(vllm_config) -> BlockEngineConfig:

@@ -63,7 +63,8 @@ class BlockAttnSchedulerMixin:
         self.blockattn_stats = {"requests": 0, "blocks": 0, "block_hits": 0, "reused_tokens": 0,
                                 "pinned_block_hits": 0}
         pool = self.kv_cache_manager.block_pool
-        self._blockattn_pins = PinTable(int(self._block_config.pin_fraction * pool.num_gpu_blocks))
+        pinnable = int(self._block_config.pin_fraction * pool.num_gpu_blocks)
+        self._blockattn_pins = PinTable(pinnable, int(self._block_config.pin_tenant_fraction * pinnable))
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -198,7 +199,8 @@ class BlockAttnSchedulerMixin:
         chains = [block_chain(self._hash_fn, self.block_size, cfg.pad_id, sinks + list(b), keys) for b in blocks]
         pool, pins = self.kv_cache_manager.block_pool, self._blockattn_pins
         try:
-            result = pins.pin(pool, self._group_ids, chains, ttl) if op == "pin" else pins.unpin(pool, chains)
+            result = pins.pin(pool, self._group_ids, chains, ttl, tenant=cache_salt) if op == "pin" \
+                else pins.unpin(pool, chains)
         except PinError as e:
             return {"error": str(e)}
         set_pinned_pages(pins.pinned_pages)
