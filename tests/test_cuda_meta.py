@@ -139,3 +139,10 @@ def test_split_rows():
 def test_no_host_read_guard_works():
     with pytest.raises(AssertionError, match="host read"):
         NoHostRead(torch.arange(3)).tolist()
+
+
+def test_meta_bench_smoke():
+    from tools.meta_bench import run
+
+    (res,) = run(rows_list=(4,), blocks_list=(2,), block_len=40, reps=1)
+    assert res["scratch_ms"] > 0 and res["persistent_steady_ms"] > 0 and res["persistent_all_rows_changed_ms"] > 0

@@ -130,6 +130,7 @@ class _Buffers:
     tokens: int
     host: dict = field(default_factory=dict)
     dev: dict = field(default_factory=dict)
+    np: dict = field(default_factory=dict)    # numpy views of the host buffers (cheap row writes)
 
 
 class PersistentKernelMetadata:
@@ -160,10 +161,12 @@ class PersistentKernelMetadata:
                                   ("page_kv_start", (rows, pages), 0), ("final_start", (rows,), 0)):
             b.host[name] = torch.full(shape, fill, pin_memory=self._pin, **i32)
             b.dev[name] = b.host[name].to(self.device, copy=True)   # a copy on CPU too: host writes stay unseen
+            b.np[name] = b.host[name].numpy()
         # row lists in one host buffer, one copy: [decode rows | prefill rows | prefill query prefix sums],
         # each region at a fixed offset (a captured decode graph keeps reading the decode region)
         b.host["row_lists"] = torch.full((3 * rows + 1,), -1, pin_memory=self._pin, **i32)
         b.dev["row_lists"] = torch.full((3 * rows + 1,), -1, device=self.device, **i32)
+        b.np["row_lists"] = b.host["row_lists"].numpy()
         b.dev["q_kv_start"] = torch.zeros(tokens, device=self.device, **i32)
         b.dev["q_is_final"] = torch.ones(tokens, device=self.device, dtype=torch.int8)
         b.dev["tokens"] = torch.arange(tokens, device=self.device, **i32)
@@ -194,7 +197,7 @@ class PersistentKernelMetadata:
         return entry
 
     def _write_row(self, i: int, layout: PagedLayout | None) -> None:
-        h = self._buf.host
+        h = self._buf.np
         old = self._row_pages[i]
         h["page_delta"][i, :old] = 0
         h["page_valid"][i, :old] = self.page_size
@@ -203,9 +206,9 @@ class PersistentKernelMetadata:
         if layout is not None:
             pages = self._pages_of(layout)
             n = min(len(pages.delta), self._buf.pages)
-            h["page_delta"][i, :n] = torch.from_numpy(pages.delta[:n])
-            h["page_valid"][i, :n] = torch.from_numpy(pages.valid[:n])
-            h["page_kv_start"][i, :n] = torch.from_numpy(pages.kv_start[:n])
+            h["page_delta"][i, :n] = pages.delta[:n]
+            h["page_valid"][i, :n] = pages.valid[:n]
+            h["page_kv_start"][i, :n] = pages.kv_start[:n]
         h["final_start"][i] = 0 if layout is None else layout.final_start
         self._row_pages[i] = n
         self._owner[i] = layout
@@ -237,16 +240,16 @@ class PersistentKernelMetadata:
 
         decode, prefill, starts = split_rows(query_start_loc_cpu.numpy(), num_reqs)
         nd, npf = len(decode), len(prefill)
-        lists, dev_lists, r = b.host["row_lists"], b.dev["row_lists"], b.rows
+        lists, dev_lists, r = b.np["row_lists"], b.dev["row_lists"], b.rows
         # decode region: this step's rows, then -1 over whatever an earlier (larger) step left, so a graph
         # captured with more rows skips the rest; prefill region and prefix sums after it
         high = max(nd, self._decode_high)
-        lists[:nd] = torch.from_numpy(decode)
+        lists[:nd] = decode
         lists[nd:high] = -1
         self._decode_high = nd
-        lists[r:r + npf] = torch.from_numpy(prefill)
-        lists[2 * r:2 * r + npf + 1] = torch.from_numpy(starts)
-        dev_lists.copy_(lists, non_blocking=True)      # one copy of 3 x max_num_seqs ints
+        lists[r:r + npf] = prefill
+        lists[2 * r:2 * r + npf + 1] = starts
+        dev_lists.copy_(b.host["row_lists"], non_blocking=True)      # one copy of 3 x max_num_seqs ints
         if self._pin and not torch.cuda.is_current_stream_capturing():
             self._copied = torch.cuda.Event()
             self._copied.record()

@@ -1,0 +1,95 @@
+"""Host cost of the CUDA backend's per-step kernel metadata: built from scratch vs kept across steps.
+
+``build_kernel_metadata`` (what the backend ran until the persistent metadata) allocates
+``[rows, max_pages]`` arrays and refills every block's pages in a Python loop each step;
+``PersistentKernelMetadata.update`` rewrites a row only when its request changes. Both on CPU tensors
+here (the device part of ``update``, a handful of small ops, then also runs on the CPU), for a steady
+decode step (every row one query) and for a step in which every row changed::
+
+    python -m tools.meta_bench [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from vllm_blockattn.core.paged import PagedLayout
+from vllm_blockattn.worker.kernel_meta import PersistentKernelMetadata, build_kernel_metadata
+
+PAGE = 16
+
+
+def _layout(n_blocks: int, block_len: int, final: int) -> tuple[PagedLayout, int]:
+    padded = -(-block_len // PAGE) * PAGE
+    starts = tuple(b * padded for b in range(n_blocks))
+    ends = tuple(s + block_len for s in starts)
+    pends = tuple(s + padded for s in starts)
+    offsets = tuple(b * block_len for b in range(n_blocks))
+    final_start = n_blocks * padded
+    return PagedLayout(starts, ends, pends, offsets, final_start, n_blocks * block_len), final_start + final
+
+
+def _median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def run(rows_list=(32, 256), blocks_list=(8, 64), block_len: int = 500, reps: int = 20) -> list[dict]:
+    inv_freq = torch.ones(64)
+    results = []
+    for rows in rows_list:
+        for n_blocks in blocks_list:
+            lays = [_layout(n_blocks, block_len, 64 + i) for i in range(rows)]
+            layouts = [lay for lay, _ in lays]
+            seq_lens = torch.tensor([n + 1 for _, n in lays], dtype=torch.int32)
+            qsl = torch.arange(rows + 1, dtype=torch.int32)
+            max_pages = int(seq_lens.max()) // PAGE + 2
+            meta = PersistentKernelMetadata(PAGE, inv_freq, "cpu", max_rows=rows, max_pages=max_pages,
+                                            max_tokens=rows)
+
+            def scratch():
+                build_kernel_metadata(layouts, qsl.tolist(), seq_lens.tolist(), max_pages, PAGE, rows, inv_freq, "cpu")
+
+            def steady():
+                meta.update(layouts, qsl, qsl, seq_lens, rows, rows, max_pages)
+
+            def all_rows_new():
+                meta.update(list(reversed(layouts)) if meta._owner[0] is layouts[0] else layouts, qsl, qsl, seq_lens,
+                            rows, rows, max_pages)
+
+            steady()   # first sight of the layouts
+            res = dict(rows=rows, blocks=n_blocks, block_len=block_len, max_pages=max_pages,
+                       scratch_ms=_median_ms(scratch, reps), persistent_steady_ms=_median_ms(steady, reps),
+                       persistent_all_rows_changed_ms=_median_ms(all_rows_new, reps))
+            results.append(res)
+            print(f"rows {rows:4} blocks {n_blocks:3}: from scratch {res['scratch_ms']:8.3f} ms, persistent "
+                  f"steady {res['persistent_steady_ms']:7.3f} ms, every row changed "
+                  f"{res['persistent_all_rows_changed_ms']:7.3f} ms", flush=True)
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = run(reps=a.reps)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(machine=platform.processor() or platform.machine(), threads=1, results=results), f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
