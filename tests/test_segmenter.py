@@ -278,6 +278,11 @@ def test_cli_jsonl_prompt_stdin_and_errors(tmp_path, encoder_seg):
     assert r.returncode == 0, r.stderr.decode()
     prompt = (tmp_path / "p.txt").read_text()
     assert prompt == to_block_prompt(segment_text(TEXT, encoder_seg, threshold=0.5), "Q?", as_text=True)
+    r = _cli(["-", "--model", ck, "--threshold", "0.5", "--format", "prompt", "--question", "Q?", "--num-sinks", "0"],
+             stdin=TEXT.encode())
+    assert r.returncode == 0, r.stderr.decode()
+    blocks = segment_text(TEXT, encoder_seg, threshold=0.5)
+    assert r.stdout.decode() == "".join("<|block_boundary|>" + b for b in [*blocks, "Q?"])
 
     (tmp_path / "bin").write_bytes(b"\x7fELF\x00\x01")
     r = _cli([str(tmp_path / "bin"), "--model", ck])
