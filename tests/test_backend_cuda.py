@@ -96,6 +96,8 @@ def test_several_steps_of_one_builder(cases, run):
     steps = cases["steps"]
     assert steps["ok"] and steps["row_writes"] == [3, 0, 4, 0] and steps["layouts_computed"] == 3
     assert all(r["max_abs_err"] <= TOL for r in steps["results"])
+    graphs = cases["graphs"]
+    assert graphs["ok"] and not graphs["real_graph"] and len(graphs["results"]) == 3
     prov = run[0]["provenance"]
     assert prov["commit"] and prov["date_utc"] and "tools.gpu_check" in prov["command"]
 

@@ -95,66 +95,23 @@ def test_several_steps_with_persistent_metadata_match_the_reference():
     assert rep["row_writes"] == [3, 0, 4, 0] and rep["layouts_computed"] == 3 and rep["ok"]
 
 
-def test_decode_graph_replay_emulated(monkeypatch):
+def test_decode_graph_replay_emulated():
     """``VLLM_BLOCKATTN_CUDA_GRAPHS=decode``: the metadata captured once from a decode-only batch of
     ordinary rows (as vLLM captures at start-up, outside any step) is what later decode steps replay.
-    Emulated on CPU: the runner's inputs are rewritten in place, the builder runs for each step (its
-    result discarded, as a graph keeps the captured tensors), and the impl runs with the *captured*
-    metadata; every step, with block requests, reordered rows and a padding row, equals the reference."""
-    import dataclasses
+    Emulated on CPU (``tools.cuda_cases.run_graph_replay``; on a GPU the GPU check captures a real
+    CUDA graph with the same function): the runner's inputs are rewritten in place, the builder runs for
+    each step (its result discarded, as a graph keeps the captured tensors), and the impl runs with the
+    *captured* metadata; every step, with block requests, reordered rows and padding rows, equals the
+    reference, the captured tensors keep their addresses."""
+    import os
 
-    from tools.cuda_cases import PADDING_ROW, BatchSpec, Row
-
-    monkeypatch.setenv("VLLM_BLOCKATTN_CUDA_GRAPHS", "decode")
-    config = cuda_cases.make_vllm_config(q_heads=4, kv_heads=2, head_dim=32, dtype=torch.float32)
-    backend = cuda_cases.make_backend(config, page_size=16, device=torch.device("cpu"))
-    assert backend.builder.get_cudagraph_support(config, backend.spec).name == "UNIFORM_SINGLE_TOKEN_DECODE"
-
-    width = 16
-    capture = cuda_cases.make_batch("capture", backend, seed=1, spec=BatchSpec(
-        tuple(Row(None, 20 + 3 * i, generated=1, start=-1) for i in range(4)), "LBNHC", "block-decode"))
-    table = torch.zeros(4, width, dtype=torch.int32)
-    table[:, :capture.common.block_table_tensor.shape[1]] = capture.common.block_table_tensor
-    common = dataclasses.replace(capture.common, block_table_tensor=table)     # the runner's persistent inputs
-    captured = backend.builder.build_for_cudagraph_capture(common)
-    assert captured.block is not None and captured.block.num_decode == 4 and captured.block.num_prefill == 0
-    ptrs = [t.data_ptr() for t in (captured.block.decode_rows, captured.block.page_delta, captured.block.q_kv_start)]
-
-    a, b, c, d = Row((17, 12, 1), 3, cached=(2,)), Row(None, 23), Row((30,), 2), Row((9, 40), 3)
-
-    def dec(row, g):
-        return Row(row.contexts, row.final, generated=g, start=-1, cached=row.cached)
-
-    objects = {}
-    steps = [("ABC", (dec(a, 1), dec(b, 2), dec(c, 1), PADDING_ROW), [0, 1, 2, -1]),
-             ("CABD", (dec(c, 2), dec(a, 2), dec(b, 3), dec(d, 1)), [0, 1, 2, 3]),
-             ("CA", (dec(c, 3), dec(a, 3), PADDING_ROW, PADDING_ROW), [0, 1, -1, -1])]
-    for step, (names, rows, listed) in enumerate(steps):
-        layouts = [objects.get(n) for n in names] + [None] * (len(rows) - len(names))
-        batch = cuda_cases.make_batch(f"replay{step}", backend, seed=20 + step, layouts=layouts,
-                                      spec=BatchSpec(rows, "LBNHC", "block-decode"))
-        for n, lay in zip(names, batch.layouts):
-            objects.setdefault(n, lay)
-        cm = batch.common
-        common.query_start_loc.copy_(cm.query_start_loc)
-        common.query_start_loc_cpu.copy_(cm.query_start_loc_cpu)
-        common.seq_lens.copy_(cm.seq_lens)
-        table.zero_()
-        table[:, :cm.block_table_tensor.shape[1]] = cm.block_table_tensor
-        with cuda_cases._layouts_for(backend.vllm_config, batch.layouts):
-            backend.builder.build(0, dataclasses.replace(common, num_actual_tokens=cm.num_actual_tokens))
-        assert captured.block.decode_rows.tolist() == listed
-        n = batch.num_tokens
-        cuda_cases._write_slots(batch.kv_cache, cm.slot_mapping[:n], batch.key[:n], batch.value[:n])
-        output = torch.full_like(batch.query, cuda_cases.OUTPUT_SENTINEL)
-        backend.impl.forward(backend.layer, batch.query, batch.key, batch.value, batch.kv_cache, captured, output)
-        want = cuda_cases.reference(batch, backend.builder.inv_freq, backend.impl.scale)
-        assert float((output[:n].double() - want).abs().max()) <= TOL, step
-        assert (output[n:] == cuda_cases.OUTPUT_SENTINEL).all()
-        causal = cuda_cases.reference(batch, backend.builder.inv_freq, backend.impl.scale, block=False)
-        assert float((causal - want).abs().max()) > 100 * TOL      # block rows really differ from plain causal
-    assert ptrs == [t.data_ptr() for t in (captured.block.decode_rows, captured.block.page_delta,
-                                           captured.block.q_kv_start)]
+    rep = cuda_cases.run_graph_replay("cpu")
+    assert "VLLM_BLOCKATTN_CUDA_GRAPHS" not in os.environ          # the switch was only set for the builder
+    assert rep["support"] == "UNIFORM_SINGLE_TOKEN_DECODE" and not rep["real_graph"] and rep["addresses_stable"]
+    assert [r["decode_rows"] for r in rep["results"]] == [[0, 1, 2, -1], [0, 1, 2, 3], [0, 1, -1, -1]]
+    for r in rep["results"]:
+        assert r["max_abs_err"] <= TOL and r["padding_untouched"] and r["block_vs_causal"] > 100 * TOL, r
+    assert rep["ok"]
 
 
 def test_without_the_switch_decode_graphs_stay_off(backend, monkeypatch):

@@ -628,6 +628,118 @@ def run_steps(backend: Backend, *, seed: int = 10, write_with_impl: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
+# Decode graphs: capture once, replay for later steps
+# ----------------------------------------------------------------------------------------------
+
+GRAPH_ENV = "VLLM_BLOCKATTN_CUDA_GRAPHS"
+
+
+def _graph_steps() -> list[tuple[str, tuple[Row, ...], list[int]]]:
+    """Decode-only steps of a 4-row graph: (request names, rows, expected decode row list)."""
+    a, b, c, d = Row((17, 12, 1), 3, cached=(2,)), Row(None, 23), Row((30,), 2), Row((9, 40), 3)
+
+    def dec(row, g):
+        return Row(row.contexts, row.final, generated=g, start=-1, cached=row.cached)
+
+    return [("ABC", (dec(a, 1), dec(b, 2), dec(c, 1), PADDING_ROW), [0, 1, 2, -1]),
+            ("CABD", (dec(c, 2), dec(a, 2), dec(b, 3), dec(d, 1)), [0, 1, 2, 3]),
+            ("CA", (dec(c, 3), dec(a, 3), PADDING_ROW, PADDING_ROW), [0, 1, -1, -1])]
+
+
+def run_graph_replay(device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32, q_heads: int = 4,
+                     kv_heads: int = 2, head_dim: int = 32, page_size: int = 16, real_graph: bool | None = None,
+                     seed: int = 20) -> dict:
+    """With ``VLLM_BLOCKATTN_CUDA_GRAPHS=decode``: metadata built once for a decode-only batch of ordinary
+    rows outside any step (as vLLM captures at start-up), then decode steps with block requests,
+    reordered rows and padding rows, each written into the same runner inputs and rebuilt in place, run
+    through the *captured* metadata. On CUDA (``real_graph``) the impl's forward is captured in a
+    ``torch.cuda.CUDAGraph`` once and replayed; on CPU the replay is emulated by calling the forward
+    with the captured metadata and the same buffers. Every step must equal the reference."""
+    import dataclasses
+
+    device = torch.device(device)
+    real_graph = device.type == "cuda" if real_graph is None else real_graph
+    saved = os.environ.get(GRAPH_ENV)
+    os.environ[GRAPH_ENV] = "decode"
+    try:
+        config = make_vllm_config(q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+        backend = make_backend(config, page_size=page_size, device=device)
+        support = backend.builder.get_cudagraph_support(config, backend.spec).name   # what vLLM reads at start-up
+    finally:
+        if saved is None:
+            os.environ.pop(GRAPH_ENV, None)
+        else:
+            os.environ[GRAPH_ENV] = saved
+    rows, width, pages = 4, 16, 64
+    capture = make_batch("capture", backend, seed=seed, spec=BatchSpec(
+        tuple(Row(None, 20 + 3 * i, generated=1, start=-1) for i in range(rows)), "LBNHC", "block-decode"))
+    table = torch.zeros(rows, width, dtype=torch.int32, device=device)
+    table[:, :capture.common.block_table_tensor.shape[1]] = capture.common.block_table_tensor
+    common = dataclasses.replace(capture.common, block_table_tensor=table)     # the runner's persistent inputs
+    captured = backend.builder.build_for_cudagraph_capture(common)
+    block = captured.block
+    if block is None or block.num_decode != rows or block.num_prefill:
+        return dict(ok=False, support=support, error="the capture batch did not get the decode kernel's metadata")
+    ptrs = [t.data_ptr() for t in (block.decode_rows, block.page_delta, block.page_valid, block.q_kv_start)]
+    kv_cache = allocate_kv_cache(backend.spec, pages, "LBNHC", device)
+    query = capture.query.clone()
+    output = torch.full_like(query, OUTPUT_SENTINEL)
+
+    def forward():
+        backend.impl.forward(backend.layer, query, query, query, kv_cache, captured, output)
+
+    graph = None
+    if real_graph:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):     # warm-up (Triton compiles) outside the capture
+            forward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+
+    objects: dict[str, PagedLayout] = {}
+    results = []
+    for step, (names, step_rows, listed) in enumerate(_graph_steps()):
+        layouts = [objects.get(n) for n in names] + [None] * (len(step_rows) - len(names))
+        batch = make_batch(f"replay{step}", backend, seed=seed + 1 + step, layouts=layouts,
+                           spec=BatchSpec(step_rows, "LBNHC", "block-decode"))
+        for n, lay in zip(names, batch.layouts):
+            objects.setdefault(n, lay)
+        cm, n = batch.common, batch.num_tokens
+        common.query_start_loc.copy_(cm.query_start_loc)
+        common.query_start_loc_cpu.copy_(cm.query_start_loc_cpu)
+        common.seq_lens.copy_(cm.seq_lens)
+        table.zero_()
+        table[:, :cm.block_table_tensor.shape[1]] = cm.block_table_tensor
+        _write_slots(batch.kv_cache, cm.slot_mapping[:n], batch.key[:n], batch.value[:n])
+        kv_cache[:batch.kv_cache.shape[0]].copy_(batch.kv_cache)
+        query[:n].copy_(batch.query[:n])
+        output.fill_(OUTPUT_SENTINEL)
+        with _layouts_for(backend.vllm_config, batch.layouts):
+            backend.builder.build(0, dataclasses.replace(common, num_actual_tokens=cm.num_actual_tokens))
+        if graph is not None:
+            graph.replay()
+            torch.cuda.synchronize(device)
+        else:
+            forward()
+        want = reference(batch, backend.builder.inv_freq.cpu(), backend.impl.scale)
+        got = output[:n].double().cpu()
+        err = float((got - want).abs().max()) if got.isfinite().all() else math.inf
+        tol = tolerance(dtype, device, "block-decode")
+        causal = reference(batch, backend.builder.inv_freq.cpu(), backend.impl.scale, block=False)
+        results.append(dict(step=step, rows=names, decode_rows=block.decode_rows.tolist(), expected_rows=listed,
+                            max_abs_err=err, tol=tol, block_vs_causal=float((causal - want).abs().max()),
+                            padding_untouched=bool((output[n:] == OUTPUT_SENTINEL).all()),
+                            ok=bool(err <= tol and block.decode_rows.tolist() == listed
+                                    and (output[n:] == OUTPUT_SENTINEL).all())))
+    stable = ptrs == [t.data_ptr() for t in (block.decode_rows, block.page_delta, block.page_valid, block.q_kv_start)]
+    return dict(support=support, real_graph=real_graph, results=results, addresses_stable=stable,
+                ok=bool(support == "UNIFORM_SINGLE_TOKEN_DECODE" and stable and all(r["ok"] for r in results)))
+
+
+# ----------------------------------------------------------------------------------------------
 # The plugin inside a vLLM engine (GPU check; on CPU the engine takes the CPU backend instead)
 # ----------------------------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ summary printed at the end (exit status 1 if any check fails):
    ``BlockAttnTritonMetadataBuilder`` and ``BlockAttnTritonImpl`` of ``backend_cuda.py`` on prefill,
    decode, mixed, padded and ordinary-only batches (the last through vLLM's own ``unified_attention``),
    then four steps of one builder (persistent metadata: rows rewritten only when their request
-   changes), against a torch reference; the KV of each step is written with vLLM's
+   changes) and the decode graph (a ``torch.cuda.CUDAGraph`` of the impl captured once from ordinary rows,
+   replayed for decode steps with block requests), against a torch reference; the KV of each step is written with vLLM's
    ``do_kv_cache_update``. The same cases run on CPU under the interpreter in
    ``tests/test_backend_cuda.py`` and ``tests/test_cuda_step.py``.
 3. ``engine`` (needs vLLM): ``LLM(..., attention_backend="blockattn")`` on a tiny checkpoint built on the
@@ -150,12 +151,21 @@ def _backend(device: torch.device, quick: bool) -> dict:
                   f"{max(r['max_abs_err'] for r in steps['results']):.2e} rows rewritten {steps['row_writes']} "
                   f"{'ok' if steps['ok'] else 'FAIL'}", flush=True)
             rep["steps"] = steps
+            # decode graphs (VLLM_BLOCKATTN_CUDA_GRAPHS=decode): a real torch.cuda.CUDAGraph captured once from
+            # ordinary rows and replayed for block decode steps (on CPU: the replay emulated)
+            graphs = _cuda_cases.run_graph_replay(device, dtype=getattr(torch, dtype), q_heads=hq, kv_heads=hkv,
+                                                  head_dim=d, page_size=page)
+            print(f"   decode graph ({'captured' if graphs.get('real_graph') else 'emulated'}): max|err| "
+                  f"{max((r['max_abs_err'] for r in graphs.get('results', [])), default=float('nan')):.2e} "
+                  f"{'ok' if graphs['ok'] else 'FAIL'}", flush=True)
+            rep["graphs"] = graphs
         reports.append(rep)
     facts_ok = all(r["facts"]["cudagraph_support"] == "NEVER" and not r["facts"]["fused_output_quant_supported"]
                    for r in reports)
     ok = facts_ok and all(r["ok"] is not False for rep in reports for r in rep["results"]) and all(
         t["caught"] for rep in reports for t in rep["tampered"]) and all(
-        rep["steps"]["ok"] for rep in reports if "steps" in rep)
+        rep["steps"]["ok"] for rep in reports if "steps" in rep) and all(
+        rep["graphs"]["ok"] for rep in reports if "graphs" in rep)
     if device.type == "cuda":   # on a GPU nothing may be skipped
         ok = ok and all(r["ok"] is True for rep in reports for r in rep["results"])
     return dict(configs=reports, ok=bool(ok))
