@@ -140,7 +140,7 @@ def test_script_without_vllm(tmp_path):
     report = json.loads(out.read_text())
     assert report["bench"]["ok"] and {c["kernel"] for c in report["bench"]["correctness"]} == {"prefill", "decode"}
     # vLLM's paged kernels cannot be timed without vLLM: said so, with the reason
-    assert set(report["bench"]["skipped"]) == {"vllm_triton", "flash_attn"}
+    assert set(report["bench"]["baselines_skipped"]) == {"vllm_triton", "flash_attn"}
     assert {r["impl"] for r in report["bench"]["throughput"]} == {"triton", "triton_unsplit", "sdpa"}
     assert report["provenance"]["commit"] and report["provenance"]["date_utc"]
     assert report["backend"] == {"skipped": "vllm_blockattn is blocked", "ok": None}

@@ -11,7 +11,7 @@ summary printed at the end (exit status 1 if any check fails):
 
 1. ``bench``: ``tools.kernel_bench``'s correctness (Triton vs torch, bf16/fp32) and throughput
    (vs SDPA reading the same K/V bytes, vLLM's ``unified_attention`` and vLLM's FlashAttention on the
-   same paged cache; a baseline that cannot run is listed under ``skipped`` with the reason) — the same
+   same paged cache; a baseline that cannot run is listed under ``baselines_skipped`` with the reason) — the same
    functions ``python -m tools.kernel_bench`` runs.
 2. ``backend`` (needs vLLM): ``tools.cuda_cases`` on CUDA tensors: the real
    ``BlockAttnTritonMetadataBuilder`` and ``BlockAttnTritonImpl`` of ``backend_cuda.py`` on prefill,
@@ -119,9 +119,9 @@ def _bench(device: torch.device, quick: bool, throughput: bool) -> dict:
               f"{c['max_abs_err']:.2e} (tol {c['tol']:.0e}) {'ok' if c['ok'] else 'FAIL'}", flush=True)
     out = dict(correctness=rows, ok=all(c["ok"] for c in rows))
     if throughput:
-        out["skipped"] = {}
-        out["throughput"] = bench.throughput(device, quick, out["skipped"])
-        for impl, why in out["skipped"].items():
+        out["baselines_skipped"] = {}
+        out["throughput"] = bench.throughput(device, quick, out["baselines_skipped"])
+        for impl, why in out["baselines_skipped"].items():
             print(f"baseline {impl} skipped: {why}", flush=True)
         print(bench._table(out["throughput"]), flush=True)
     return out
