@@ -64,9 +64,12 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         self.page_size = kv_cache_spec.block_size
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, kv_cache_spec.head_size)
         sched = vllm_config.scheduler_config
+        # sized for every batch vLLM may build, padded graph batches included: the buffers must never be
+        # reallocated once a graph has captured their addresses
+        capture = max(vllm_config.compilation_config.cudagraph_capture_sizes or [0])
         self.block_meta = PersistentKernelMetadata(self.page_size, self.inv_freq, device,
-                                                   max_rows=sched.max_num_seqs,
-                                                   max_tokens=sched.max_num_batched_tokens)
+                                                   max_rows=max(sched.max_num_seqs, capture),
+                                                   max_tokens=max(sched.max_num_batched_tokens, capture))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
