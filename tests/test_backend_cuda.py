@@ -197,3 +197,19 @@ def test_engine_runs_past_the_budget_are_skipped_with_the_reason():
 
     res = _engine([("float32", "eager"), ("bfloat16", "graphs")], deadline=0.0)
     assert res["ok"] is None and [r["skipped"] for r in res["runs"]] == ["over the --budget-s time budget"] * 2
+
+
+@pytest.mark.slow  # an in-process vLLM engine on CPU: ~50 s
+def test_engine_stage_runs_on_cpu(tmp_path):
+    """The GPU check's engine stage, command line to report, on CPU (where the engine takes the CPU
+    backend): register() called, greedy tokens and log-probs equal to the HF block reference, block hits."""
+    out = tmp_path / "engine.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--device", "cpu", "--no-bench", "--no-backend", "--engine", "yes",
+           "--engine-configs", "float32:eager", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (run,) = report["engine"]["runs"]
+    assert run["ok"] and run["mode"] == "eager" and run["block_cache"]["block_hits"] > 0
+    assert all(c["tokens"] == c["reference"] for c in run["checks"])
