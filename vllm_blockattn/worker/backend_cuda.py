@@ -53,6 +53,8 @@ class BlockAttnTritonMetadata(TritonAttentionMetadata):
 
 class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # our block metadata is rebuilt in build() only (speculative decoding is refused at start-up anyway)
+    supports_draft_decode_metadata_update = False
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
