@@ -62,6 +62,7 @@ class BlockAttnTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.supports_draft_decode_metadata_update = False   # the parent sets it per instance
         self.decode_graphs = full_decode_graphs()
         self.page_size = kv_cache_spec.block_size
         self.inv_freq = inv_freq_from_config(vllm_config.model_config.hf_text_config, kv_cache_spec.head_size)
