@@ -117,3 +117,5 @@ def test_decode_graph_replay_emulated():
 def test_without_the_switch_decode_graphs_stay_off(backend, monkeypatch):
     monkeypatch.delenv("VLLM_BLOCKATTN_CUDA_GRAPHS", raising=False)
     assert backend.builder.get_cudagraph_support(backend.vllm_config, backend.spec).name == "NEVER"
+    # vLLM must not update our metadata for drafts without build() (speculative decoding is refused anyway)
+    assert backend.builder.supports_draft_decode_metadata_update is False
