@@ -115,15 +115,21 @@ def _install(runner, layouts: RowLayouts) -> None:
     def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = original(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         ib = runner.input_batch
+        index, values = [], []  # the step's block-request tokens: where they are in the batch, their positions
         start = 0
         for i in range(ib.num_reqs):
             n = int(num_scheduled_tokens[i])
             layout = layouts.get(ib.req_ids[i])
             if layout is not None and n:
                 slots = int(ib.num_computed_tokens_cpu[i]) + np.arange(n)
-                pos = torch.from_numpy(layout.positions(slots))
-                runner.positions[start : start + n].copy_(pos.to(runner.positions.dtype))
+                index.append(np.arange(start, start + n))
+                values.append(layout.positions(slots))
             start += n
+        if index:  # one transfer per step, not one per request (each a synchronous copy on CUDA)
+            positions = runner.positions
+            idx = torch.from_numpy(np.concatenate(index)).to(positions.device)
+            val = torch.from_numpy(np.concatenate(values)).to(device=positions.device, dtype=positions.dtype)
+            positions.index_copy_(0, idx, val)
         return result
 
     runner._prepare_inputs = _prepare_inputs
