@@ -2,12 +2,12 @@
 
 What it runs (docs/distillation.md, "Ablation study with intervals"):
 
-1. For every teacher seed: a Qwen3-style teacher (default 4 layers x 256) trained from scratch with the LM loss on
-   **all** tokens of full-attention sequences that start with a BOS, on the profile task of
-   ``vllm_blockattn.distill.ablation_task`` (a person's name at every block's first token, multi-token templated
-   answers, a later block that restates an asked fact). Then ``<|block_sink|>`` is added (mean-initialised) and
-   the teacher is measured: answer accuracy under full and block attention, and the mean attention mass every
-   head puts on the BOS.
+1. For every teacher seed: a Qwen3-style teacher (default 4 layers x 128) trained from scratch under full attention
+   with the LM loss on **all** tokens of sequences that start with a BOS, plus the answer tokens' mean CE
+   (``--teacher-answer-weight``), on the fact-lookup task of ``vllm_blockattn.distill.ablation_task`` (the key
+   at every block's first token, multi-token templated answers, a later block that restates an asked fact).
+   Then ``<|block_sink|>`` is added (mean-initialised) and the teacher is measured: answer accuracy under full
+   and block attention, and the mean attention mass every head puts on the BOS.
 2. For every student seed (the training subset drawn from the teacher's pool, its order, the dropout draws) and
    every arm, a student is trained from the teacher for a fixed number of steps with the project's trainers
    (``BlockDistillationTrainer`` / ``BlockFinetuneTrainer``, ``ce_normalization: weights``, teacher outputs
@@ -23,7 +23,7 @@ What it runs (docs/distillation.md, "Ablation study with intervals"):
 
 Usage::
 
-    OMP_NUM_THREADS=1 nice -n 10 python train/ablation_study.py --out docs/results/ablation   # the study (~90 min)
+    OMP_NUM_THREADS=1 nice -n 10 python train/ablation_study.py --out docs/results/ablation   # the study (~1 h)
     python train/ablation_study.py --out /tmp/abl --quick        # seconds: a tiny end-to-end smoke run
     python train/ablation_study.py --out docs/results/ablation --table-only   # table from runs.jsonl
 """
@@ -457,7 +457,19 @@ def summarize(runs: list[dict], reps: int, arms_order=None) -> dict:
                 for step, em, _ in r["curve"]:
                     curves.setdefault(step, []).append(em)
             row["curve_block_em"] = [[s, sum(v) / len(v), len(v)] for s, v in sorted(curves.items())]
+            if arm != "full" and "full" in per_arm:  # per step, units resampled (one curve value per unit)
+                at = {u: {c[0]: c[1] for c in r["curve"]} for u, r in units.items()}
+                ref = {u: {c[0]: c[1] for c in r["curve"]} for u, r in per_arm["full"].items()}
+                row["curve_minus_full"] = {str(step): paired_bootstrap(
+                    {u: [v[step]] for u, v in at.items() if step in v},
+                    {u: [v[step]] for u, v in ref.items() if step in v}, reps=reps) for step in sorted(curves)}
             row["seconds_mean"] = sum(r["seconds"] for r in units.values()) / max(1, len(units))
+        row["per_teacher"] = {}
+        for t in sorted({u[0] for u in units}):
+            rs = [r for u, r in units.items() if u[0] == t]
+            row["per_teacher"][str(t)] = {"n": len(rs), **{
+                f"{v}_em": sum(mean_bits(r["metrics"][v]["em"]) for r in rs) / len(rs) for v in ("block", "full",
+                                                                                             "full_sinks")}}
         out["arms"][arm] = row
     return out
 
@@ -493,6 +505,36 @@ def table(summary: dict, labels: dict) -> str:
         cells = [_fmt_diff(row["metrics"][f"{v}_{m}"].get("minus_full"), m == "em") for v, m, _ in METRICS]
         n = row["metrics"]["block_em"].get("minus_full", {}).get("n_units", 0)
         lines.append(f"| {labels.get(arm, arm)} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def detail_tables(summary: dict, labels: dict) -> str:
+    """Per teacher seed (means over student seeds) and the learning curves (block EM on the curve subset)."""
+    seeds = sorted({t for row in summary["arms"].values() for t in row.get("per_teacher", {})})
+    lines = ["Per teacher seed (mean over student seeds; block EM / full EM / full EM with sinks, %):", "",
+             "| arm | " + " | ".join(f"teacher {t}" for t in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for arm, row in summary["arms"].items():
+        cells = []
+        for t in seeds:
+            c = row.get("per_teacher", {}).get(t)
+            cells.append("" if c is None else
+                         f"{_pct(c['block_em'])} / {_pct(c['full_em'])} / {_pct(c['full_sinks_em'])} (n={c['n']})")
+        lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(cells) + " |")
+    steps = sorted({p[0] for row in summary["arms"].values() for p in row.get("curve_block_em", [])})
+    lines += ["", "Learning curves (block EM on the curve subset, %, mean over units):", "",
+              "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for arm, row in summary["arms"].items():
+        if row.get("curve_block_em"):
+            at = {p[0]: p[1] for p in row["curve_block_em"]}
+            lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(_pct(at.get(s)) for s in steps) + " |")
+    lines += ["", "Learning curves, arm minus full method (block EM points; paired bootstrap 95% interval over "
+              "units, the curve subset fixed):", "",
+              "| arm | " + " | ".join(f"step {s}" for s in steps if s) + " |",
+              "|---|" + "---|" * len([s for s in steps if s])]
+    for arm, row in summary["arms"].items():
+        if row.get("curve_minus_full"):
+            lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(
+                _fmt_diff(row["curve_minus_full"].get(str(s)), True) for s in steps if s) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -551,15 +593,21 @@ def write_summary(a, out, prov):
         conditions[cond] = summary
         parts.append(f"### Condition `{cond}`: {summary['train_samples']} training samples per student, "
                      f"{summary['steps']} steps\n\n{summary['n_runs']} student runs. Means with bootstrap 95% "
-                     "intervals; EM in %, NLL and KL in nats per answer token.\n\n" + table(summary, labels))
+                     "intervals; EM in %, NLL and KL in nats per answer token.\n\n" + table(summary, labels) +
+                     "\n" + detail_tables(summary, labels))
     if not conds and teachers:
         conditions["none"] = summarize(teachers, a.bootstrap_reps, [])
     teacher_md = teacher_table(next(iter(conditions.values()))) if conditions else ""
     md = "\n".join(parts) + "\n### Teachers (before any block training)\n\n" + teacher_md
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"provenance": prov, "settings": dict(vars(a)), "conditions": conditions}, f, indent=1)
+    path, head = os.path.join(out, "summary.json"), {"provenance": prov, "settings": dict(vars(a))}
+    if a.table_only and os.path.exists(path):  # keep the provenance and settings of the run that made the data
+        with open(path) as f:
+            old = json.load(f)
+        head = {"provenance": old.get("provenance"), "settings": old.get("settings"), "table_provenance": prov}
+    with open(path, "w") as f:
+        json.dump({**head, "conditions": conditions}, f, indent=1)
     plotted = plot({c: v for c, v in conditions.items() if c != "none"}, labels, os.path.join(out, "curves.png"))
     return md, plotted
 
