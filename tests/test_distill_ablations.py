@@ -195,3 +195,25 @@ def test_no_sinks_checkpoint_is_saved_in_the_sink_free_layout(tmp_path, tiny_qwe
         layout = parse_block_prompt(marked, served)
         serving = block_forward(model, marked, layout)[layout.real_token_indices()]
     assert (trained - serving).abs().max().item() <= 1e-4
+
+
+def test_no_sinks_with_a_separately_loaded_teacher(tmp_path, tiny_qwen3):
+    """num_sinks=0 grows the student's vocabulary by the boundary token; a teacher loaded from its own
+    checkpoint gets the same row, so the KL compares like with like and a step runs."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_blockattn.distill import BlockDistillationConfig, BlockDistillationTrainer
+
+    args = BlockDistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                                   per_device_train_batch_size=3, max_steps=1, save_strategy="no", logging_steps=1,
+                                   ce_tau=0.0, num_sinks=0)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    fmt = ChatBlockFormatter(tok, BlockSettings.from_pretrained(tiny_qwen3), sinks=False)
+    ds = Dataset.from_list([fmt(r) for r in make_retrieval_records(6, num_docs=3, facts_per_doc=2, seed=5)])
+    trainer = BlockDistillationTrainer(AutoModelForCausalLM.from_pretrained(tiny_qwen3), args, train_dataset=ds,
+                                       processing_class=tok, teacher_model=tiny_qwen3)
+    rows = lambda m: m.get_input_embeddings().weight.shape[0]  # noqa: E731
+    assert rows(trainer.teacher_model) == rows(trainer.model) > trainer.served_settings.boundary_token_id
+    trainer.train()
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))

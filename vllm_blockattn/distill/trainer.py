@@ -143,6 +143,8 @@ class BlockDistillationTrainer(SFTTrainer):
                 # A separate teacher gets the student's sink initialisation rule (not a random/padding row).
                 self.teacher_sink_initialised = prepare_teacher_sink(teacher, settings,
                                                                      getattr(model, "_block_sink_init", None))
+                if self.served_settings.sink_free:  # the student's boundary row, so that the vocabularies match
+                    add_boundary_token(processing_class, teacher)
         if data_collator is None:
             pad = processing_class.pad_token_id
             data_collator = BlockDataCollator(processing_class.eos_token_id if pad is None else pad, settings)
