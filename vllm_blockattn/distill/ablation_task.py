@@ -26,21 +26,9 @@ import torch
 
 from ..core.layout import BlockSettings, parse_block_prompt
 from ..core.reference import block_attention_mask, full_attention_mask
-from .data import BlockDataCollator, layout_from_lengths
+from .data import ATTRIBUTES, NAMES, BlockDataCollator, layout_from_lengths
 from .masks import pad_attention_masks
 
-NAMES = ("alice bob carol dave erin frank grace heidi ivan judy kate liam mia noah olga paul quinn rosa sam tina "
-         "uma victor wendy xavier yara zack").split()
-ATTRIBUTES = {
-    "city": "paris london rome tokyo cairo lima oslo delhi".split(),
-    "pet": "cat dog fish bird horse snake rabbit turtle".split(),
-    "color": "red blue green yellow black white purple orange".split(),
-    "food": "rice bread pasta soup salad cake apple cheese".split(),
-    "job": "nurse pilot baker chef farmer lawyer painter teacher".split(),
-    "sport": "tennis golf chess rugby boxing hockey skiing surfing".split(),
-    "drink": "tea coffee milk juice water cocoa cider lemonade".split(),
-    "car": "fiat volvo honda tesla ford audi mini jeep".split(),
-}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
 # BOS, the user turn's content, then the answer and an end-of-turn token. The BOS is the first token of every
 # full-attention sequence: the position a language model learns to park attention on.
