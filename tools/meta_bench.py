@@ -86,9 +86,25 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     results = run(reps=a.reps)
     if a.json:
+        import sys
+
+        from tools.gpu_check import provenance
+
+        prov = provenance(argv)
+        prov["command"] = " ".join([sys.executable, "-m", "tools.meta_bench", *(sys.argv[1:] if argv is None else argv)])
         with open(a.json, "w") as f:
-            json.dump(dict(machine=platform.processor() or platform.machine(), threads=1, results=results), f,
-                      indent=2)
+            json.dump(dict(provenance=prov, cpu=_cpu_model(), threads=1, reps=a.reps, results=results), f, indent=2)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
