@@ -47,19 +47,11 @@ DEMO_CHAT_TEMPLATE = (
 
 def build_word_tokenizer():
     """A word-level tokenizer over the synthetic set's words (no sink token)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from vllm_blockattn.distill.data import retrieval_vocabulary
+    from vllm_blockattn.distill.data import retrieval_vocabulary, word_level_tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
-    words = specials + ["system", "user", "assistant"] + retrieval_vocabulary()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                 unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    hf.chat_template = DEMO_CHAT_TEMPLATE
-    return hf
+    return word_level_tokenizer(specials + ["system", "user", "assistant"] + retrieval_vocabulary(),
+                                DEMO_CHAT_TEMPLATE)
 
 
 def batches(samples, collator, batch_size, *, shuffle=False, seed=0):

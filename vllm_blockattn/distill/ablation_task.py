@@ -26,7 +26,7 @@ import torch
 
 from ..core.layout import BlockSettings, parse_block_prompt
 from ..core.reference import block_attention_mask, full_attention_mask
-from .data import ATTRIBUTES, NAMES, BlockDataCollator, layout_from_lengths
+from .data import ATTRIBUTES, NAMES, BlockDataCollator, layout_from_lengths, word_level_tokenizer
 from .masks import pad_attention_masks
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
@@ -46,16 +46,7 @@ def vocabulary() -> list[str]:
 
 def build_tokenizer():
     """A word-level tokenizer over :func:`vocabulary` with :data:`CHAT_TEMPLATE` (no sink token yet)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = vocabulary()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                 unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
+    return word_level_tokenizer(vocabulary(), CHAT_TEMPLATE)
 
 
 def make_profile_records(n: int, *, num_docs: int = 6, updates: float = 0.5, seed: int = 0) -> list[dict]:

@@ -179,6 +179,21 @@ def retrieval_vocabulary() -> list[str]:
     return words + ["doc", "lives", "has", ".", "?", "what", "is", "the", "of"]
 
 
+def word_level_tokenizer(words: Sequence[str], chat_template: str):
+    """A fast word-level tokenizer over ``words`` (whitespace-split; the first four must be
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ``[UNK]``) with ``chat_template``: the synthetic
+    sets' tokenizer, built offline in milliseconds (no sink token yet)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                 unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    hf.chat_template = chat_template
+    return hf
+
+
 def make_retrieval_records(n: int, *, num_docs: int = 4, facts_per_doc: int = 3, seed: int = 0,
                            question_style: str = "words", distinct_names: bool = False,
                            attributes: Sequence[str] | None = None, num_questions: int = 1,
