@@ -187,3 +187,27 @@ def test_add_boundary_prepares_a_checkpoint_trained_without_sinks(tiny_qwen3, tm
     assert BlockSettings.from_pretrained(src) is None  # the source is left as it was
     ids = tok.encode("<|block_boundary|>a b<|block_boundary|>c", add_special_tokens=False)
     assert len(parse_block_prompt(ids, settings).blocks) == 2
+
+
+def test_additional_config_selects_the_sink_free_layout(tiny_sinkfree, tiny_qwen3, tmp_path):
+    """`additional_config {"num_sinks": 0, "boundary_token": ...}` serves a checkpoint without a
+    block_attention entry in the sink-free layout; a tokenizer without that token is refused."""
+    import json
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_blockattn.core.config import get_block_config
+
+    override = {"blockattn": {"num_sinks": 0, "boundary_token": "<|block_boundary|>"}}
+    path = tmp_path / "no-entry"
+    shutil.copytree(tiny_sinkfree, path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["block_attention"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    settings = get_block_config(EngineArgs(model=str(path), attention_backend="blockattn", max_model_len=256,
+                                           additional_config=override).create_engine_config()).settings
+    assert settings == BlockSettings.from_pretrained(tiny_sinkfree)
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        get_block_config(EngineArgs(model=tiny_qwen3, attention_backend="blockattn", max_model_len=256,
+                                    additional_config=override).create_engine_config())

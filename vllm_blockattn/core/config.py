@@ -69,11 +69,21 @@ def _settings_from(vllm_config) -> tuple[BlockSettings, dict]:
         raise ValueError(f"unknown additional_config['blockattn'] keys {sorted(unknown)}; "
                          f"expected some of {sorted(_OVERRIDE_KEYS)}")
     merged = {k: v for k, v in entry.items() if k in _LAYOUT_KEYS}
+    loaded = []  # the tokenizer, loaded at most once and only when a setting needs it
+
+    def tokenizer():
+        if not loaded:
+            from transformers import AutoTokenizer
+
+            loaded.append(AutoTokenizer.from_pretrained(model_config.tokenizer,
+                                                        trust_remote_code=model_config.trust_remote_code))
+        return loaded[0]
+
     if "sink_token" in override:
-        merged["sink_token_id"] = BlockSettings.from_tokenizer(_tokenizer(model_config), override["sink_token"]).sink_token_id
+        merged["sink_token_id"] = BlockSettings.from_tokenizer(tokenizer(), override["sink_token"]).sink_token_id
     if "boundary_token" in override:
         merged["boundary_token_id"] = BlockSettings.from_tokenizer(
-            _tokenizer(model_config), num_sinks=0, boundary_token=override["boundary_token"]).boundary_token_id
+            tokenizer(), num_sinks=0, boundary_token=override["boundary_token"]).boundary_token_id
     merged.update({k: override[k] for k in _LAYOUT_KEYS if k in override})
     # An override may switch layouts: keep only the marker of the layout that results.
     merged.pop("sink_token_id" if merged.get("num_sinks") == 0 else "boundary_token_id", None)
@@ -85,14 +95,8 @@ def _settings_from(vllm_config) -> tuple[BlockSettings, dict]:
         )
     settings = BlockSettings.from_dict(merged)
     if settings.sink_free:
-        check_boundary_token(_tokenizer(model_config), settings.boundary_token_id)
+        check_boundary_token(tokenizer(), settings.boundary_token_id)
     return settings, override
-
-
-def _tokenizer(model_config):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
 
 
 def check_boundary_token(tokenizer, token_id: int) -> None:
