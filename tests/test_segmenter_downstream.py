@@ -101,3 +101,25 @@ def test_method_cuts_rows(ds):
     assert cuts["heading@natural"] == [[]] * 5  # no heading: one block
     assert ds.label("learned@0.8", 0.8) == "learned, threshold 0.8 (packaged default)"
     assert ds.label("learned@0.3", 0.8) == "learned, threshold 0.3"
+
+
+def test_extra_heads_are_rows_at_their_own_threshold(ds):
+    from types import SimpleNamespace
+
+    texts = ["one\n\ntwo\n\nthree\n", "a\nb\n"]
+
+    class Fake:  # candidate probabilities without a backbone: 0.9 at the first candidate, 0.5 at the rest
+        config = SimpleNamespace(threshold=0.7)
+
+        def candidate_probs_many(self, ts):
+            from vllm_blockattn.segmenter.candidates import find_candidates
+
+            return [(c, [0.9] + [0.5] * (len(c) - 1)) for c in (find_candidates(t) for t in ts)]
+
+    rows = ds.extra_rows(texts, {"prose_model": Fake()})
+    assert rows == {"prose_model@0.7": [[5], [2]]}
+    assert ds.label("prose_model@0.7", 0.8, {"prose_model": "pkg:x/y"}) == \
+        "learned, `prose_model` head, threshold 0.7 (its own)"
+    assert ds.label("learned@0.8", 0.8, {"prose_model": "pkg:x/y"}) == "learned, threshold 0.8 (packaged default)"
+    with pytest.raises(SystemExit):
+        ds.main(["--extra-models", "learned=pkg:x/y", "--from-json", "/nonexistent"])

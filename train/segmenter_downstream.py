@@ -26,7 +26,8 @@ it sits). Stock vLLM's automatic prefix caching (APC) is the row users run today
 16-token KV pages shared with an earlier request. Tokens are the segmenter's (MiniLM WordPiece)
 tokens, standing in for the served model's.
 
-Methods: the packaged learned segmenter at its own threshold; blank-line and heading cuts at their own
+Methods: the packaged learned segmenter at its own threshold (and at lower ones); every further head
+named by ``--extra-models`` at its own threshold (by default the packaged ``prose_model``); blank-line and heading cuts at their own
 count; the paper's baselines (random, average, punctuation, random-candidate, average-candidate, loss
 and entropy top-k from a causal LM: here the full-attention teacher for quality, none for reuse) and
 blank-line/heading at the learned model's block count per text; every newline; one block; and the
@@ -153,7 +154,21 @@ def learned_rows(texts, seg, thresholds) -> dict[str, list]:
     return {f"learned@{th:g}": cuts for th, cuts in segment_cuts_thresholds(texts, seg, thresholds).items()}
 
 
-def label(method: str, own: float) -> str:
+def extra_rows(texts, extra: dict) -> dict[str, list]:
+    """{"NAME@TH": cuts per text} for every extra head ``{NAME: Segmenter}``, each at its own threshold."""
+    from vllm_blockattn.segmenter.api import segment_cuts_thresholds
+
+    out = {}
+    for name, seg in extra.items():
+        th = seg.config.threshold
+        out[f"{name}@{th:g}"] = segment_cuts_thresholds(texts, seg, [th])[th]
+    return out
+
+
+def label(method: str, own: float, extra: dict | None = None) -> str:
+    name = method.split("@")[0]
+    if extra and name in extra:
+        return f"learned, `{name}` head, threshold {float(method.split('@')[1]):g} (its own)"
     if method.startswith("learned@"):
         th = float(method.split("@")[1])
         return f"learned, threshold {th:g}" + (" (packaged default)" if th == own else "")
@@ -222,6 +237,7 @@ def _pct(x):
 def render(summary: dict) -> str:
     q, r, meta = summary["quality"], summary["reuse"], summary["meta"]
     own = meta["thresholds"][0]
+    extra = meta.get("extra_models", {})
     out = [f"Measured {meta['date']} by `python train/segmenter_downstream.py` (commit {meta['commit']}, seed "
            f"{meta['seed']}, {meta['cpu']}, {meta['minutes']:.0f} min wall).", ""]
     out += [f"Block-attention quality: a Qwen3-style model ({q['model']}) trained here under full attention "
@@ -241,7 +257,7 @@ def render(summary: dict) -> str:
         return f"{_pct(x['acc'])} / {x['nll']:.3f} / {x['kl']:.3f}"
 
     for m in q["rows"]:
-        out.append(f"| {label(m['method'], own)} | {m['blocks']:.1f} | {m['f1']:.3f} | {_pct(m['facts_cut'])} | "
+        out.append(f"| {label(m['method'], own, extra)} | {m['blocks']:.1f} | {m['f1']:.3f} | {_pct(m['facts_cut'])} | "
                    f"{stats(m['student'])} | {stats(m['teacher'])} |")
     names = r["replays"]
     out += ["", f"Block-cache reuse on real text (held-out pages of the Python documentation, {r['source']}): share "
@@ -255,13 +271,13 @@ def render(summary: dict) -> str:
                         for n in names) + ".", ""]
     out += ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m in r["rows"]:
-        out.append(f"| {label(m['method'], own)} | " + " | ".join(f"{_pct(m[n][0])} ({m[n][1]:.1f})" for n in names) + " |")
+        out.append(f"| {label(m['method'], own, extra)} | " + " | ".join(f"{_pct(m[n][0])} ({m[n][1]:.1f})" for n in names) + " |")
     return "\n".join(out)
 
 
 # --- main -----------------------------------------------------------------------------------------
 
-def quality(a, seg, thresholds) -> dict:
+def quality(a, seg, thresholds, extra=None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -295,7 +311,8 @@ def quality(a, seg, thresholds) -> dict:
     texts = [r["text"] for r in test]
     gold = [cuts_of(r["paragraphs"]) for r in test]
     print(f"segmenting {len(texts)} held-out contexts with the learned segmenter ...", flush=True)
-    cuts = {"gold": gold, **method_cuts(texts, learned_rows(texts, seg, thresholds), [len(g) + 1 for g in gold],
+    cuts = {"gold": gold, **method_cuts(texts, {**learned_rows(texts, seg, thresholds), **extra_rows(texts, extra or {})},
+                                        [len(g) + 1 for g in gold],
                                         tokenizer=tokenizer, scorer=scorer, seed=a.seed)}
     added = add_sink_token(tokenizer, model, num_sinks=4, init="mean")
     if added != settings:
@@ -366,7 +383,7 @@ def held_out_pages(style: str, section_chars: tuple[int, int]) -> tuple[list[lis
     return pages, version
 
 
-def reuse(a, seg, thresholds) -> dict:
+def reuse(a, seg, thresholds, extra=None) -> dict:
     from vllm_blockattn.segmenter.candidates import cuts_of
 
     tok = seg.tokenizer
@@ -390,7 +407,8 @@ def reuse(a, seg, thresholds) -> dict:
         ctx = ["".join(d) for d in docs]
         print(f"{name}: segmenting {len(ctx)} contexts with the learned segmenter ...", flush=True)
         cuts = {"documents": [cuts_of(d) for d in docs],
-                **method_cuts(ctx, learned_rows(ctx, seg, thresholds), [len(d) for d in docs], tokenizer=tok,
+                **method_cuts(ctx, {**learned_rows(ctx, seg, thresholds), **extra_rows(ctx, extra or {})},
+                              [len(d) for d in docs], tokenizer=tok,
                               seed=a.seed)}
         for method, c in cuts.items():
             hit, total = block_reuse(ctx, c, tokenize)
@@ -420,12 +438,21 @@ def main(argv=None):
     ap.add_argument("--append-pages", type=int, default=6)
     ap.add_argument("--append-turns", type=int, default=8)
     ap.add_argument("--section-chars", type=int, nargs=2, default=(200, 2500))
+    ap.add_argument("--extra-models", nargs="*", default=["prose_model=pkg:vllm_blockattn.segmenter/prose_model"],
+                    metavar="NAME=REF", help="further segmenter heads, each a row at its own threshold (a reference "
+                    "as --model takes; default: the packaged prose_model; none: give the option without values)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-quality", action="store_true", help="reuse replays only (prints JSON)")
     ap.add_argument("--from-json", default=None, help="render a saved OUT/downstream.json instead of measuring")
     ap.add_argument("--update-docs", action="store_true", help="rewrite the downstream blocks of docs/segmenter.md and README.md")
     a = ap.parse_args(argv)
+    extra_refs = {}
+    for e in a.extra_models:
+        name, sep, ref = e.partition("=")
+        if not sep or not name or not ref or "@" in name or name in LABELS or name.startswith("learned"):
+            raise SystemExit(f"--extra-models takes NAME=REF with a new row name, got {e!r}")
+        extra_refs[name] = ref
 
     import torch
 
@@ -447,11 +474,12 @@ def main(argv=None):
     thresholds = [seg.config.threshold] + [t for t in a.thresholds if t != seg.config.threshold]
     for t in thresholds:
         thresholds_for(t, 1)  # validated
-    summary = {"reuse": reuse(a, seg, thresholds)}
-    summary["quality"] = None if a.skip_quality else quality(a, seg, thresholds)
+    extra = {name: load_segmenter(ref) for name, ref in extra_refs.items()}
+    summary = {"reuse": reuse(a, seg, thresholds, extra)}
+    summary["quality"] = None if a.skip_quality else quality(a, seg, thresholds, extra)
     summary["meta"] = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "seed": a.seed,
                        "cpu": cpu_model(), "minutes": (time.monotonic() - t0) / 60,
-                       "thresholds": thresholds, "args": vars(a)}
+                       "thresholds": thresholds, "extra_models": extra_refs, "args": vars(a)}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "downstream.json"), "w") as f:
         json.dump(summary, f, indent=1)
