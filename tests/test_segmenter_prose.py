@@ -17,7 +17,9 @@ from vllm_blockattn.segmenter.corpora import (
     passage_documents, read_r_lazyload,
 )
 from vllm_blockattn.segmenter.data import validate_record
-from vllm_blockattn.segmenter.metrics import bootstrap_f1, evaluate, paired_difference, text_counts
+from vllm_blockattn.segmenter.metrics import (
+    bootstrap_f1, cluster_bootstrap_f1, cluster_weights, evaluate, paired_difference, text_counts,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,6 +193,99 @@ def test_bootstrap_refuses_methods_scored_on_different_texts():
     a, b = _items(rng, 5, "a", 0.5), _items(rng, 5, "b", 0.5)
     with pytest.raises(ValueError, match="same texts"):
         bootstrap_f1({"x": text_counts(a), "y": text_counts(b)}, n_boot=10)
+
+
+# ----- cluster bootstrap (texts that are windows over few source documents) ----------------------
+
+
+def _width(r):
+    return r["hi"] - r["lo"]
+
+
+def test_cluster_weights_draw_whole_clusters_then_texts_within_them():
+    rng = np.random.default_rng(0)
+    w = cluster_weights(["a", "a", "a", "b", "b", "b"], 500, rng)
+    assert w.shape == (500, 6) and (w.sum(1) == 6).all()  # two clusters of 3: always 6 texts
+    per_cluster = np.stack([w[:, :3].sum(1), w[:, 3:].sum(1)], 1)
+    assert set(per_cluster[:, 0].tolist()) == {0, 3, 6}  # a cluster is drawn 0, 1 or 2 times, whole
+    assert (per_cluster[:, 0] == 6).mean() == pytest.approx(0.25, abs=0.06)
+    again = cluster_weights(["a", "a", "a", "b", "b", "b"], 500, np.random.default_rng(0))
+    assert (again == w).all()
+
+
+def test_singleton_clusters_give_the_text_level_interval():
+    rng = np.random.default_rng(4)
+    items = _items(rng, 40, "a", 0.5) + _items(rng, 40, "b", 0.8)
+    counts = {"m": text_counts(items)}
+    text = bootstrap_f1(counts, n_boot=4000, seed=0)
+    clus = cluster_bootstrap_f1(counts, list(range(80)), n_boot=4000, seed=1)
+    for cat in ("a", "b", "mean"):
+        assert clus["m"][cat]["f1"] == pytest.approx(text["m"][cat]["f1"])
+        assert clus["m"][cat]["lo"] == pytest.approx(text["m"][cat]["lo"], abs=0.015)
+        assert clus["m"][cat]["hi"] == pytest.approx(text["m"][cat]["hi"], abs=0.015)
+    assert clus["m"]["a"]["clusters"] == 40 and clus["m"]["a"]["estimable"]
+
+
+def test_identical_clusters_give_the_text_level_interval_of_the_pooled_texts():
+    rng = np.random.default_rng(5)
+    base = _items(rng, 8, "a", 0.5)
+    items = base * 6  # six documents with the same eight texts
+    counts = {"m": text_counts(items)}
+    text = bootstrap_f1(counts, n_boot=4000, seed=0)["m"]["a"]
+    clus = cluster_bootstrap_f1(counts, [i // 8 for i in range(48)], n_boot=4000, seed=1)["m"]["a"]
+    assert clus["clusters"] == 6
+    assert clus["lo"] == pytest.approx(text["lo"], abs=0.015) and clus["hi"] == pytest.approx(text["hi"], abs=0.015)
+
+
+def test_documents_that_differ_widen_the_interval_beyond_the_text_level_one():
+    # ten documents of five alike texts: five documents found every cut, five none
+    good = [("a", [100, 200], [100, 200], 1000)] * 5
+    bad = [("a", [50], [100, 200], 1000)] * 5
+    items = [t for d in range(10) for t in (good if d % 2 else bad)]
+    counts = {"m": text_counts(items)}
+    text = bootstrap_f1(counts, n_boot=2000, seed=0)["m"]["a"]
+    clus = cluster_bootstrap_f1(counts, [i // 5 for i in range(50)], n_boot=2000, seed=0)["m"]["a"]
+    assert clus["f1"] == pytest.approx(text["f1"])
+    assert _width(clus) > 1.8 * _width(text)  # about sqrt(5): five texts per document count as one
+
+
+def test_one_cluster_has_no_interval_and_says_so():
+    rng = np.random.default_rng(6)
+    items = _items(rng, 20, "a", 0.5) + _items(rng, 20, "b", 0.5)
+    better = [(c, sorted(set(p) | set(g[:2])), g, n) for c, p, g, n in items]
+    clusters = ["doc-a"] * 20 + [f"b{i}" for i in range(20)]
+    boot = cluster_bootstrap_f1({"x": text_counts(items), "better": text_counts(better)}, clusters, n_boot=200)
+    a = boot["x"]["a"]
+    assert a["clusters"] == 1 and not a["estimable"] and a["lo"] is None and a["hi"] is None
+    assert a["f1"] == pytest.approx(evaluate(items)["a"]["f1"])
+    assert boot["x"]["b"]["estimable"] and boot["x"]["b"]["lo"] < boot["x"]["b"]["hi"]
+    assert not boot["x"]["mean"]["estimable"] and boot["x"]["mean"]["lo"] is None
+    d = paired_difference(boot, "better", "x")
+    assert d["a"]["diff"] > 0 and d["a"]["lo"] is None and not d["a"]["estimable"]
+    assert d["b"]["lo"] > 0 and d["mean"]["lo"] is None
+
+
+def test_cluster_bootstrap_pairs_methods_and_checks_its_inputs():
+    rng = np.random.default_rng(7)
+    items = _items(rng, 30, "a", 0.5)
+    better = [(c, sorted(set(p) | set(g[:2])), g, n) for c, p, g, n in items]
+    clusters = [i // 3 for i in range(30)]
+    boot = cluster_bootstrap_f1({"x": text_counts(items), "same": text_counts(items), "better": text_counts(better)},
+                                clusters, n_boot=300)
+    same = paired_difference(boot, "same", "x")
+    assert same["a"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "estimable": True}
+    assert paired_difference(boot, "better", "x")["a"]["lo"] > 0
+    with pytest.raises(ValueError, match="cluster ids"):
+        cluster_bootstrap_f1({"x": text_counts(items)}, clusters[:-1], n_boot=10)
+
+
+def test_source_document_is_the_document_a_record_starts_in():
+    from vllm_blockattn.segmenter.corpora import source_document
+
+    assert source_document("python3-doc:faq/gui.rst.txt+python3-doc:faq/library.rst.txt") == \
+        "python3-doc:faq/gui.rst.txt"
+    assert source_document("janeaustenr:emma#43+python3-doc:library/ssl.rst.txt#15") == "janeaustenr:emma"
+    assert source_document("locomo:conv-26") == "locomo:conv-26"
 
 
 # ----- the evidence script's headingless guide --------------------------------------------------

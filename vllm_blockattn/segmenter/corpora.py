@@ -565,6 +565,14 @@ def build_section_records(docs: Sequence[StructuredDoc], n: int, *, min_chars: i
     return out
 
 
+def source_document(source: str) -> str:
+    """The document a record starts in, from its ``source``: the first of the ``+``-joined documents,
+    without a passage suffix (``"python3-doc:faq/gui.rst.txt+python3-doc:faq/library.rst.txt"`` ->
+    ``"python3-doc:faq/gui.rst.txt"``; ``"janeaustenr:emma#43+..."`` -> ``"janeaustenr:emma"``). The
+    unit of a cluster bootstrap: records cut from one document are not independent samples."""
+    return source.split("+", 1)[0].split("#", 1)[0]
+
+
 def licenses_of(records: Iterable[dict]) -> set[str]:
     """Every licence named by ``records`` (``+``-joined values split)."""
     return {lic for r in records for lic in str(r.get("license", "")).split("+") if lic}

@@ -147,11 +147,94 @@ def bootstrap_f1(methods: dict[str, list[tuple]], *, n_boot: int = 1000, seed: i
 
 def paired_difference(boot: dict, a: str, b: str, level: float = 0.95) -> dict[str, dict]:
     """F1 of method ``a`` minus method ``b`` per category (and ``"mean"``) with the percentile interval
-    of the paired bootstrap difference (the same resampled texts for both)."""
+    of the paired bootstrap difference (the same resampled texts for both). From
+    :func:`cluster_bootstrap_f1`, a category whose interval is not estimable (too few clusters) gets
+    ``lo``/``hi`` ``None`` and ``"estimable": False``, as does ``"mean"`` then."""
     lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     out = {}
     for c, da in boot["_draws"][a].items():
         d = da - boot["_draws"][b][c]
         out[c] = {"diff": boot[a][c]["f1"] - boot[b][c]["f1"], "lo": float(np.percentile(d, lo_q)),
                   "hi": float(np.percentile(d, hi_q))}
+        if "estimable" in boot[a][c]:
+            out[c]["estimable"] = boot[a][c]["estimable"]
+            if not out[c]["estimable"]:
+                out[c]["lo"] = out[c]["hi"] = None
+    return out
+
+
+def cluster_weights(clusters: Sequence, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Two-stage cluster bootstrap as resampling weights: ``(n_boot, len(clusters))`` counts of how
+    often each item is drawn. Each resample draws as many clusters as there are, with replacement, then
+    within every drawn cluster as many of its items as it has, with replacement (a cluster drawn twice
+    gets two independent draws of its items). Every item its own cluster gives the ordinary bootstrap;
+    identical clusters give the ordinary bootstrap over the pooled items."""
+    ids = list(dict.fromkeys(clusters))
+    members = [np.array([i for i, c in enumerate(clusters) if c == g]) for g in ids]
+    k = len(ids)
+    w = np.zeros((n_boot, len(clusters)), dtype=np.int64)
+    times = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot)  # (n_boot, k): draws of each cluster
+    for g, idx in enumerate(members):
+        m = len(idx)
+        # t independent draws of m items from m = one multinomial of t*m items over the m
+        w[:, idx] = rng.multinomial(times[:, g] * m, np.full(m, 1.0 / m))
+    return w
+
+
+def cluster_bootstrap_f1(methods: dict[str, list[tuple]], clusters: Sequence, *, n_boot: int = 1000, seed: int = 0,
+                         level: float = 0.95, min_clusters: int = 2) -> dict[str, dict[str, dict]]:
+    """Like :func:`bootstrap_f1`, with texts grouped into clusters (e.g. the source document each text
+    is a window of): per category, a two-stage bootstrap (:func:`cluster_weights`) resamples the
+    clusters, then the texts within each drawn cluster, so that texts of one document, which are not
+    independent, do not count as independent evidence. The resampled texts are shared by all methods
+    (paired differences: :func:`paired_difference`).
+
+    Args:
+        methods: ``{method: text_counts(...)}``, every method over the same texts in the same order.
+        clusters: the cluster id of every text, in that order.
+        min_clusters: a category with fewer clusters has no interval (``lo``/``hi`` ``None``,
+            ``"estimable": False``): from one cluster the spread between clusters cannot be estimated
+            (the two-stage draws then only resample texts, the too-narrow interval this replaces).
+            Two clusters give an interval, but one that rests on two values; callers should say so.
+
+    Returns:
+        ``{method: {category | "mean": {"f1", "lo", "hi", "n", "clusters", "estimable"}}}`` and
+        ``"_draws"`` as :func:`bootstrap_f1`. ``"mean"`` (the mean F1 over categories) is estimable
+        only when every category is.
+    """
+    names = list(methods)
+    cats_of = [c for c, *_ in methods[names[0]]]
+    for m in names:
+        if [c for c, *_ in methods[m]] != cats_of:
+            raise ValueError(f"method {m!r} does not list the same texts as {names[0]!r}")
+    if len(clusters) != len(cats_of):
+        raise ValueError(f"{len(clusters)} cluster ids for {len(cats_of)} texts")
+    cats = list(dict.fromkeys(cats_of))
+    rng = np.random.default_rng(seed)
+    idx = {c: np.array([i for i, cc in enumerate(cats_of) if cc == c]) for c in cats}
+    weights = {c: cluster_weights([clusters[i] for i in idx[c]], n_boot, rng) for c in cats}
+    n_clusters = {c: len(set(clusters[i] for i in idx[c])) for c in cats}
+    ok = {c: n_clusters[c] >= min_clusters for c in cats}
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out: dict = {"_draws": {}}
+    for m in names:
+        arr = np.array([row[1:] for row in methods[m]], dtype=np.float64)
+        res, per_draw = {}, {}
+        for c in cats:
+            rows = arr[idx[c]]
+            boot = _f1_of(weights[c] @ rows)
+            per_draw[c] = boot
+            res[c] = {"f1": float(_f1_of(rows.sum(0))),
+                      "lo": float(np.percentile(boot, lo_q)) if ok[c] else None,
+                      "hi": float(np.percentile(boot, hi_q)) if ok[c] else None,
+                      "n": int(len(idx[c])), "clusters": n_clusters[c], "estimable": ok[c]}
+        mean_boot = np.mean([per_draw[c] for c in cats], axis=0)
+        per_draw["mean"] = mean_boot
+        all_ok = all(ok.values())
+        res["mean"] = {"f1": float(np.mean([res[c]["f1"] for c in cats])),
+                       "lo": float(np.percentile(mean_boot, lo_q)) if all_ok else None,
+                       "hi": float(np.percentile(mean_boot, hi_q)) if all_ok else None,
+                       "n": int(len(cats_of)), "clusters": int(sum(n_clusters.values())), "estimable": all_ok}
+        out[m] = res
+        out["_draws"][m] = per_draw
     return out
