@@ -64,7 +64,7 @@ def run(rows_list=(32, 256), blocks_list=(8, 64), block_len: int = 500, reps: in
                 meta.update(layouts, qsl, qsl, seq_lens, rows, rows, max_pages)
 
             def all_rows_new():
-                meta.update(list(reversed(layouts)) if meta._owner[0] is layouts[0] else layouts, qsl, qsl, seq_lens,
+                meta.update(list(reversed(layouts)) if meta.rows.owner[0] is layouts[0] else layouts, qsl, qsl, seq_lens,
                             rows, rows, max_pages)
 
             steady()   # first sight of the layouts

@@ -16,9 +16,11 @@ The channel, hop by hop (no other path carries a layout):
    an ordinary row.
 
 Positions have no public hook. The runner's ``_prepare_inputs`` computes the slot mapping from vLLM's
-positions (slot indices) and then fills ``runner.positions``; editing ``runner.positions[:n]`` in place
-after it returns changes only the RoPE positions: block-local for non-final blocks (so their cached
-keys are canonical), logical for the final block and generated tokens (pads take no position). The
+positions (slot indices, on the device) and leaves them in ``runner.positions``; editing
+``runner.positions[:n]`` in place after it returns changes only the RoPE positions: block-local for
+non-final blocks (so their cached keys are canonical), logical for the final block and generated tokens
+(pads take no position). The edit runs on the device from per-row shifts written once per request
+(:class:`~.positions.BlockPositions`): no per-token host work and no host-to-device copy per step. The
 wrap is installed on the runner instance by the worker (listed in ``plugin.py``).
 """
 
@@ -28,10 +30,10 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from ..core.paged import SCHEDULER_OUTPUT_ATTR, PagedLayout
+from .positions import BlockPositions
 
 # The step a worker executes in this thread: (its vLLM config, rows -> layouts). Two engines may live
 # in one process; a builder only reads the step of its own engine.
@@ -111,25 +113,17 @@ def _install(runner, layouts: RowLayouts) -> None:
         raise RuntimeError("the blockattn backend needs vLLM's V1 model runner; it selects it by itself unless "
                            "VLLM_USE_V2_MODEL_RUNNER=1 is set: unset it or set it to 0")
     original = runner._prepare_inputs
+    rows = _row_layouts(runner, layouts)
+    block_positions: list[BlockPositions] = []   # made at the first block step: the page size is final by then
 
     def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = original(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        ib = runner.input_batch
-        index, values = [], []  # the step's block-request tokens: where they are in the batch, their positions
-        start = 0
-        for i in range(ib.num_reqs):
-            n = int(num_scheduled_tokens[i])
-            layout = layouts.get(ib.req_ids[i])
-            if layout is not None and n:
-                slots = int(ib.num_computed_tokens_cpu[i]) + np.arange(n)
-                index.append(np.arange(start, start + n))
-                values.append(layout.positions(slots))
-            start += n
-        if index:  # one transfer per step, not one per request (each a synchronous copy on CUDA)
-            positions = runner.positions
-            idx = torch.from_numpy(np.concatenate(index)).to(positions.device)
-            val = torch.from_numpy(np.concatenate(values)).to(device=positions.device, dtype=positions.dtype)
-            positions.index_copy_(0, idx, val)
+        if len(layouts):   # a live block request: its tokens' positions, on the device (rows' shifts kept)
+            if not block_positions:
+                block_positions.append(BlockPositions(runner.cache_config.block_size, runner.positions.device,
+                                                      max_rows=runner.max_num_reqs))
+            block_positions[0].apply(runner.positions, runner.query_start_loc.gpu,
+                                     rows(runner.input_batch.num_reqs), scheduler_output.total_num_scheduled_tokens)
         return result
 
     runner._prepare_inputs = _prepare_inputs

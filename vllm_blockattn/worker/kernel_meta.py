@@ -22,12 +22,13 @@ from scratch on the host (the reference the persistent path is tested against).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..core.paged import PagedLayout
+from .row_buffers import PersistentRows
 
 
 @dataclass
@@ -118,21 +119,6 @@ class _LayoutPages:
         return cls(layout, delta, valid, kv_start)
 
 
-_UNSET = object()   # a row whose buffers hold nothing known (before its first write)
-
-
-@dataclass
-class _Buffers:
-    """Host (pinned on CUDA) and device copies of the per-row and per-token buffers."""
-
-    rows: int
-    pages: int
-    tokens: int
-    host: dict = field(default_factory=dict)
-    dev: dict = field(default_factory=dict)
-    np: dict = field(default_factory=dict)    # numpy views of the host buffers (cheap row writes)
-
-
 class PersistentKernelMetadata:
     """Per-request kernel metadata kept across steps (see the module docstring).
 
@@ -145,47 +131,40 @@ class PersistentKernelMetadata:
         self.page_size = page_size
         self.device = torch.device(device)
         self.inv_freq = inv_freq.to(self.device)
-        self._pin = self.device.type == "cuda"
         self._layouts: dict[int, _LayoutPages] = {}
-        self._copied: torch.cuda.Event | None = None
-        self.row_writes = 0          # rows rewritten (a row's occupant changed), for tests and counters
         self.layouts_computed = 0    # layouts whose page metadata was computed
-        self._alloc(max_rows, max_pages, max_tokens)
+        self.rows = PersistentRows(self.device, {"page_delta": 0, "page_valid": page_size, "page_kv_start": 0},
+                                   {"final_start": 0}, self._write_row, max_rows, max_pages)
+        self._alloc_step(max_rows, max_tokens)
+
+    @property
+    def row_writes(self) -> int:
+        """Rows rewritten (a row's occupant changed), for tests and counters."""
+        return self.rows.row_writes
 
     # -- buffers ---------------------------------------------------------------------------------
 
-    def _alloc(self, rows: int, pages: int, tokens: int) -> None:
-        b = _Buffers(rows, pages, tokens)
+    def _alloc_step(self, rows: int, tokens: int) -> None:
+        """The per-step buffers: row lists and per-token metadata."""
         i32 = dict(dtype=torch.int32)
-        for name, shape, fill in (("page_delta", (rows, pages), 0), ("page_valid", (rows, pages), self.page_size),
-                                  ("page_kv_start", (rows, pages), 0), ("final_start", (rows,), 0)):
-            b.host[name] = torch.full(shape, fill, pin_memory=self._pin, **i32)
-            b.dev[name] = b.host[name].to(self.device, copy=True)   # a copy on CPU too: host writes stay unseen
-            b.np[name] = b.host[name].numpy()
+        pin = self.device.type == "cuda"
         # row lists in one host buffer, one copy: [decode rows | prefill rows | prefill query prefix sums],
         # each region at a fixed offset (a captured decode graph keeps reading the decode region)
-        b.host["row_lists"] = torch.full((3 * rows + 1,), -1, pin_memory=self._pin, **i32)
-        b.dev["row_lists"] = torch.full((3 * rows + 1,), -1, device=self.device, **i32)
-        b.np["row_lists"] = b.host["row_lists"].numpy()
-        b.dev["q_kv_start"] = torch.zeros(tokens, device=self.device, **i32)
-        b.dev["q_is_final"] = torch.ones(tokens, device=self.device, dtype=torch.int8)
-        b.dev["tokens"] = torch.arange(tokens, device=self.device, **i32)
-        self._buf = b
-        self._owner: list = [_UNSET] * rows
-        self._row_pages = [pages] * rows       # pages of the row that may differ from the defaults
+        self._lists_rows = rows
+        self._lists_host = torch.full((3 * rows + 1,), -1, pin_memory=pin, **i32)
+        self._lists_np = self._lists_host.numpy()
+        self._lists_dev = torch.full((3 * rows + 1,), -1, device=self.device, **i32)
+        self._tokens = tokens
+        self._q_kv_start = torch.zeros(tokens, device=self.device, **i32)
+        self._q_is_final = torch.ones(tokens, device=self.device, dtype=torch.int8)
+        self._arange = torch.arange(tokens, device=self.device, **i32)
         self._decode_high = 0                  # decode-region entries written so far (the rest hold -1)
 
     def _ensure(self, rows: int, pages: int, tokens: int) -> None:
-        b = self._buf
-        if pages != b.pages or rows > b.rows or tokens > b.tokens:
-            self._wait_copies()
-            self._alloc(max(rows, b.rows), pages, max(tokens, b.tokens))
-
-    def _wait_copies(self) -> None:
-        """The host buffers may be rewritten only once the last step's copies out of them are done."""
-        if self._copied is not None and not torch.cuda.is_current_stream_capturing():
-            self._copied.synchronize()
-            self._copied = None
+        grown = self.rows.ensure(rows, pages)
+        if grown or tokens > self._tokens:
+            self.rows.wait()
+            self._alloc_step(self.rows.rows, max(tokens, self._tokens))
 
     # -- per layout, per row ---------------------------------------------------------------------
 
@@ -196,26 +175,19 @@ class PersistentKernelMetadata:
             self.layouts_computed += 1
         return entry
 
-    def _write_row(self, i: int, layout: PagedLayout | None) -> None:
-        h = self._buf.np
-        old = self._row_pages[i]
-        h["page_delta"][i, :old] = 0
-        h["page_valid"][i, :old] = self.page_size
-        h["page_kv_start"][i, :old] = 0
-        n = 0
-        if layout is not None:
-            pages = self._pages_of(layout)
-            n = min(len(pages.delta), self._buf.pages)
-            h["page_delta"][i, :n] = pages.delta[:n]
-            h["page_valid"][i, :n] = pages.valid[:n]
-            h["page_kv_start"][i, :n] = pages.kv_start[:n]
-        h["final_start"][i] = 0 if layout is None else layout.final_start
-        self._row_pages[i] = n
-        self._owner[i] = layout
-        self.row_writes += 1
+    def _write_row(self, i: int, layout: PagedLayout | None, h: dict[str, np.ndarray]) -> int:
+        if layout is None:
+            return 0
+        pages = self._pages_of(layout)
+        n = min(len(pages.delta), self.rows.pages)
+        h["page_delta"][i, :n] = pages.delta[:n]
+        h["page_valid"][i, :n] = pages.valid[:n]
+        h["page_kv_start"][i, :n] = pages.kv_start[:n]
+        h["final_start"][i] = layout.final_start
+        return n
 
     def _forget_unused_layouts(self) -> None:
-        live = {id(o) for o in self._owner if o is not None and o is not _UNSET}
+        live = self.rows.live_occupants()
         self._layouts = {k: v for k, v in self._layouts.items() if k in live}
 
     # -- per step ----------------------------------------------------------------------------------
@@ -225,22 +197,15 @@ class PersistentKernelMetadata:
                max_pages: int) -> BlockKernelMetadata:
         """Metadata of this step: rows ``0..num_reqs-1`` hold ``layouts`` (None: ordinary or padding)."""
         self._ensure(num_reqs, max_pages, num_tokens)
-        self._wait_copies()
-        b = self._buf
-        changed = [i for i in range(num_reqs)
-                   if self._owner[i] is not (layouts[i] if i < len(layouts) else None)]
-        for i in changed:
-            self._write_row(i, layouts[i] if i < len(layouts) else None)
-        if changed:
-            lo, hi = changed[0], changed[-1] + 1
-            for name in ("page_delta", "page_valid", "page_kv_start", "final_start"):
-                b.dev[name][lo:hi].copy_(b.host[name][lo:hi], non_blocking=True)
-        if len(self._layouts) > 4 * b.rows + 64:
+        rows = self.rows
+        rows.sync([layouts[i] if i < len(layouts) else None for i in range(num_reqs)])
+        if len(self._layouts) > 4 * rows.rows + 64:
             self._forget_unused_layouts()
 
         decode, prefill, starts = split_rows(query_start_loc_cpu.numpy(), num_reqs)
         nd, npf = len(decode), len(prefill)
-        lists, dev_lists, r = b.np["row_lists"], b.dev["row_lists"], b.rows
+        lists, r = self._lists_np, self._lists_rows
+        rows.wait()   # the row lists' host buffer too is rewritten only once the last copy out of it is done
         # decode region: this step's rows, then -1 over whatever an earlier (larger) step left, so a graph
         # captured with more rows skips the rest; prefill region and prefix sums after it
         high = max(nd, self._decode_high)
@@ -249,26 +214,25 @@ class PersistentKernelMetadata:
         self._decode_high = nd
         lists[r:r + npf] = prefill
         lists[2 * r:2 * r + npf + 1] = starts
-        dev_lists.copy_(b.host["row_lists"], non_blocking=True)      # one copy of 3 x max_num_seqs ints
-        if self._pin and not torch.cuda.is_current_stream_capturing():
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        self._lists_dev.copy_(self._lists_host, non_blocking=True)      # one copy of 3 x max_num_seqs ints
+        rows.record_copies()
 
-        q_kv_start, q_is_final = b.dev["q_kv_start"][:num_tokens], b.dev["q_is_final"][:num_tokens]
+        q_kv_start, q_is_final = self._q_kv_start[:num_tokens], self._q_is_final[:num_tokens]
         if num_tokens:
             self._token_metadata(query_start_loc[:num_reqs + 1], seq_lens[:num_reqs], num_reqs, num_tokens,
                                  q_kv_start, q_is_final)
-        return BlockKernelMetadata(q_kv_start, q_is_final, b.dev["page_delta"][:num_reqs],
-                                   b.dev["page_valid"][:num_reqs], self.inv_freq, dev_lists[:nd],
-                                   dev_lists[r:r + npf], dev_lists[2 * r:2 * r + npf + 1], int(starts[-1]))
+        dev, lists_dev = rows.dev, self._lists_dev
+        return BlockKernelMetadata(q_kv_start, q_is_final, dev["page_delta"][:num_reqs],
+                                   dev["page_valid"][:num_reqs], self.inv_freq, lists_dev[:nd],
+                                   lists_dev[r:r + npf], lists_dev[2 * r:2 * r + npf + 1], int(starts[-1]))
 
     def _token_metadata(self, qsl: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int, num_tokens: int,
                         q_kv_start: torch.Tensor, q_is_final: torch.Tensor) -> None:
         """Each query token's first visible slot and final flag, on the device (no host sync)."""
-        b = self._buf
-        tok = b.dev["tokens"][:num_tokens]
+        dev = self.rows.dev
+        tok = self._arange[:num_tokens]
         row = torch.searchsorted(qsl[1:], tok, right=True, out_int32=True).clamp_(max=num_reqs - 1).long()
         slot = seq_lens[row] - qsl[row + 1] + tok                       # seq_len - q_len + index in row
-        page = torch.div(slot, self.page_size, rounding_mode="floor").clamp_(0, b.pages - 1).long()
-        q_kv_start.copy_(b.dev["page_kv_start"][row, page])
-        q_is_final.copy_(slot >= b.dev["final_start"][row])
+        page = torch.div(slot, self.page_size, rounding_mode="floor").clamp_(0, self.rows.pages - 1).long()
+        q_kv_start.copy_(dev["page_kv_start"][row, page])
+        q_is_final.copy_(slot >= dev["final_start"][row])
