@@ -146,3 +146,4 @@ def test_meta_bench_smoke():
 
     (res,) = run(rows_list=(4,), blocks_list=(2,), block_len=40, reps=1)
     assert res["scratch_ms"] > 0 and res["persistent_steady_ms"] > 0 and res["persistent_all_rows_changed_ms"] > 0
+    assert res["positions_host_ms"] > 0 and res["positions_device_ms"] > 0

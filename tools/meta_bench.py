@@ -4,7 +4,12 @@
 ``[rows, max_pages]`` arrays and refills every block's pages in a Python loop each step;
 ``PersistentKernelMetadata.update`` rewrites a row only when its request changes. Both on CPU tensors
 here (the device part of ``update``, a handful of small ops, then also runs on the CPU), for a steady
-decode step (every row one query) and for a step in which every row changed::
+decode step (every row one query) and for a step in which every row changed.
+
+The worker's block positions likewise: the host loop it ran until commit 0c9d58b (``layout.positions`` per
+block request, then one ``index_copy_`` into the runner's positions) against
+``positions.BlockPositions.apply`` (per-row shifts kept across steps, the edit done by tensor ops), on a
+steady decode step::
 
     python -m tools.meta_bench [--json F]
 """
@@ -21,6 +26,7 @@ import torch
 
 from vllm_blockattn.core.paged import PagedLayout
 from vllm_blockattn.worker.kernel_meta import PersistentKernelMetadata, build_kernel_metadata
+from vllm_blockattn.worker.positions import BlockPositions
 
 PAGE = 16
 
@@ -42,6 +48,18 @@ def _median_ms(fn, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
+
+
+def _host_positions(positions: torch.Tensor, layouts, seq_lens: np.ndarray) -> None:
+    """The worker's positions until commit 0c9d58b, for a decode step (one token per row)."""
+    index, values = [], []
+    for i, lay in enumerate(layouts):
+        if lay is not None:
+            index.append(np.arange(i, i + 1))
+            values.append(lay.positions(np.arange(seq_lens[i] - 1, seq_lens[i])))
+    idx = torch.from_numpy(np.concatenate(index)).to(positions.device)
+    val = torch.from_numpy(np.concatenate(values)).to(device=positions.device, dtype=positions.dtype)
+    positions.index_copy_(0, idx, val)
 
 
 def run(rows_list=(32, 256), blocks_list=(8, 64), block_len: int = 500, reps: int = 20) -> list[dict]:
@@ -67,14 +85,28 @@ def run(rows_list=(32, 256), blocks_list=(8, 64), block_len: int = 500, reps: in
                 meta.update(list(reversed(layouts)) if meta.rows.owner[0] is layouts[0] else layouts, qsl, qsl, seq_lens,
                             rows, rows, max_pages)
 
+            slots = (seq_lens - 1).long()
+            seq_np = seq_lens.numpy()
+            block_pos = BlockPositions(PAGE, "cpu", max_rows=rows)
+
+            def positions_host():
+                _host_positions(slots.clone(), layouts, seq_np)
+
+            def positions_device():
+                block_pos.apply(slots.clone(), qsl, layouts, rows)
+
             steady()   # first sight of the layouts
+            positions_device()
             res = dict(rows=rows, blocks=n_blocks, block_len=block_len, max_pages=max_pages,
                        scratch_ms=_median_ms(scratch, reps), persistent_steady_ms=_median_ms(steady, reps),
-                       persistent_all_rows_changed_ms=_median_ms(all_rows_new, reps))
+                       persistent_all_rows_changed_ms=_median_ms(all_rows_new, reps),
+                       positions_host_ms=_median_ms(positions_host, reps),
+                       positions_device_ms=_median_ms(positions_device, reps))
             results.append(res)
             print(f"rows {rows:4} blocks {n_blocks:3}: from scratch {res['scratch_ms']:8.3f} ms, persistent "
                   f"steady {res['persistent_steady_ms']:7.3f} ms, every row changed "
-                  f"{res['persistent_all_rows_changed_ms']:7.3f} ms", flush=True)
+                  f"{res['persistent_all_rows_changed_ms']:7.3f} ms; positions: host loop {res['positions_host_ms']:7.3f} ms, "
+                  f"device {res['positions_device_ms']:7.3f} ms", flush=True)
     return results
 
 
