@@ -96,3 +96,37 @@ def test_quick_run_end_to_end(tmp_path):
     # a rerun skips what runs.jsonl already holds
     study.main(argv)
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(runs)
+
+
+def test_quick_prose_lm_recipe(tmp_path):
+    """--teacher-recipe prose-lm on the synthetic prose stand-in: the teacher trains on prose windows too (its
+    curve logs the prose loss, block EM without sinks and the BOS attention), the vocabulary holds the task's
+    words plus prose words, the recipe is recorded, and every arm's student runs."""
+    from vllm_blockattn.distill.ablation_task import prose_vocabulary, prose_words, synthetic_prose, vocabulary
+
+    study = _study()
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--out", str(out), "--quick", "--work-dir", str(work), "--teacher-recipe", "prose-lm",
+            "--prose-dir", "synthetic", "--student-seeds", "0"]
+    study.main(argv)
+    runs = [json.loads(ln) for ln in (out / "runs.jsonl").read_text().splitlines()]
+    (teacher,) = [r for r in runs if r["kind"] == "teacher"]
+    assert teacher["recipe"]["teacher_recipe"] == "prose-lm" and teacher["recipe"]["prose_len"] == 16
+    assert teacher["prose"]["source"].startswith("synthetic") and teacher["prose"]["tokens"] > 1000
+    assert all(len(c) == 7 for c in teacher["curve"]) and teacher["final_prose_loss"] > 0
+    assert 0 <= teacher["curve"][-1][5] <= 1  # max head's BOS attention mass
+    words = prose_words(synthetic_prose())
+    vocab = prose_vocabulary(words, 50)  # the stand-in has 45 words outside the task's vocabulary
+    assert vocab[: len(vocabulary())] == vocabulary() and len(vocab) == len(set(vocab)) == len(vocabulary()) + 45
+    assert len(prose_vocabulary(words, 10)) == len(vocabulary()) + 10
+    assert teacher["prose"]["vocab_size"] == len(vocab)
+    assert len([r for r in runs if r["kind"] == "student" and r["condition"] == "main"]) == len(study.DEFAULT_ARMS)
+    # the old recipe's teacher dict has no prose keys, so saved task-lm teachers still load
+    assert "teacher_recipe" not in study.teacher_recipe(study.parse_args(["--out", str(out)]))
+
+
+def test_prose_words_split_punctuation():
+    from vllm_blockattn.distill.ablation_task import prose_words
+
+    assert prose_words('"It is," said Emma; don\'t.') == ['"', "it", "is", ",", '"', "said", "emma", ";", "don",
+                                                         "'", "t", "."]

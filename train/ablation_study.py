@@ -74,6 +74,17 @@ def parse_args(argv=None):
     ap.add_argument("--teacher-samples", type=int, default=20000)
     ap.add_argument("--teacher-answer-weight", type=float, default=1.0,
                     help="the teacher's loss: LM loss on every token + this x the mean CE of the answer tokens")
+    ap.add_argument("--teacher-recipe", choices=["task-lm", "prose-lm"], default="task-lm",
+                    help="task-lm: the teacher sees the task only; prose-lm: every step also trains the LM loss on "
+                         "--prose-batch windows of prose (BOS first), so that heads can form the attention-sink habit "
+                         "of language models; the vocabulary adds the prose's most frequent words")
+    ap.add_argument("--prose-dir", default=None,
+                    help="prose-lm: janeaustenr's data directory (default: the installed package's, else the Debian "
+                         "package fetched with apt-get download into <work-dir>/debs); 'synthetic': a built-in "
+                         "stand-in (tests)")
+    ap.add_argument("--prose-vocab", type=int, default=1000, help="prose-lm: prose words added to the vocabulary")
+    ap.add_argument("--prose-len", type=int, default=128, help="prose-lm: tokens per prose window, BOS included")
+    ap.add_argument("--prose-batch", type=int, default=16, help="prose-lm: prose windows per teacher step")
     ap.add_argument("--student-pool", type=int, default=2000, help="samples each student subset is drawn from")
     ap.add_argument("--student-samples", type=int, default=512, help="training samples of one student")
     ap.add_argument("--low-data-samples", type=int, default=64,
@@ -95,6 +106,7 @@ def parse_args(argv=None):
         a.student_pool, a.student_samples, a.student_steps, a.student_batch = 24, 16, 3, 4
         a.low_data_samples, a.low_data_arms = 8, ["full", "block_ft"]
         a.eval_samples, a.curve_every, a.curve_samples, a.bootstrap_reps = 8, 2, 4, 50
+        a.prose_vocab, a.prose_len, a.prose_batch = 50, 16, 4
     return a
 
 
@@ -123,16 +135,68 @@ def provenance(argv) -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-class Task:
-    """Tokenizer, formatters and collators of the profile task (with and without sink groups)."""
+JANEAUSTENR = "/usr/lib/R/site-library/janeaustenr/data"
 
-    def __init__(self, a):
+
+def prose_source(a, work_dir) -> tuple[str, dict]:
+    """(the prose text, its provenance): Jane Austen's six novels from Debian's r-cran-janeaustenr (public-domain
+    texts in an MIT package; ``--prose-dir``, the installed package, or the .deb fetched into <work-dir>/debs),
+    or the synthetic stand-in (``--prose-dir synthetic``)."""
+    import glob
+
+    from vllm_blockattn.distill.ablation_task import synthetic_prose
+
+    if a.prose_dir == "synthetic":
+        return synthetic_prose(), {"source": "synthetic stand-in (vllm_blockattn.distill.ablation_task)"}
+    data_dir, version = a.prose_dir, None
+    if data_dir is None and os.path.isfile(os.path.join(JANEAUSTENR, "Rdata.rdb")):
+        data_dir = JANEAUSTENR
+    if data_dir is None:
+        dest = os.path.join(work_dir, "debs")
+        os.makedirs(dest, exist_ok=True)
+        debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
+        if not debs:
+            r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=dest, capture_output=True, text=True)
+            debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
+            if not debs:
+                raise SystemExit("cannot fetch r-cran-janeaustenr (apt-get download): " + r.stderr.strip()[-400:])
+        root = os.path.join(dest, "janeaustenr")
+        if not os.path.isdir(root):
+            subprocess.run(["dpkg-deb", "-x", debs[-1], root], check=True)
+        data_dir = os.path.join(root, "usr", "lib", "R", "site-library", "janeaustenr", "data")
+        version = os.path.basename(debs[-1]).split("_")[1]
+    from vllm_blockattn.segmenter.corpora import austen_documents
+
+    docs = austen_documents(data_dir)
+    if not docs:
+        raise SystemExit(f"no novels found in {data_dir}")
+    text = "\n\n".join("\n\n".join(d.sections) for d in docs)
+    return text, {"source": "Jane Austen's novels, Debian r-cran-janeaustenr (MIT; texts public domain)",
+                  "version": version or "installed", "novels": [d.source for d in docs], "chars": len(text)}
+
+
+class Task:
+    """Tokenizer, formatters and collators of the profile task (with and without sink groups); with the prose-lm
+    recipe also the prose as token ids."""
+
+    def __init__(self, a, work_dir=None):
         from vllm_blockattn.core.layout import BlockSettings
-        from vllm_blockattn.distill.ablation_task import build_tokenizer
+        from vllm_blockattn.distill.ablation_task import build_prose_tokenizer, build_tokenizer, prose_words
         from vllm_blockattn.distill.data import BlockDataCollator, ChatBlockFormatter
 
         self.a = a
-        self.tokenizer = build_tokenizer()
+        self.prose_ids, self.prose_info = None, None
+        if a.teacher_recipe == "prose-lm":
+            text, self.prose_info = prose_source(a, work_dir)
+            words = prose_words(text)
+            self.tokenizer = build_prose_tokenizer(words, a.prose_vocab)
+            vocab = self.tokenizer.get_vocab()
+            unk = vocab["[UNK]"]
+            self.prose_ids = torch.tensor([vocab.get(w, unk) for w in words])
+            self.prose_info |= {"tokens": len(words), "unk_share": round((self.prose_ids == unk).float().mean().item(), 4),
+                                "vocab_size": len(self.tokenizer)}
+        else:
+            self.tokenizer = build_tokenizer()
         # the sink token is added after the teacher's full-attention training; its future id is the next free one
         self.settings = BlockSettings(sink_token_id=len(self.tokenizer), num_sinks=NUM_SINKS)
         self.fmt = ChatBlockFormatter(self.tokenizer, self.settings)
@@ -158,12 +222,27 @@ def lm_batches(samples, collator, batch_size, seed):
         epoch += 1
 
 
+def prose_batches(ids, bos, length, batch_size, seed):
+    """Random windows of ``length - 1`` prose tokens, each after a BOS: ``[batch_size, length]``."""
+    g = torch.Generator().manual_seed(70_000 + seed)
+    offsets = torch.arange(length - 1)
+    while True:
+        start = torch.randint(0, len(ids) - length, (batch_size,), generator=g)
+        win = ids[start[:, None] + offsets[None]]
+        yield torch.cat([torch.full((batch_size, 1), bos), win], 1)
+
+
+def prose_lm_loss(model, x):
+    logits = model(input_ids=x).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:])
+
+
 def train_teacher(task, seed, work_dir, log):
     """Train (or load) the teacher of ``seed``: LM loss on every token of the sink-free sequence (BOS first)."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from vllm_blockattn.distill.ablation_task import answer_metrics, view_inputs
+    from vllm_blockattn.distill.ablation_task import answer_metrics, first_token_attention, view_inputs
     from vllm_blockattn.tiny import build_config
 
     a = task.a
@@ -183,6 +262,13 @@ def train_teacher(task, seed, work_dir, log):
     train = task.samples(task.records(a.teacher_samples, seed=10_000 + seed), sinks=False)
     held_out = task.samples(task.records(200, seed=50_000 + seed), sinks=False)
     curve = []
+    prose = task.prose_ids is not None
+    if prose:  # the last 5% of the prose is held out (its LM loss is logged)
+        cut = int(0.95 * len(task.prose_ids))
+        bos = task.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        prose_it = prose_batches(task.prose_ids[:cut], bos, a.prose_len, a.prose_batch, seed)
+        prose_eval = next(prose_batches(task.prose_ids[cut:], bos, a.prose_len, 32, 999))
+    prose_losses = []
     opt = torch.optim.AdamW(model.parameters(), lr=a.teacher_lr, weight_decay=0.01)
     warm = max(1, a.teacher_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -200,6 +286,10 @@ def train_teacher(task, seed, work_dir, log):
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         lm = (nll * real).sum() / real.sum()
         loss = lm + a.teacher_answer_weight * (nll * answer).sum() / answer.sum()
+        if prose:
+            p_loss = prose_lm_loss(model, next(prose_it))
+            loss = loss + p_loss
+            prose_losses.append(p_loss.item())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,10 +302,24 @@ def train_teacher(task, seed, work_dir, log):
         if (step + 1) % max(1, a.teacher_steps // 6) == 0 or step + 1 == a.teacher_steps:
             em = answer_metrics(model, held_out, task.collator, task.settings, "full")["em"]
             curve.append([step + 1, round(sum(losses[-50:]) / len(losses[-50:]), 4), sum(em) / len(em)])
-            log(f"teacher {seed} step {step + 1}: LM loss {curve[-1][1]:.3f}, full-attention EM {curve[-1][2]:.3f}")
+            msg = f"teacher {seed} step {step + 1}: LM loss {curve[-1][1]:.3f}, full-attention EM {curve[-1][2]:.3f}"
+            if prose:  # held-out prose loss, block EM without sinks, the heads' BOS attention on the task
+                with torch.no_grad():
+                    model.eval()
+                    p_eval = prose_lm_loss(model, prose_eval).item()
+                    model.train()
+                attn = first_token_attention(model, held_out[:64], task.collator)
+                em0 = answer_metrics(model, held_out, task.collator, task.settings, "block")["em"]
+                curve[-1] += [round(p_eval, 4), sum(em0) / len(em0), round(attn.max().item(), 4),
+                              int((attn > 0.3).sum())]
+                msg += (f", prose loss {p_eval:.3f}, block EM (no sinks) {curve[-1][4]:.3f}, BOS attention max head "
+                        f"{attn.max():.2f}, heads > 0.3: {curve[-1][6]} of {attn.numel()}")
+            log(msg)
     bar.close()
     info = {"recipe": teacher_recipe(a), "seconds": time.perf_counter() - t0,
             "final_lm_loss": sum(losses[-50:]) / len(losses[-50:]), "curve": curve}
+    if prose:
+        info |= {"final_prose_loss": sum(prose_losses[-50:]) / len(prose_losses[-50:]), "prose": task.prose_info}
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     with open(done, "w") as f:
@@ -225,8 +329,11 @@ def train_teacher(task, seed, work_dir, log):
 
 
 def teacher_recipe(a) -> dict:
-    return {k: getattr(a, k) for k in ("hidden_size", "num_layers", "teacher_steps", "teacher_batch", "teacher_lr",
-                                        "teacher_samples", "teacher_answer_weight", "num_docs", "updates")}
+    keys = ["hidden_size", "num_layers", "teacher_steps", "teacher_batch", "teacher_lr", "teacher_samples",
+            "teacher_answer_weight", "num_docs", "updates"]
+    if a.teacher_recipe != "task-lm":  # the old recipe's dict is unchanged, so its saved teachers still load
+        keys += ["teacher_recipe", "prose_dir", "prose_vocab", "prose_len", "prose_batch"]
+    return {k: getattr(a, k) for k in keys}
 
 
 # --- students -----------------------------------------------------------------------------------------
@@ -617,7 +724,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    work_dir = a.work_dir or os.path.join(root, "outputs", "ablation_work" + ("_quick" if a.quick else ""))
+    base = "ablation_work" if a.teacher_recipe == "task-lm" else "ablation_sink_work"
+    work_dir = a.work_dir or os.path.join(root, "outputs", base + ("_quick" if a.quick else ""))
     prov = provenance(argv)
     log_path = os.path.join(a.out, "log.txt")
 
@@ -632,7 +740,7 @@ def main(argv=None):
 
         transformers.logging.set_verbosity_error()
         log(f"start: {prov['command']} (commit {prov['commit']})")
-        task = Task(a)
+        task = Task(a, work_dir)
         run_units(a, task, a.out, work_dir, log)
     md, plotted = write_summary(a, a.out, prov)
     print(md)

@@ -21,6 +21,8 @@ decoding reproduces the whole answer.
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 
 import torch
 
@@ -204,3 +206,43 @@ def first_token_attention(model, samples, collator, batch_size: int = 64, skip: 
         for h in hooks:
             h.remove()
     return total / max(1, count)
+
+
+# --- prose for a teacher with attention-sink habits (``--teacher-recipe prose-lm``) ----------------------
+
+_PROSE_WORD = re.compile(r"[a-z]+|[^\sa-z]")
+
+
+def prose_words(text: str) -> list[str]:
+    """Lower-cased words and single punctuation marks of ``text`` (the word-level tokenizer's units)."""
+    return _PROSE_WORD.findall(text.lower())
+
+
+def prose_vocabulary(words: list[str], size: int) -> list[str]:
+    """:func:`vocabulary` followed by the ``size`` most frequent words of ``words`` that it lacks (ties by first
+    occurrence, so the list is deterministic)."""
+    base = vocabulary()
+    have = set(base)
+    counts = Counter(w for w in words if w not in have)
+    return base + [w for w, _ in counts.most_common(size)]
+
+
+def build_prose_tokenizer(words: list[str], size: int):
+    """The task's tokenizer over :func:`prose_vocabulary` (prose words outside it map to ``[UNK]``)."""
+    return word_level_tokenizer(prose_vocabulary(words, size), CHAT_TEMPLATE)
+
+
+def synthetic_prose(n_words: int = 20_000, seed: int = 0) -> str:
+    """A small stand-in for real prose (random sentences over a fixed word list with Zipf-like frequencies),
+    for tests and smoke runs where the novels are not on the machine. It is not English and forms no
+    language-model habits worth measuring."""
+    rng = random.Random(seed)
+    lex = ("the a of and to in was she he it her his that had not be with as for but at by so very could would "
+           "mr mrs miss lady sir house room day time letter sister mother friend heart mind manner family").split()
+    weights = [1.0 / (i + 1) for i in range(len(lex))]
+    out, count = [], 0
+    while count < n_words:
+        k = rng.randint(4, 14)
+        out.append(" ".join(rng.choices(lex, weights, k=k)) + rng.choice([" .", " ,", " ;", " !", " ?"]))
+        count += k + 1
+    return " ".join(out)
