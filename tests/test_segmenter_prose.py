@@ -327,3 +327,8 @@ def test_every_packaged_segmenter_checkpoint_is_package_data():
         for f in ("segmenter_config.json", "head.safetensors", "provenance.json", "README.md"):
             rel = f"{ckpt.name}/{f}"
             assert (ckpt / f).is_file() and any(fnmatch.fnmatch(rel, g) for g in globs), rel
+
+
+def test_evidence_script_scores_saved_heads_without_shipping_them():
+    with pytest.raises(SystemExit, match="cannot --ship"):
+        _demo().main(["--eval-only", "--ship"])
