@@ -4,6 +4,7 @@ bootstrap intervals the evidence reports. No model, nothing downloads."""
 
 import gzip
 import importlib.util
+import json
 import os
 import struct
 import zlib
@@ -332,3 +333,21 @@ def test_every_packaged_segmenter_checkpoint_is_package_data():
 def test_evidence_script_scores_saved_heads_without_shipping_them():
     with pytest.raises(SystemExit, match="cannot --ship"):
         _demo().main(["--eval-only", "--ship"])
+
+
+def test_evidence_tables_recompute_from_the_saved_per_text_counts(tmp_path, capsys):
+    demo = _demo()
+    saved = ROOT / "docs" / "results" / "segmenter-cluster.json"
+    summary = json.loads(saved.read_text())
+    assert len(summary["per_text"]) == sum(summary["test_counts"].values())
+    out = tmp_path / "again.json"
+    demo.main(["--from-json", str(saved), "--boot", "200", "--results-json", str(out)])
+    table = capsys.readouterr().out
+    again = json.loads(out.read_text())
+    assert again["per_text"] == summary["per_text"] and again["boot"] == 200
+    for m in summary["methods"]:  # point estimates do not depend on the resampling
+        for k in summary["kinds"]:
+            assert again["bootstrap_cluster"][m][k]["f1"] == summary["bootstrap_cluster"][m][k]["f1"]
+    assert again["documents_per_kind"] == summary["documents_per_kind"]
+    assert "chat-faq (2 docs†)" in table and "over texts (as fixed before the run)" in table
+    assert json.loads(demo.dumps_results({"a": 1, "per_text": [{"x": [1, 2]}]})) == {"a": 1, "per_text": [{"x": [1, 2]}]}

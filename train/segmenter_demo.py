@@ -440,6 +440,40 @@ def update_docs(block: str, begin: str = BEGIN, end: str = END,
     return done
 
 
+def intervals(per_text: list[dict], methods: list[str], kinds: list[str], n_boot: int, seed: int) -> dict:
+    """Bootstrap intervals from per-text counts: over texts (``bootstrap``, ``diff_vs_learned``: the
+    interval the re-ship rule was fixed with) and two-stage over source documents then texts
+    (``bootstrap_cluster``, ``diff_vs_learned_cluster``), with both re-ship verdicts."""
+    from vllm_blockattn.segmenter.metrics import bootstrap_f1, cluster_bootstrap_f1, paired_difference
+
+    counts = {m: [(r["category"], *r["counts"][m]) for r in per_text] for m in methods}
+    documents = [r["document"] for r in per_text]
+    boot = bootstrap_f1(counts, n_boot=n_boot, seed=seed)
+    diffs = {m: paired_difference(boot, "learned", m) for m in methods if m != "learned"}
+    boot.pop("_draws")
+    boot_c = cluster_bootstrap_f1(counts, documents, n_boot=n_boot, seed=seed)
+    diffs_c = {m: paired_difference(boot_c, "learned", m) for m in methods if m != "learned"}
+    boot_c.pop("_draws")
+    existing = [k for k in EXISTING_KINDS if k in kinds]
+    worse = [k for k in existing if diffs["packaged_before"][k]["hi"] < 0]
+    worse_c = [k for k in existing if (diffs_c["packaged_before"][k]["hi"] or 0) < 0]
+    return {"bootstrap": boot, "diff_vs_learned": diffs, "existing_kinds": existing, "worse_than_before": worse,
+            "ship_ok": not worse,  # the rule as fixed before the run: intervals over texts
+            "bootstrap_cluster": boot_c, "diff_vs_learned_cluster": diffs_c, "worse_than_before_cluster": worse_c,
+            "cluster": "source document a text starts in (corpora.source_document)",
+            "documents_per_kind": {k: len({r["document"] for r in per_text if r["category"] == k}) for k in kinds}}
+
+
+def dumps_results(summary: dict) -> str:
+    """The results as JSON, indented, with one line per held-out text in ``per_text``."""
+    rest = {k: v for k, v in summary.items() if k != "per_text"}
+    text = json.dumps(rest, indent=1)
+    if "per_text" not in summary:
+        return text
+    rows = ",\n".join("  " + json.dumps(r) for r in summary["per_text"])
+    return text[:-2] + ',\n "per_text": [\n' + rows + "\n ]\n}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/segmenter-demo")
@@ -467,9 +501,31 @@ def main(argv=None):
                          "their saved thresholds, on the same held-out texts (features from OUT/features)")
     ap.add_argument("--learned-model", default="",
                     help="with --eval-only, the new head's checkpoint (default: the packaged prose_model)")
+    ap.add_argument("--from-json", default="",
+                    help="recompute the intervals and tables from a results JSON's per-text counts (--boot, --seed); "
+                         "nothing is scored; with --results-json writes the result there")
     args = ap.parse_args(argv)
     if args.eval_only and args.ship:
         raise SystemExit("--eval-only scores saved heads; it cannot --ship")
+    if args.from_json:
+        if args.ship:
+            raise SystemExit("--from-json recomputes intervals; it cannot --ship")
+        with open(args.from_json) as f:
+            summary = json.load(f)
+        if "per_text" not in summary:
+            raise SystemExit(f"{args.from_json} has no per-text counts (results written before they were saved)")
+        summary.update(intervals(summary["per_text"], summary["methods"], summary["kinds"], args.boot, args.seed))
+        summary["boot"] = args.boot
+        block = render(summary)
+        print(block)
+        if args.results_json:
+            with open(args.results_json, "w") as f:
+                f.write(dumps_results({k: v for k, v in summary.items() if k != "table"}))
+        if args.update_docs:
+            done = update_docs(block, files=("docs/segmenter.md",)) + update_docs(render_short(summary),
+                                                                                files=("README.md",))
+            print("updated", ", ".join(done) or "nothing")
+        return
 
     import torch
     from tqdm.auto import tqdm
@@ -479,9 +535,7 @@ def main(argv=None):
     from vllm_blockattn.segmenter.corpora import PERMISSIVE, build_section_records, licenses_of, passage_documents
     from vllm_blockattn.segmenter.data import write_records
     from vllm_blockattn.segmenter.corpora import source_document
-    from vllm_blockattn.segmenter.metrics import (
-        bootstrap_f1, cluster_bootstrap_f1, evaluate, paired_difference, text_counts,
-    )
+    from vllm_blockattn.segmenter.metrics import evaluate, text_counts
     from vllm_blockattn.segmenter.model import Segmenter
     from vllm_blockattn.segmenter.training import fit_head, scores_at
 
@@ -624,20 +678,13 @@ def main(argv=None):
             nblocks[m].append(len(items[m][-1][1]) + 1)
     scores = {m: evaluate(items[m], tol=3) for m in methods}
     counts = {m: text_counts(items[m], tol=3) for m in methods}
-    boot = bootstrap_f1(counts, n_boot=args.boot, seed=args.seed)
-    diffs = {m: paired_difference(boot, "learned", m) for m in methods if m != "learned"}
-    boot.pop("_draws")
     # the texts of a kind are windows over few documents: resample the documents they start in, then texts
     documents = [source_document(r["source"]) for r in test]
-    boot_c = cluster_bootstrap_f1(counts, documents, n_boot=args.boot, seed=args.seed)
-    diffs_c = {m: paired_difference(boot_c, "learned", m) for m in methods if m != "learned"}
-    boot_c.pop("_draws")
-    existing = [k for k in EXISTING_KINDS if k in kinds]
-    worse = [k for k in existing if diffs["packaged_before"][k]["hi"] < 0]
-    worse_c = [k for k in existing if (diffs_c["packaged_before"][k]["hi"] or 0) < 0]
-    ship_ok = not worse  # the rule as fixed before the run: intervals over texts
     per_text = [{"id": r["id"], "category": r["category"], "source": r["source"], "document": documents[i],
                  "counts": {m: list(counts[m][i][1:]) for m in methods}} for i, r in enumerate(test)]
+    iv = intervals(per_text, methods, kinds, args.boot, args.seed)
+    boot, diffs, existing, worse, ship_ok = (iv[k] for k in ("bootstrap", "diff_vs_learned", "existing_kinds",
+                                                             "worse_than_before", "ship_ok"))
     seconds = time.monotonic() - t0
     gold_blocks = {k: sum(sum(r["labels"]) + 1 for r in test if r["category"] == k)
                    / max(1, sum(r["category"] == k for r in test)) for k in kinds}
@@ -646,10 +693,7 @@ def main(argv=None):
         "threads": args.threads, "seconds": round(seconds, 1), "features_computed": cache.misses,
         "features_cached": cache.hits, "kinds": kinds, "methods": methods,
         "scores": scores, "threshold": variants["learned"]["threshold"], "bootstrap": boot, "boot": args.boot,
-        "diff_vs_learned": diffs, "existing_kinds": existing, "worse_than_before": worse, "ship_ok": ship_ok,
-        "eval_only": args.eval_only, "bootstrap_cluster": boot_c, "diff_vs_learned_cluster": diffs_c,
-        "worse_than_before_cluster": worse_c, "cluster": "source document a text starts in (corpora.source_document)",
-        "documents_per_kind": {k: len({documents[i] for i, r in enumerate(test) if r["category"] == k}) for k in kinds},
+        **iv, "eval_only": args.eval_only,
         "packaged_before": {"threshold": before.config.threshold, "provenance": before_prov},
         "variants": {k: {kk: vv for kk, vv in v.items() if kk not in ("seg", "test_probs")} for k, v in variants.items()},
         "train_records": len(train), "val_records": len(val),
@@ -675,11 +719,11 @@ def main(argv=None):
     summary["table"] = block
     summary["command"] = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "", *sys.argv[1:]])
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        f.write(dumps_results(summary))
     if args.results_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
         with open(args.results_json, "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=1)
+            f.write(dumps_results({k: v for k, v in summary.items() if k != "table"}))
         print("wrote", args.results_json)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(block + "\n")
