@@ -115,6 +115,7 @@ def test_quick_prose_lm_recipe(tmp_path):
     assert teacher["prose"]["source"].startswith("synthetic") and teacher["prose"]["tokens"] > 1000
     assert all(len(c) == 7 for c in teacher["curve"]) and teacher["final_prose_loss"] > 0
     assert 0 <= teacher["curve"][-1][5] <= 1  # max head's BOS attention mass
+    assert len(teacher["bos_attention_prose"]) == 2 and "On held-out prose" in (out / "table.md").read_text()
     words = prose_words(synthetic_prose())
     vocab = prose_vocabulary(words, 50)  # the stand-in has 45 words outside the task's vocabulary
     assert vocab[: len(vocabulary())] == vocabulary() and len(vocab) == len(set(vocab)) == len(vocabulary()) + 45
@@ -130,3 +131,25 @@ def test_prose_words_split_punctuation():
 
     assert prose_words('"It is," said Emma; don\'t.') == ['"', "it", "is", ",", '"', "said", "emma", ";", "don",
                                                          "'", "t", "."]
+
+
+def test_first_token_attention_ids_matches_the_task_measurement():
+    """On one unpadded task sequence, the raw-ids measurement equals the collated one (same heads, same mass)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_blockattn.distill.ablation_task import first_token_attention, first_token_attention_ids
+    from vllm_blockattn.tiny import build_config
+
+    study = _study()
+    task = study.Task(study.parse_args(["--out", "/unused", "--quick"]))
+    torch.manual_seed(0)
+    config = build_config("qwen3", vocab_size=len(task.tokenizer) + 1, hidden_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=32, eos_token_id=task.tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    (sample,) = task.samples(task.records(1, seed=0), sinks=False)
+    batch = task.collator([sample])
+    ids = batch["full_input_ids"][:, : int(batch["content_index"].max()) + 1]
+    a = first_token_attention(model, [sample], task.collator)
+    b = first_token_attention_ids(model, ids)
+    assert a.shape == b.shape == (2, 4) and torch.allclose(a, b, atol=1e-5) and (b > 0).all() and (b < 1).all()

@@ -72,6 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--teacher-batch", type=int, default=32)
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--teacher-samples", type=int, default=20000)
+    ap.add_argument("--teacher-weight-decay", type=float, default=0.01)
     ap.add_argument("--teacher-answer-weight", type=float, default=1.0,
                     help="the teacher's loss: LM loss on every token + this x the mean CE of the answer tokens")
     ap.add_argument("--teacher-recipe", choices=["task-lm", "prose-lm"], default="task-lm",
@@ -251,7 +252,10 @@ def train_teacher(task, seed, work_dir, log):
     if os.path.exists(done):
         with open(done) as f:
             info = json.load(f)
-        if info.get("recipe") == teacher_recipe(a):
+        stored = info.get("recipe") or {}
+        if a.teacher_recipe != "task-lm":  # saved before --teacher-weight-decay existed: the default 0.01 then
+            stored = {"teacher_weight_decay": 0.01, **stored}
+        if stored == teacher_recipe(a):
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa"), info
     torch.manual_seed(1000 + seed)
     sink_id = task.settings.sink_token_id
@@ -269,7 +273,7 @@ def train_teacher(task, seed, work_dir, log):
         prose_it = prose_batches(task.prose_ids[:cut], bos, a.prose_len, a.prose_batch, seed)
         prose_eval = next(prose_batches(task.prose_ids[cut:], bos, a.prose_len, 32, 999))
     prose_losses = []
-    opt = torch.optim.AdamW(model.parameters(), lr=a.teacher_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.teacher_lr, weight_decay=a.teacher_weight_decay)
     warm = max(1, a.teacher_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.1, 1 - (s - warm) / max(1, a.teacher_steps - warm))))
@@ -332,7 +336,7 @@ def teacher_recipe(a) -> dict:
     keys = ["hidden_size", "num_layers", "teacher_steps", "teacher_batch", "teacher_lr", "teacher_samples",
             "teacher_answer_weight", "num_docs", "updates"]
     if a.teacher_recipe != "task-lm":  # the old recipe's dict is unchanged, so its saved teachers still load
-        keys += ["teacher_recipe", "prose_dir", "prose_vocab", "prose_len", "prose_batch"]
+        keys += ["teacher_recipe", "prose_dir", "prose_vocab", "prose_len", "prose_batch", "teacher_weight_decay"]
     return {k: getattr(a, k) for k in keys}
 
 
@@ -456,8 +460,17 @@ def run_units(a, task, out, work_dir, log):
             res = score(model, task, ev, teacher_lp)
             res["block_nosinks"] = {k: (_bits(v) if k == "em" else _round(v)) for k, v in answer_metrics(
                 model, ev["nosinks"], task.collator, task.settings, "block", teacher_lp).items()}
+            extra = {}
+            if task.prose_ids is not None:  # the heads' BOS attention on held-out prose (32 windows, BOS first)
+                from vllm_blockattn.distill.ablation_task import first_token_attention_ids
+
+                cut = int(0.95 * len(task.prose_ids))
+                bos = task.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+                windows = next(prose_batches(task.prose_ids[cut:], bos, a.prose_len, 32, 999))
+                extra["bos_attention_prose"] = [[round(x, 4) for x in row]
+                                                for row in first_token_attention_ids(model, windows).tolist()]
             write({"kind": "teacher", "teacher_seed": t, **info, "updated": ev["updated"],
-                   "bos_attention": [[round(x, 4) for x in row] for row in attn.tolist()], "metrics": res})
+                   "bos_attention": [[round(x, 4) for x in row] for row in attn.tolist()], "metrics": res, **extra})
             log(f"teacher {t}: full EM {mean_bits(res['full']['em']):.3f}, block EM {mean_bits(res['block']['em']):.3f}"
                 f" (no sinks {mean_bits(res['block_nosinks']['em']):.3f}); BOS attention mass: max head "
                 f"{attn.max():.2f}, heads > 0.5: {(attn > 0.5).sum().item()} of {attn.numel()}")
@@ -548,6 +561,12 @@ def summarize(runs: list[dict], reps: int, arms_order=None) -> dict:
             "bos_attention_mean": attn.mean().item(), "bos_attention_max_head": attn.max().item(),
             "heads_over_half_on_bos": int((attn > 0.5).sum()), "heads": attn.numel(),
             "bos_attention_per_layer": attn.mean(1).tolist()}
+        if r.get("bos_attention_prose"):
+            pa = torch.tensor(r["bos_attention_prose"])
+            out["teachers"][str(t)] |= {"bos_attention_prose_mean": pa.mean().item(),
+                                        "bos_attention_prose_max_head": pa.max().item(),
+                                        "heads_over_half_on_bos_prose": int((pa > 0.5).sum()),
+                                        "final_prose_loss": r.get("final_prose_loss")}
     for arm in ["teacher", *arms]:
         units = per_arm[arm]
         row = {"n_units": len(units), "n_teacher_seeds": len({u[0] for u in units}), "metrics": {}}
@@ -653,6 +672,15 @@ def teacher_table(summary: dict) -> str:
         lines.append(f"| {t} | {r['final_lm_loss']:.3f} | {_pct(r['full_em'])} | {_pct(r['block_em'])} | "
                      f"{_pct(r['block_nosinks_em'])} | {_pct(r['full_sinks_em'])} | {r['bos_attention_mean']:.2f} | "
                      f"{r['bos_attention_max_head']:.2f} | {r['heads_over_half_on_bos']} of {r['heads']} |")
+    prose = {t: r for t, r in summary["teachers"].items() if "bos_attention_prose_max_head" in r}
+    if prose:
+        lines += ["", "On held-out prose (32 windows, BOS first; query positions >= 4):", "",
+                  "| teacher seed | prose LM loss (train, last 50 steps) | mean BOS attention | max head | "
+                  "heads > 0.5 on BOS |", "|---|---|---|---|---|"]
+        for t, r in prose.items():
+            lines.append(f"| {t} | {r['final_prose_loss']:.3f} | {r['bos_attention_prose_mean']:.2f} | "
+                         f"{r['bos_attention_prose_max_head']:.2f} | {r['heads_over_half_on_bos_prose']} of "
+                         f"{r['heads']} |")
     return "\n".join(lines) + "\n"
 
 

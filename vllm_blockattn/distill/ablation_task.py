@@ -246,3 +246,28 @@ def synthetic_prose(n_words: int = 20_000, seed: int = 0) -> str:
         out.append(" ".join(rng.choices(lex, weights, k=k)) + rng.choice([" .", " ,", " ;", " !", " ?"]))
         count += k + 1
     return " ".join(out)
+
+
+@torch.no_grad()
+def first_token_attention_ids(model, ids: torch.Tensor, batch_size: int = 16, skip: int = 4) -> torch.Tensor:
+    """:func:`first_token_attention` on unpadded sequences ``ids [N, L]`` (e.g. prose windows after a BOS) under
+    plain causal attention: the mean attention mass on position 0 per layer and head, ``[layers, heads]``, over
+    the query positions ``>= skip``."""
+    import copy
+
+    m = copy.deepcopy(model).eval()
+    m.set_attn_implementation("eager")
+    caught: list[torch.Tensor] = []
+    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: caught.append(out[1]))
+             for layer in m.model.layers]
+    total = None
+    try:
+        for i in range(0, len(ids), batch_size):
+            caught.clear()
+            m(input_ids=ids[i:i + batch_size])
+            s = torch.stack([w[:, :, skip:, 0].sum((0, 2)) for w in caught])  # [layers, heads]
+            total = s if total is None else total + s
+    finally:
+        for h in hooks:
+            h.remove()
+    return total / (len(ids) * (ids.shape[1] - skip))
