@@ -61,6 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", default=None, help="teacher checkpoints (default <repo>/outputs/ablation_work)")
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the whole pipeline")
     ap.add_argument("--table-only", action="store_true", help="only rebuild summary/table/plot from runs.jsonl")
+    ap.add_argument("--teachers-only", action="store_true",
+                    help="train (or load) and measure the teachers, no students (a pilot of a teacher recipe)")
     ap.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--student-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
@@ -474,6 +476,8 @@ def run_units(a, task, out, work_dir, log):
             log(f"teacher {t}: full EM {mean_bits(res['full']['em']):.3f}, block EM {mean_bits(res['block']['em']):.3f}"
                 f" (no sinks {mean_bits(res['block_nosinks']['em']):.3f}); BOS attention mass: max head "
                 f"{attn.max():.2f}, heads > 0.5: {(attn > 0.5).sum().item()} of {attn.numel()}")
+    if a.teachers_only:
+        return
     grid = [("main", a.student_samples, a.arms)]
     if a.low_data_samples > 0:
         grid.append(("low_data", a.low_data_samples, a.low_data_arms))
@@ -687,6 +691,8 @@ def teacher_table(summary: dict) -> str:
 def plot(conditions: dict, labels: dict, path: str) -> bool:
     """Learning curves (block-attention exact match on the curve subset, mean over units), one panel per
     condition."""
+    if not conditions:  # teachers only: no curves
+        return False
     try:
         import matplotlib
 
