@@ -272,6 +272,63 @@ def test_kernel_amx_rows(kernel, d, group):
         assert err < 3e-2, (q_len, before, err)
 
 
+SHORT_BLOCKS = ((40, 100), (64, 0), (7, 300), (33, 520), (64, 180))  # short blocks, partial pages, varied offsets
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["measured", "dpbf16", "fma"])
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
+def test_kernel_amx_few_rows(kernel, mode, d, group):
+    """Work items of few rows skip the AMX tiles (AVX512-BF16 vdpbf16ps or fp32 FMAs on the same VNNI
+    tiles), here forced for every work item: 1-5 queries x GQA 1-4 (blocks of 4 rows and 1-3 row tails),
+    short context blocks with their own rotations and pad tails, NaN in every pad and unwritten slot, the
+    first query at different slots of the final block, and ~1.1k tokens in blocks of up to 512 (several
+    256-key tiles, the running max rescaled)."""
+    skip_unless_layout(kernel, "amx")
+    old = kernel.set_amx_small_rows(1000, mode)
+    try:
+        for i, q_len in enumerate((1, 2, 3, 5)):
+            before = (0, 5, 31, 32)[(i + group) % 4]
+            for blocks in (SHORT_BLOCKS, context_blocks(1100, 600 + i)):
+                args, ref = make_case(torch.bfloat16, 600 + i, hkv=2, group=group, d=d, q_len=q_len,
+                                      final=before + q_len, blocks=blocks, isa="amx", pad_value=float("nan"))
+                out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+                err = (out.float() - ref).abs().max().item()
+                assert err < 3e-2, (q_len, before, len(blocks), err)
+    finally:
+        kernel.set_amx_small_rows(old, 0)
+
+
+def test_kernel_amx_few_rows_threshold(kernel):
+    """Both sides of the measured threshold (work items of up to 3 rows skip the AMX tiles): 1 query at
+    GQA 1-4 (1-4 rows) and 2 queries at GQA 1-2 (2 and 4 rows), short blocks, NaN pads."""
+    skip_unless_layout(kernel, "amx")
+    threshold = kernel.set_amx_small_rows(3, 0)
+    kernel.set_amx_small_rows(threshold, 0)
+    assert threshold == 3
+    for d in (64, 128):
+        for q_len, group in ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)):
+            args, ref = make_case(torch.bfloat16, 700 + group, hkv=2, group=group, d=d, q_len=q_len, final=q_len + 9,
+                                  blocks=SHORT_BLOCKS, isa="amx", pad_value=float("nan"))
+            out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+            err = (out.float() - ref).abs().max().item()
+            assert err < 3e-2, (d, q_len, group, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_amx_decode_long(kernel, d):
+    """A decode step over ~8k tokens in 512-token blocks on the AMX layout: 2 rows (GQA 2, below the
+    threshold) and 4 (GQA 4, the AMX tiles)."""
+    skip_unless_layout(kernel, "amx")
+    for group in (2, 4):
+        args, ref = make_case(torch.bfloat16, 800 + group, hkv=2, group=group, d=d, q_len=1, final=1,
+                              blocks=context_blocks(8192, 800 + group), isa="amx", pad_value=float("nan"))
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+        err = (out.float() - ref).abs().max().item()
+        assert err < 3e-2, (group, err)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, isa, tol", LAYOUTS)
 @pytest.mark.parametrize("d", [64, 128])

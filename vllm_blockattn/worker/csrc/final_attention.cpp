@@ -249,19 +249,30 @@ inline Args make_args(const torch::Tensor& block_table, const torch::Tensor& e_r
 
 // Rotate `rows` query rows (fp32, [rows][D]) by the segment's -offset, NeoX layout:
 // y = x*cos + rotate_half(x)*sin (sin of -offset).
-inline void rotate_rows(const float* q, float* y, int64_t rows, int64_t D, const float* c, const float* s) {
+inline void rotate_rows(const float* __restrict__ q, float* __restrict__ y, int64_t rows, int64_t D,
+                        const float* __restrict__ c, const float* __restrict__ s) {
   const int64_t half = D / 2;
-  bool identity = true;  // the final block's own rotation (offset 0)
-  for (int64_t d = 0; d < D; ++d) identity = identity && c[d] == 1.f && s[d] == 0.f;
+  bool identity = true;  // the final block's own rotation (offset 0); others differ at d = 0 already
+  for (int64_t d = 0; d < D && identity; ++d) identity = c[d] == 1.f && s[d] == 0.f;
   if (identity) {
     std::memcpy(y, q, rows * D * sizeof(float));
     return;
   }
+  // Vectors where the half fits them (the loops of a row are independent, so a short decode step's
+  // rotation is a few dozen vector ops rather than scalar ones), scalars for the rest.
+  const int64_t hv = half / kW * kW;
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = q + r * D;
     float* o = y + r * D;
-    for (int64_t d = 0; d < half; ++d) o[d] = x[d] * c[d] - x[d + half] * s[d];
-    for (int64_t d = half; d < D; ++d) o[d] = x[d] * c[d] + x[d - half] * s[d];
+    for (int64_t d = 0; d < hv; d += kW) {
+      const vec_t lo = vload(x + d), hi = vload(x + half + d);
+      vstore(o + d, lo * vload(c + d) - hi * vload(s + d));
+      vstore(o + half + d, hi * vload(c + half + d) + lo * vload(s + half + d));
+    }
+    for (int64_t d = hv; d < half; ++d) {
+      o[d] = x[d] * c[d] - x[d + half] * s[d];
+      o[d + half] = x[d + half] * c[d + half] + x[d] * s[d + half];
+    }
   }
 }
 
@@ -784,6 +795,263 @@ inline void amx_pv(const c10::BFloat16* p, int64_t ldp, const c10::BFloat16* con
   }
 }
 
+// Work items with few rows (a decode step: one query times the GQA group) skip the AMX tiles: their
+// cost (each 32-dim step of Q.K^T loads a 16-row Q tile and two K tiles, each P.V chunk a P tile and two
+// V tiles and loads and stores 16-row output tiles, ~40 TSC cycles per 1 KiB tile load here) is paid
+// for 16 rows however few are real. These rows run in AVX-512 registers instead, reading the same
+// VNNI-paired tiles in place: one 64-byte row of a K^T tile is 16 keys x one pair of dims, so a
+// broadcast (q[2i], q[2i+1]) and one vdpbf16ps add that pair's part of 16 scores; a row of a V tile is
+// 16 dims x one pair of keys, so a broadcast (p[2j], p[2j+1]) adds that pair's part of 16 outputs (or
+// the same in fp32 FMAs, below). Up to 4 rows share each K or V load. Measured here (docs/kernels.md):
+// 1-3 rows are faster this way, 4 or more on the tiles.
+constexpr int64_t kSmallRows = 4;  // rows per register block of the AVX512-BF16 path
+// Work items of at most this many rows skip the AMX tiles (measured on this machine: see docs/kernels.md);
+// settable for tests and measurements (set_amx_small_rows).
+int64_t g_small_rows = 3;
+int g_small_mode = 0;  // 0: vdpbf16ps for a 1-row block, FMAs for 2-4 (measured); 1: always vdpbf16ps; 2: always FMAs
+
+// Scores of M rows (bf16 query pairs qp[r][D / 2], as 32-bit words) against one 32-key sub-page of K^T
+// (two 16-key groups, 16 * D apart); s[r * lds + j].
+template <int M, int64_t DC>
+inline void small_qk(const uint32_t* qp, int64_t hd, const c10::BFloat16* k, float* s, int64_t lds) {
+  const int64_t D = DC ? DC : hd, P = D / 2;
+  constexpr int C = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent chains per (row, group): >= 8 in flight
+  __m512 a[M][2][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) a[r][0][c] = a[r][1][c] = _mm512_setzero_ps();
+  const c10::BFloat16* k1 = k + 16 * D;
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < P; p += C) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512bh k0v = (__m512bh)_mm512_loadu_si512(k + (p + c) * 32);
+      const __m512bh k1v = (__m512bh)_mm512_loadu_si512(k1 + (p + c) * 32);
+#pragma GCC unroll 4
+      for (int r = 0; r < M; ++r) {
+        const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[r * P + p + c]));
+        a[r][0][c] = _mm512_dpbf16_ps(a[r][0][c], qv, k0v);
+        a[r][1][c] = _mm512_dpbf16_ps(a[r][1][c], qv, k1v);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < M; ++r) {
+    __m512 x0 = a[r][0][0], x1 = a[r][1][0];
+#pragma GCC unroll 4
+    for (int c = 1; c < C; ++c) {
+      x0 = _mm512_add_ps(x0, a[r][0][c]);
+      x1 = _mm512_add_ps(x1, a[r][1][c]);
+    }
+    _mm512_storeu_ps(s + r * lds, x0);
+    _mm512_storeu_ps(s + r * lds + 16, x1);
+  }
+}
+
+// o[r] = o[r] * corr[r] + P[r] . V for M rows over the first `jmax` keys of the sub-pages vsub (P as bf16
+// [M][ldp]; keys past a row's limit have P = 0 and finite V: pads are zeroed copies).
+template <int M, int64_t DC>
+inline void small_pv(const c10::BFloat16* p, int64_t ldp, const c10::BFloat16* const* vsub, int64_t jmax,
+                     int64_t page, int64_t hd, const float* corr, float* o) {
+  const int64_t D = DC ? DC : hd;
+  constexpr int CV = M == 1 ? 8 : M == 2 ? 8 : 4;  // 16-dim chunks in registers: M * CV <= 16 accumulators
+  for (int64_t c0 = 0; c0 < D / 16; c0 += CV) {
+    const int cn = static_cast<int>(std::min<int64_t>(CV, D / 16 - c0));
+    __m512 a[M][CV];
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r) {
+      const __m512 cr = _mm512_set1_ps(corr[r]);
+#pragma GCC unroll 8
+      for (int c = 0; c < CV; ++c)
+        a[r][c] = c < cn ? _mm512_mul_ps(_mm512_loadu_ps(o + r * D + (c0 + c) * 16), cr) : _mm512_setzero_ps();
+    }
+    for (int64_t j0 = 0; j0 < jmax; j0 += kSub) {
+      const c10::BFloat16* vb = vsub[j0 / kSub] + c0 * 16 * page;
+      const int64_t pairs = (std::min<int64_t>(kSub, jmax - j0) + 1) / 2;
+      for (int64_t jp = 0; jp < pairs; ++jp) {
+        __m512bh pv[M];
+#pragma GCC unroll 4
+        for (int r = 0; r < M; ++r) {
+          uint32_t w;
+          std::memcpy(&w, p + r * ldp + j0 + 2 * jp, 4);
+          pv[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < CV; ++c) {
+          if (c >= cn) break;
+          const __m512bh vv = (__m512bh)_mm512_loadu_si512(vb + c * 16 * page + jp * 32);
+#pragma GCC unroll 4
+          for (int r = 0; r < M; ++r) a[r][c] = _mm512_dpbf16_ps(a[r][c], pv[r], vv);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < CV; ++c)
+        if (c < cn) _mm512_storeu_ps(o + r * D + (c0 + c) * 16, a[r][c]);
+  }
+}
+
+// The same two products in fp32 FMAs: a 64-byte row of a VNNI pair tile is split into its even and odd
+// halves (a shift and a mask widen bf16 to fp32 exactly), each FMA'd with a broadcast fp32 operand.
+// vdpbf16ps does 32 multiply-adds per instruction but issues at about half the FMA rate here, so for
+// one or two rows (two FMAs per half-row) this is as fast or faster; measured in docs/kernels.md.
+inline __m512 bf_even(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 bf_odd(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))); }
+
+template <int M, int64_t DC>
+inline void small_qk_fma(const float* q, int64_t hd, const c10::BFloat16* k, float* s, int64_t lds) {
+  const int64_t D = DC ? DC : hd;
+  __m512 a[M][2][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < M; ++r) a[r][0][0] = a[r][0][1] = a[r][1][0] = a[r][1][1] = _mm512_setzero_ps();
+  const c10::BFloat16* k1 = k + 16 * D;
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < D / 2; ++p) {
+    const __m512i x0 = _mm512_loadu_si512(k + p * 32), x1 = _mm512_loadu_si512(k1 + p * 32);
+    const __m512 e0 = bf_even(x0), o0 = bf_odd(x0), e1 = bf_even(x1), o1 = bf_odd(x1);
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r) {
+      const __m512 qe = _mm512_set1_ps(q[r * D + 2 * p]), qo = _mm512_set1_ps(q[r * D + 2 * p + 1]);
+      a[r][0][0] = _mm512_fmadd_ps(qe, e0, a[r][0][0]);
+      a[r][0][1] = _mm512_fmadd_ps(qo, o0, a[r][0][1]);
+      a[r][1][0] = _mm512_fmadd_ps(qe, e1, a[r][1][0]);
+      a[r][1][1] = _mm512_fmadd_ps(qo, o1, a[r][1][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < M; ++r) {
+    _mm512_storeu_ps(s + r * lds, _mm512_add_ps(a[r][0][0], a[r][0][1]));
+    _mm512_storeu_ps(s + r * lds + 16, _mm512_add_ps(a[r][1][0], a[r][1][1]));
+  }
+}
+
+template <int M, int64_t DC>
+inline void small_pv_fma(const float* p, int64_t ldp, const c10::BFloat16* const* vsub, int64_t jmax, int64_t page,
+                         int64_t hd, const float* corr, float* o) {
+  const int64_t D = DC ? DC : hd;
+  constexpr int CV = M == 1 ? 8 : M == 2 ? 6 : 3;  // 16-dim chunks in registers
+  for (int64_t c0 = 0; c0 < D / 16; c0 += CV) {
+    const int cn = static_cast<int>(std::min<int64_t>(CV, D / 16 - c0));
+    __m512 a[M][CV];
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r) {
+      const __m512 cr = _mm512_set1_ps(corr[r]);
+#pragma GCC unroll 8
+      for (int c = 0; c < CV; ++c)
+        a[r][c] = c < cn ? _mm512_mul_ps(_mm512_loadu_ps(o + r * D + (c0 + c) * 16), cr) : _mm512_setzero_ps();
+    }
+    for (int64_t j0 = 0; j0 < jmax; j0 += kSub) {
+      const c10::BFloat16* vb = vsub[j0 / kSub] + c0 * 16 * page;
+      const int64_t pairs = (std::min<int64_t>(kSub, jmax - j0) + 1) / 2;
+      for (int64_t jp = 0; jp < pairs; ++jp) {
+        __m512 pe[M], po[M];
+#pragma GCC unroll 4
+        for (int r = 0; r < M; ++r) {
+          pe[r] = _mm512_set1_ps(p[r * ldp + j0 + 2 * jp]);
+          po[r] = _mm512_set1_ps(p[r * ldp + j0 + 2 * jp + 1]);
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < CV; ++c) {
+          if (c >= cn) break;
+          const __m512i x = _mm512_loadu_si512(vb + c * 16 * page + jp * 32);
+          const __m512 ve = bf_even(x), vo = bf_odd(x);
+#pragma GCC unroll 4
+          for (int r = 0; r < M; ++r) a[r][c] = _mm512_fmadd_ps(po[r], vo, _mm512_fmadd_ps(pe[r], ve, a[r][c]));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < CV; ++c)
+        if (c < cn) _mm512_storeu_ps(o + r * D + (c0 + c) * 16, a[r][c]);
+  }
+}
+
+// One block of M rows (from row r0) of a work item against one KV tile without AMX tiles: scores, online
+// softmax, P.V. F: fp32 FMAs (query qf fp32 [rows][D], P fp32), else vdpbf16ps (query as bf16 pairs
+// qb, P rounded to bf16 as in the AMX path).
+template <int M, int64_t DC, bool F>
+inline void small_block(const float* qf, const uint32_t* qb, int64_t D, int64_t r0, const c10::BFloat16* const* ksub,
+                        const c10::BFloat16* const* vsub, int64_t page, int64_t kn, bool is_final,
+                        int64_t final_base, int64_t group, int64_t k0, float* s, c10::BFloat16* p, float* m,
+                        float* l, float* o) {
+  int64_t lim[M];
+  int64_t jmax = 0;
+  for (int r = 0; r < M; ++r) {
+    lim[r] = row_limit(is_final, final_base, r0 + r, group, k0, kn);
+    jmax = std::max(jmax, lim[r]);
+  }
+  if (jmax <= 0) return;
+  const int64_t nsub = (jmax + kSub - 1) / kSub;
+  for (int64_t sp = 0; sp < nsub; ++sp) {
+    if constexpr (F)
+      small_qk_fma<M, DC>(qf + r0 * D, D, ksub[sp], s + sp * kSub, kKvTile);
+    else
+      small_qk<M, DC>(qb + r0 * (D / 2), D, ksub[sp], s + sp * kSub, kKvTile);
+  }
+  float corr[M];
+  for (int r = 0; r < M; ++r) {
+    float* sr = s + r * kKvTile;
+    c10::BFloat16* pr = p + r * kKvTile;
+    if (lim[r] <= 0) {
+      if constexpr (F)
+        std::fill(sr, sr + nsub * kSub, 0.f);
+      else
+        std::fill(pr, pr + nsub * kSub, c10::BFloat16(0.f));
+      corr[r] = 1.f;
+    } else if constexpr (F) {
+      corr[r] = softmax_step(sr, sr, nsub * kSub, lim[r], m[r0 + r], l + (r0 + r) * kW);
+    } else {
+      corr[r] = softmax_step(sr, pr, nsub * kSub, lim[r], m[r0 + r], l + (r0 + r) * kW);
+    }
+  }
+  if constexpr (F)
+    small_pv_fma<M, DC>(s, kKvTile, vsub, jmax, page, D, corr, o + r0 * D);
+  else
+    small_pv<M, DC>(p, kKvTile, vsub, jmax, page, D, corr, o + r0 * D);
+}
+
+// Rows of a work item in blocks of up to kSmallRows. mode 0: vdpbf16ps for a one-row block, fp32 FMAs for
+// 2-4 rows (measured here: a row alone has no second row to share the FMA path's widening of each
+// K or V load, so vdpbf16ps is faster for it, and the FMAs are as fast or faster from two rows on);
+// 1: always vdpbf16ps; 2: always FMAs (modes 1 and 2 for tests and measurements).
+template <int64_t DC>
+inline void small_rows(int64_t rows, const float* qf, const uint32_t* qb, int64_t D, const c10::BFloat16* const* ksub,
+                       const c10::BFloat16* const* vsub, int64_t page, int64_t kn, bool is_final, int64_t final_base,
+                       int64_t group, int64_t k0, float* s, c10::BFloat16* p, float* m, float* l, float* o, int mode) {
+  int64_t r = 0;
+#define BLOCKATTN_SMALL(n)                                                                                         \
+  if (mode == 2 || (mode == 0 && n > 1))                                                                           \
+    small_block<n, DC, true>(qf, qb, D, r, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, o);  \
+  else                                                                                                             \
+    small_block<n, DC, false>(qf, qb, D, r, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, o);
+  for (; r + kSmallRows <= rows; r += kSmallRows) {
+    BLOCKATTN_SMALL(kSmallRows)
+  }
+  switch (rows - r) {
+    case 1: BLOCKATTN_SMALL(1) break;
+    case 2: BLOCKATTN_SMALL(2) break;
+    case 3: BLOCKATTN_SMALL(3) break;
+    default: break;
+  }
+#undef BLOCKATTN_SMALL
+}
+
+inline void small_rows_d(int64_t rows, const float* qf, const uint32_t* qb, int64_t D, const c10::BFloat16* const* ksub,
+                         const c10::BFloat16* const* vsub, int64_t page, int64_t kn, bool is_final, int64_t final_base,
+                         int64_t group, int64_t k0, float* s, c10::BFloat16* p, float* m, float* l, float* o, int mode) {
+  if (D == 64)
+    small_rows<64>(rows, qf, qb, D, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, o, mode);
+  else if (D == 128)
+    small_rows<128>(rows, qf, qb, D, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, o, mode);
+  else
+    small_rows<0>(rows, qf, qb, D, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, o, mode);
+}
+
 void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Args& a, int64_t E,
              torch::Tensor& out) {
   using bf16 = c10::BFloat16;
@@ -815,11 +1083,16 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
     bf16* vpad = scratch<bf16, 8>(D * page);  // a partly valid sub-page of V (chunks page * 16 apart), pads zeroed
     const bf16* ksub[kT / kSub];
     const bf16* vsub[kT / kSub];
-    amx_configure();
+    bool configured = false;  // the tile configuration, loaded by the first item that uses the tiles
     for (int64_t it = begin; it < end; ++it) {
       const Work& w = items[it];
       const int64_t rows = w.nt * group;
-      const int64_t rp = (rows + 15) / 16 * 16;
+      const bool small = rows <= g_small_rows;
+      const int64_t rp = small ? rows : (rows + 15) / 16 * 16;
+      if (!small && !configured) {
+        amx_configure();
+        configured = true;
+      }
       load_queries(qp, q_stride_t, q_stride_h, a, w, group, D, q);
       std::fill(q + rows * D, q + rp * D, 0.f);
       std::fill(m, m + rp, kNegBig);
@@ -845,17 +1118,24 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
             if (valid < kSub) {
               // P is 0 on pad keys, but 0 * NaN is not 0: P.V reads a copy with them zeroed. A chunk's
               // rows are key pairs (32 values, the pair's keys alternating).
-              const int64_t whole = valid / 2;
+              // AMX tiles read all 16 pairs; the AVX512-BF16 path reads only the pairs holding valid keys.
+              const int64_t whole = valid / 2, pairs = small ? (valid + 1) / 2 : kSub / 2;
               for (int64_t c = 0; c < D / 16; ++c) {
                 const bf16* src = vsub[sp] + c * page * 16;
                 bf16* dst = vpad + c * page * 16;
                 std::memcpy(dst, src, whole * 32 * sizeof(bf16));
-                std::memset(static_cast<void*>(dst + whole * 32), 0, (kSub / 2 - whole) * 32 * sizeof(bf16));
+                std::memset(static_cast<void*>(dst + whole * 32), 0, (pairs - whole) * 32 * sizeof(bf16));
                 if (valid % 2)
                   for (int64_t i = 0; i < 32; i += 2) dst[whole * 32 + i] = src[whole * 32 + i];
               }
               vsub[sp] = vpad;
             }
+          }
+          if (small) {
+            const uint32_t* qpair = reinterpret_cast<const uint32_t*>(qb);
+            small_rows_d(rows, qr, qpair, D, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, acc,
+                         g_small_mode);
+            continue;
           }
           for (int64_t r0 = 0; r0 < rp; r0 += 32) {
             const bool two = r0 + 16 < rp;
@@ -898,7 +1178,7 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
       }
       store_rows(op, o_stride_t, o_stride_h, a, w, group, D, acc, l, kW);
     }
-    _tile_release();
+    if (configured) _tile_release();
   });
 }
 #endif  // BLOCKATTN_AMX
@@ -1062,6 +1342,20 @@ void final_attention_amx(torch::Tensor query, torch::Tensor kv_cache, torch::Ten
 #endif
 }
 
+// Work items of at most `rows` rows run the AMX layout on AVX512-BF16 instead of AMX tiles (0: never);
+// returns the previous value. For tests and measurements.
+int64_t set_amx_small_rows(int64_t rows, int64_t mode) {
+#ifdef BLOCKATTN_AMX
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode: 0 (measured choice), 1 (vdpbf16ps), 2 (FMAs)");
+  const int64_t old = g_small_rows;
+  g_small_mode = static_cast<int>(mode);
+  g_small_rows = rows;
+  return old;
+#else
+  return 0;
+#endif
+}
+
 // Whether final_attention_amx runs here: built for AMX and the OS lets this process use the tiles.
 bool has_amx() {
 #ifdef BLOCKATTN_AMX
@@ -1075,4 +1369,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("final_attention", &final_attention, "Final-block attention over canonical paged blocks (CPU)");
   m.def("final_attention_amx", &final_attention_amx, "The same over vLLM's AMX cache layout (bf16)");
   m.def("has_amx", &has_amx, "Whether final_attention_amx can run on this machine");
+  m.def("set_amx_small_rows", &set_amx_small_rows, py::arg("rows"), py::arg("mode") = 0,
+        "Work items of at most this many rows skip the AMX tiles (AVX512-BF16); returns the previous value");
 }
