@@ -726,6 +726,31 @@ inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
 }
 
+// rotate_rows and to_bf16 in one pass (the tiles read the query only as bf16; D a multiple of 32).
+inline void rotate_rows_bf16(const float* __restrict__ q, c10::BFloat16* __restrict__ y, int64_t rows, int64_t D,
+                             const float* __restrict__ c, const float* __restrict__ s) {
+  const int64_t half = D / 2;
+  bool identity = true;
+  for (int64_t d = 0; d < D && identity; ++d) identity = c[d] == 1.f && s[d] == 0.f;
+  if (identity) {
+    to_bf16(q, y, rows * D);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = q + r * D;
+    c10::BFloat16* o = y + r * D;
+    for (int64_t d = 0; d < half; d += 16) {
+      const __m512 lo = _mm512_loadu_ps(x + d), hi = _mm512_loadu_ps(x + half + d);
+      const __m256bh a = _mm512_cvtneps_pbh(
+          _mm512_fmsub_ps(lo, _mm512_loadu_ps(c + d), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d))));
+      const __m256bh b = _mm512_cvtneps_pbh(
+          _mm512_fmadd_ps(hi, _mm512_loadu_ps(c + half + d), _mm512_mul_ps(lo, _mm512_loadu_ps(s + half + d))));
+      std::memcpy(o + d, &a, 32);
+      std::memcpy(o + half + d, &b, 32);
+    }
+  }
+}
+
 // Scores of 32 (TWO) or 16 rows against one 32-key sub-page: tiles 0/1 = Q rows, 2/3 = the two
 // 16-key halves of K^T, 4..7 = scores; k-steps of 32 dims.
 template <bool TWO>
@@ -1104,8 +1129,12 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
         const bool is_final = seg == last - 1;
         const int64_t n = is_final ? final_base + w.nt - 1 : a.slen[seg];
         if (n <= 0) continue;
-        rotate_rows(q, qr, rp, D, a.cosp + seg * D, a.sinp + seg * D);
-        to_bf16(qr, qb, rp * D);
+        if (small) {  // the FMAs read the rotated query in fp32, vdpbf16ps in bf16
+          rotate_rows(q, qr, rp, D, a.cosp + seg * D, a.sinp + seg * D);
+          to_bf16(qr, qb, rp * D);
+        } else {
+          rotate_rows_bf16(q, qb, rp, D, a.cosp + seg * D, a.sinp + seg * D);
+        }
         const int32_t* pages = a.bt + a.btrow[w.e] * a.bt_stride + a.spage[seg];
         for (int64_t k0 = 0; k0 < n; k0 += kT) {
           const int64_t kn = std::min<int64_t>(kT, n - k0);
