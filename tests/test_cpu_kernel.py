@@ -299,6 +299,26 @@ def test_kernel_amx_few_rows(kernel, mode, d, group):
         kernel.set_amx_small_rows(old, 0)
 
 
+MANY_SHORT_BLOCKS = tuple((n, off) for n, off in zip((5, 64, 33, 1, 96, 32, 17, 64, 40, 2, 31, 70, 9, 128),
+                                                       (700, 0, 90, 400, 1200, 130, 1500, 30, 310, 2000, 260, 900,
+                                                        1100, 1600)))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_kernel_amx_packed_short_blocks(kernel, d, group):
+    """The AMX path packs short context blocks' sub-pages into one KV tile (each sub-page with its own
+    block's query rotation, pad keys masked out of the softmax): 14 blocks of 1-128 tokens (more blocks
+    and sub-pages than one tile holds), NaN in every pad, 4-130 queries (16- and 32-row blocks)."""
+    skip_unless_layout(kernel, "amx")
+    for i, q_len in enumerate((4, 17, 130)):
+        args, ref = make_case(torch.bfloat16, 900 + i, hkv=2, group=group, d=d, q_len=q_len, final=q_len + 3 * i,
+                              blocks=MANY_SHORT_BLOCKS, isa="amx", pad_value=float("nan"))
+        out = run(kernel, args, torch.full_like(args["query"], float("nan")))
+        err = (out.float() - ref).abs().max().item()
+        assert err < 3e-2, (q_len, err)
+
+
 def test_kernel_amx_few_rows_threshold(kernel):
     """Both sides of the measured threshold (work items of up to 3 rows skip the AMX tiles): 1 query at
     GQA 1-4 (1-4 rows) and 2 queries at GQA 1-2 (2 and 4 rows), short blocks, NaN pads."""

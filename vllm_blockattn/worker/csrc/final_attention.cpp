@@ -1105,9 +1105,16 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
     float corr[32];
     bf16* qb = scratch<bf16, 6>(rows_pad * D);
     bf16* p = scratch<bf16, 7>(32 * kT);
-    bf16* vpad = scratch<bf16, 8>(D * page);  // a partly valid sub-page of V (chunks page * 16 apart), pads zeroed
+    // Partly valid sub-pages of V (chunks page * 16 apart), pads zeroed: one per sub-page of a KV tile.
+    bf16* vpad = scratch<bf16, 8>(kT / kSub * D * page);
+    // Context segments' rotated queries (bf16), a ring of kRing: a KV tile packs the sub-pages of up to
+    // kT / kSub consecutive segments, and the next segment's query is rotated before the tile is run.
+    constexpr int64_t kRing = kT / kSub + 1;
+    bf16* qring = scratch<bf16, 9>(kRing * rows_pad * D);
     const bf16* ksub[kT / kSub];
     const bf16* vsub[kT / kSub];
+    const bf16* qsub[kT / kSub];  // each sub-page's rotated query rows
+    int64_t vsub_valid[kT / kSub];
     bool configured = false;  // the tile configuration, loaded by the first item that uses the tiles
     for (int64_t it = begin; it < end; ++it) {
       const Work& w = items[it];
@@ -1125,7 +1132,99 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
       std::fill(acc, acc + rp * D, 0.f);
       const int32_t first = a.sptr[w.e], last = a.sptr[w.e + 1];
       const int64_t final_base = a.final0[w.e] + w.t0;
-      for (int32_t seg = first; seg < last; ++seg) {
+      const int32_t* bt_row = a.bt + a.btrow[w.e] * a.bt_stride;
+      // Sub-page `slot` of the KV tile: keys [key, key + valid) of the segment whose pages start at `pages`.
+      auto subpage = [&](int64_t slot, const int32_t* pages, int64_t key, int64_t valid) {
+        const int64_t in_page = key % page;
+        const bf16* kp = cache + pages[key / page] * page_stride + w.kvh * head_stride;
+        ksub[slot] = kp + in_page * D;              // 16-key groups are 16 * D apart
+        vsub[slot] = kp + page * D + in_page * 16;  // key pairs are 32 apart inside a chunk
+        vsub_valid[slot] = valid;
+        if (valid < kSub) {
+          // P is 0 on pad keys, but 0 * NaN is not 0: P.V reads a copy with them zeroed. A chunk's rows
+          // are key pairs (32 values, the pair's keys alternating). AMX tiles read all 16 pairs; the
+          // AVX-512 path reads only the pairs holding valid keys.
+          const int64_t whole = valid / 2, pairs = small ? (valid + 1) / 2 : kSub / 2;
+          bf16* pad = vpad + slot * D * page;
+          for (int64_t c = 0; c < D / 16; ++c) {
+            const bf16* src = vsub[slot] + c * page * 16;
+            bf16* dst = pad + c * page * 16;
+            std::memcpy(dst, src, whole * 32 * sizeof(bf16));
+            std::memset(static_cast<void*>(dst + whole * 32), 0, (pairs - whole) * 32 * sizeof(bf16));
+            if (valid % 2)
+              for (int64_t i = 0; i < 32; i += 2) dst[whole * 32 + i] = src[whole * 32 + i];
+          }
+          vsub[slot] = pad;
+        }
+      };
+      // A KV tile of nsub_t sub-pages on the AMX tiles: context (every row sees the first vsub_valid[sp]
+      // keys of sub-page sp, which may come from different segments, each with its own query rotation)
+      // or the final block's keys [k0, k0 + kn) (causal limits per row).
+      auto amx_tile = [&](int64_t nsub_t, bool is_final, int64_t k0, int64_t kn) {
+        for (int64_t r0 = 0; r0 < rp; r0 += 32) {
+          const bool two = r0 + 16 < rp;
+          const int64_t block_rows = two ? 32 : 16;
+          const int64_t nr = std::min<int64_t>(block_rows, rows - r0);  // real rows of the block
+          int64_t lim[32];
+          int64_t jmax = 0;
+          for (int64_t r = 0; r < nr; ++r) {
+            lim[r] = is_final ? row_limit(true, final_base, r0 + r, group, k0, kn) : nsub_t * kSub;
+            jmax = std::max(jmax, lim[r]);
+          }
+          if (jmax <= 0) continue;
+          const int64_t nsub = (jmax + kSub - 1) / kSub;
+          for (int64_t sp = 0; sp < nsub; ++sp) {
+            if (two)
+              amx_qk<true>(qsub[sp] + r0 * D, D, ksub[sp], s + sp * kSub, kT);
+            else
+              amx_qk<false>(qsub[sp] + r0 * D, D, ksub[sp], s + sp * kSub, kT);
+            if (!is_final && vsub_valid[sp] < kSub)  // a context sub-page's pad keys: out of the softmax
+              for (int64_t r = 0; r < nr; ++r)
+                std::fill(s + r * kT + sp * kSub + vsub_valid[sp], s + r * kT + (sp + 1) * kSub, kNegBig);
+          }
+          // Pad rows keep whatever P holds: rows do not mix in P.V, and theirs are never stored.
+          for (int64_t r = 0; r < block_rows; ++r) {
+            bf16* pr = p + r * kT;
+            if (r >= nr) {
+              corr[r] = 1.f;
+            } else if (lim[r] <= 0) {
+              std::fill(pr, pr + nsub * kSub, bf16(0.f));
+              corr[r] = 1.f;
+            } else {
+              corr[r] = softmax_step(s + r * kT, pr, nsub * kSub, lim[r], m[r0 + r], l + (r0 + r) * kW);
+            }
+          }
+          for (int64_t c0 = 0; c0 < D; c0 += 32) {
+            if (two)
+              amx_pv<true>(p, kT, vsub, nsub, page, D, c0, corr, acc + r0 * D);
+            else
+              amx_pv<false>(p, kT, vsub, nsub, page, D, c0, corr, acc + r0 * D);
+          }
+        }
+      };
+      if (!small) {
+        // Context blocks: their sub-pages packed into KV tiles of up to kT / kSub across blocks, so that a
+        // short block does not pay a KV tile's fixed cost (the output tiles' loads and stores, the
+        // softmax's per-row work) on its own.
+        int64_t nsub_t = 0, ring = 0;
+        for (int32_t seg = first; seg < last - 1; ++seg) {
+          const int64_t n = a.slen[seg];
+          if (n <= 0) continue;
+          bf16* qs = qring + (ring++ % kRing) * rows_pad * D;
+          rotate_rows_bf16(q, qs, rp, D, a.cosp + seg * D, a.sinp + seg * D);
+          const int32_t* pages = bt_row + a.spage[seg];
+          for (int64_t key = 0; key < n; key += kSub) {
+            if (nsub_t == kT / kSub) {
+              amx_tile(nsub_t, false, 0, 0);
+              nsub_t = 0;
+            }
+            subpage(nsub_t, pages, key, std::min<int64_t>(kSub, n - key));
+            qsub[nsub_t++] = qs;
+          }
+        }
+        if (nsub_t > 0) amx_tile(nsub_t, false, 0, 0);
+      }
+      for (int32_t seg = small ? first : last - 1; seg < last; ++seg) {
         const bool is_final = seg == last - 1;
         const int64_t n = is_final ? final_base + w.nt - 1 : a.slen[seg];
         if (n <= 0) continue;
@@ -1135,73 +1234,20 @@ void run_amx(const torch::Tensor& query, const torch::Tensor& kv_cache, const Ar
         } else {
           rotate_rows_bf16(q, qb, rp, D, a.cosp + seg * D, a.sinp + seg * D);
         }
-        const int32_t* pages = a.bt + a.btrow[w.e] * a.bt_stride + a.spage[seg];
+        const int32_t* pages = bt_row + a.spage[seg];
         for (int64_t k0 = 0; k0 < n; k0 += kT) {
           const int64_t kn = std::min<int64_t>(kT, n - k0);
-          for (int64_t sp = 0; sp < (kn + kSub - 1) / kSub; ++sp) {
-            const int64_t key = k0 + sp * kSub, in_page = key % page;
-            const bf16* kp = cache + pages[key / page] * page_stride + w.kvh * head_stride;
-            ksub[sp] = kp + in_page * D;              // 16-key groups are 16 * D apart
-            vsub[sp] = kp + page * D + in_page * 16;  // key pairs are 32 apart inside a chunk
-            const int64_t valid = std::min<int64_t>(kSub, kn - sp * kSub);
-            if (valid < kSub) {
-              // P is 0 on pad keys, but 0 * NaN is not 0: P.V reads a copy with them zeroed. A chunk's
-              // rows are key pairs (32 values, the pair's keys alternating).
-              // AMX tiles read all 16 pairs; the AVX512-BF16 path reads only the pairs holding valid keys.
-              const int64_t whole = valid / 2, pairs = small ? (valid + 1) / 2 : kSub / 2;
-              for (int64_t c = 0; c < D / 16; ++c) {
-                const bf16* src = vsub[sp] + c * page * 16;
-                bf16* dst = vpad + c * page * 16;
-                std::memcpy(dst, src, whole * 32 * sizeof(bf16));
-                std::memset(static_cast<void*>(dst + whole * 32), 0, (pairs - whole) * 32 * sizeof(bf16));
-                if (valid % 2)
-                  for (int64_t i = 0; i < 32; i += 2) dst[whole * 32 + i] = src[whole * 32 + i];
-              }
-              vsub[sp] = vpad;
-            }
+          const int64_t nsub_t = (kn + kSub - 1) / kSub;
+          for (int64_t sp = 0; sp < nsub_t; ++sp) {
+            subpage(sp, pages, k0 + sp * kSub, std::min<int64_t>(kSub, kn - sp * kSub));
+            qsub[sp] = qb;
           }
           if (small) {
             const uint32_t* qpair = reinterpret_cast<const uint32_t*>(qb);
             small_rows_d(rows, qr, qpair, D, ksub, vsub, page, kn, is_final, final_base, group, k0, s, p, m, l, acc,
                          g_small_mode);
-            continue;
-          }
-          for (int64_t r0 = 0; r0 < rp; r0 += 32) {
-            const bool two = r0 + 16 < rp;
-            const int64_t block_rows = two ? 32 : 16;
-            const int64_t nr = std::min<int64_t>(block_rows, rows - r0);  // real rows of the block
-            int64_t lim[32];
-            int64_t jmax = 0;
-            for (int64_t r = 0; r < nr; ++r) {
-              lim[r] = row_limit(is_final, final_base, r0 + r, group, k0, kn);
-              jmax = std::max(jmax, lim[r]);
-            }
-            if (jmax <= 0) continue;
-            const int64_t nsub = (jmax + kSub - 1) / kSub;
-            for (int64_t sp = 0; sp < nsub; ++sp) {
-              if (two)
-                amx_qk<true>(qb + r0 * D, D, ksub[sp], s + sp * kSub, kT);
-              else
-                amx_qk<false>(qb + r0 * D, D, ksub[sp], s + sp * kSub, kT);
-            }
-            // Pad rows keep whatever P holds: rows do not mix in P.V, and theirs are never stored.
-            for (int64_t r = 0; r < block_rows; ++r) {
-              bf16* pr = p + r * kT;
-              if (r >= nr) {
-                corr[r] = 1.f;
-              } else if (lim[r] <= 0) {
-                std::fill(pr, pr + nsub * kSub, bf16(0.f));
-                corr[r] = 1.f;
-              } else {
-                corr[r] = softmax_step(s + r * kT, pr, nsub * kSub, lim[r], m[r0 + r], l + (r0 + r) * kW);
-              }
-            }
-            for (int64_t c0 = 0; c0 < D; c0 += 32) {
-              if (two)
-                amx_pv<true>(p, kT, vsub, nsub, page, D, c0, corr, acc + r0 * D);
-              else
-                amx_pv<false>(p, kT, vsub, nsub, page, D, c0, corr, acc + r0 * D);
-            }
+          } else {
+            amx_tile(nsub_t, is_final, k0, kn);
           }
         }
       }
