@@ -249,12 +249,23 @@ inline Args make_args(const torch::Tensor& block_table, const torch::Tensor& e_r
 
 // Rotate `rows` query rows (fp32, [rows][D]) by the segment's -offset, NeoX layout:
 // y = x*cos + rotate_half(x)*sin (sin of -offset).
+// Whether a segment's rotation is the identity (the final block's, offset 0); others differ at d = 0.
+inline bool is_identity(const float* c, const float* s, int64_t D) {
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    const ivec_t ne = (vload(c + d) != vbcast(1.f)) | (vload(s + d) != vec_t{});
+    const ivec_t zero{};
+    if (std::memcmp(&ne, &zero, sizeof(ne)) != 0) return false;
+  }
+  for (; d < D; ++d)
+    if (c[d] != 1.f || s[d] != 0.f) return false;
+  return true;
+}
+
 inline void rotate_rows(const float* __restrict__ q, float* __restrict__ y, int64_t rows, int64_t D,
                         const float* __restrict__ c, const float* __restrict__ s) {
   const int64_t half = D / 2;
-  bool identity = true;  // the final block's own rotation (offset 0); others differ at d = 0 already
-  for (int64_t d = 0; d < D && identity; ++d) identity = c[d] == 1.f && s[d] == 0.f;
-  if (identity) {
+  if (is_identity(c, s, D)) {
     std::memcpy(y, q, rows * D * sizeof(float));
     return;
   }
@@ -730,9 +741,7 @@ inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
 inline void rotate_rows_bf16(const float* __restrict__ q, c10::BFloat16* __restrict__ y, int64_t rows, int64_t D,
                              const float* __restrict__ c, const float* __restrict__ s) {
   const int64_t half = D / 2;
-  bool identity = true;
-  for (int64_t d = 0; d < D && identity; ++d) identity = c[d] == 1.f && s[d] == 0.f;
-  if (identity) {
+  if (is_identity(c, s, D)) {
     to_bf16(q, y, rows * D);
     return;
   }
@@ -957,7 +966,7 @@ template <int M, int64_t DC>
 inline void small_pv_fma(const float* p, int64_t ldp, const c10::BFloat16* const* vsub, int64_t jmax, int64_t page,
                          int64_t hd, const float* corr, float* o) {
   const int64_t D = DC ? DC : hd;
-  constexpr int CV = M == 1 ? 8 : M == 2 ? 6 : 3;  // 16-dim chunks in registers
+  constexpr int CV = M <= 2 ? 8 : 4;  // 16-dim chunks in registers: M * CV accumulators
   for (int64_t c0 = 0; c0 < D / 16; c0 += CV) {
     const int cn = static_cast<int>(std::min<int64_t>(CV, D / 16 - c0));
     __m512 a[M][CV];
