@@ -26,6 +26,12 @@ Usage::
     OMP_NUM_THREADS=1 nice -n 10 python train/ablation_study.py --out docs/results/ablation   # the study (~1 h)
     python train/ablation_study.py --out /tmp/abl --quick        # seconds: a tiny end-to-end smoke run
     python train/ablation_study.py --out docs/results/ablation --table-only   # table from runs.jsonl
+
+``--teacher-recipe prose-lm`` (the follow-up in docs/distillation.md, results in docs/results/ablation_sink/): every
+teacher step also trains the LM loss on ``--prose-batch`` windows of ``--prose-len`` prose tokens after a BOS (Jane
+Austen's novels from Debian's r-cran-janeaustenr; ``--prose-dir synthetic`` for a stand-in), with the prose's
+``--prose-vocab`` most frequent words added to the vocabulary; ``--teachers-only`` stops after measuring the
+teachers (a recipe's pilot). The default recipe (``task-lm``) and its saved teachers are unchanged.
 """
 
 from __future__ import annotations
