@@ -144,38 +144,19 @@ def provenance(argv) -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-JANEAUSTENR = "/usr/lib/R/site-library/janeaustenr/data"
-
-
 def prose_source(a, work_dir) -> tuple[str, dict]:
     """(the prose text, its provenance): Jane Austen's six novels from Debian's r-cran-janeaustenr (public-domain
     texts in an MIT package; ``--prose-dir``, the installed package, or the .deb fetched into <work-dir>/debs),
     or the synthetic stand-in (``--prose-dir synthetic``)."""
-    import glob
-
     from vllm_blockattn.distill.ablation_task import synthetic_prose
 
     if a.prose_dir == "synthetic":
         return synthetic_prose(), {"source": "synthetic stand-in (vllm_blockattn.distill.ablation_task)"}
-    data_dir, version = a.prose_dir, None
-    if data_dir is None and os.path.isfile(os.path.join(JANEAUSTENR, "Rdata.rdb")):
-        data_dir = JANEAUSTENR
-    if data_dir is None:
-        dest = os.path.join(work_dir, "debs")
-        os.makedirs(dest, exist_ok=True)
-        debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
-        if not debs:
-            r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=dest, capture_output=True, text=True)
-            debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
-            if not debs:
-                raise SystemExit("cannot fetch r-cran-janeaustenr (apt-get download): " + r.stderr.strip()[-400:])
-        root = os.path.join(dest, "janeaustenr")
-        if not os.path.isdir(root):
-            subprocess.run(["dpkg-deb", "-x", debs[-1], root], check=True)
-        data_dir = os.path.join(root, "usr", "lib", "R", "site-library", "janeaustenr", "data")
-        version = os.path.basename(debs[-1]).split("_")[1]
-    from vllm_blockattn.segmenter.corpora import austen_documents
+    from vllm_blockattn.segmenter.corpora import austen_documents, janeaustenr_data
 
+    data_dir, version = a.prose_dir, None
+    if data_dir is None:
+        data_dir, version = janeaustenr_data(work_dir)
     docs = austen_documents(data_dir)
     if not docs:
         raise SystemExit(f"no novels found in {data_dir}")

@@ -74,7 +74,6 @@ TRAIN_KINDS = ("markdown", "prose", "code", "chat-faq", "fiction", "prose-mixed"
 ALL_KINDS = (*TRAIN_KINDS, "chat-locomo")
 # the kinds the head packaged before the prose data was measured on: re-shipping must not lose on them
 EXISTING_KINDS = ("markdown", "prose", "code", "chat-faq", "chat-locomo")
-JANEAUSTENR = "/usr/lib/R/site-library/janeaustenr/data"
 # a kind whose held-out texts come from fewer source documents than this gets its interval marked: a
 # document-level interval from 2-4 documents rests on 2-4 values
 FEW_DOCUMENTS = 5
@@ -94,36 +93,12 @@ def held_out(source: str, frac: float) -> bool:
     return zlib.crc32(source.encode()) % 1000 < frac * 1000
 
 
-def janeaustenr_data(out: str) -> tuple[str, str]:
-    """(data directory, Debian version) of janeaustenr: the installed package's, else the .deb fetched by
-    ``apt-get download`` into ``OUT/debs`` and unpacked there (no R needed: the data is read directly)."""
-    from vllm_blockattn.segmenter.corpora import deb_version
-
-    if os.path.isfile(os.path.join(JANEAUSTENR, "Rdata.rdb")) and deb_version("r-cran-janeaustenr") != "not-installed":
-        return JANEAUSTENR, deb_version("r-cran-janeaustenr")
-    dest = os.path.abspath(os.path.join(out, "debs"))
-    os.makedirs(dest, exist_ok=True)
-    debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
-    if not debs:
-        r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=dest, capture_output=True, text=True)
-        debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
-        if not debs:
-            raise SystemExit("cannot fetch r-cran-janeaustenr (apt-get download): " + r.stderr.strip()[-400:])
-    root = os.path.join(dest, "janeaustenr")
-    data = os.path.join(root, JANEAUSTENR.lstrip("/"))
-    if not os.path.isfile(os.path.join(data, "Rdata.rdb")):
-        subprocess.run(["dpkg-deb", "-x", debs[-1], root], check=True)
-    version = subprocess.run(["dpkg-deb", "-f", debs[-1], "Version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    return data, version
-
-
 def load_documents(locomo_path: str, out: str = "runs/segmenter-demo"):
     """{kind: [StructuredDoc]} and the provenance of every source (``prose-mixed`` is built later, from
     each side of the train/test split)."""
     from vllm_blockattn.segmenter.corpora import (
-        austen_documents, deb_version, faq_chat_document, file_digest, locomo_documents, python_document,
-        rst_document, stdlib_provenance,
+        austen_documents, deb_version, faq_chat_document, file_digest, janeaustenr_data, locomo_documents,
+        python_document, rst_document, stdlib_provenance,
     )
 
     version = deb_version("python3-doc")

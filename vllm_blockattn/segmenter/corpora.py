@@ -80,6 +80,33 @@ def deb_version(package: str) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "not-installed"
 
 
+JANEAUSTENR = "/usr/lib/R/site-library/janeaustenr/data"   # where Debian's r-cran-janeaustenr installs its data
+
+
+def janeaustenr_data(out: str) -> tuple[str, str]:
+    """(data directory, Debian version) of janeaustenr: the installed package's, else the .deb fetched by
+    ``apt-get download`` into ``OUT/debs`` and unpacked there (no R needed: the data is read directly)."""
+    import glob
+
+    if os.path.isfile(os.path.join(JANEAUSTENR, "Rdata.rdb")) and deb_version("r-cran-janeaustenr") != "not-installed":
+        return JANEAUSTENR, deb_version("r-cran-janeaustenr")
+    dest = os.path.abspath(os.path.join(out, "debs"))
+    os.makedirs(dest, exist_ok=True)
+    debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
+    if not debs:
+        r = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=dest, capture_output=True, text=True)
+        debs = sorted(glob.glob(os.path.join(dest, "r-cran-janeaustenr_*.deb")))
+        if not debs:
+            raise SystemExit("cannot fetch r-cran-janeaustenr (apt-get download): " + r.stderr.strip()[-400:])
+    root = os.path.join(dest, "janeaustenr")
+    data = os.path.join(root, JANEAUSTENR.lstrip("/"))
+    if not os.path.isfile(os.path.join(data, "Rdata.rdb")):
+        subprocess.run(["dpkg-deb", "-x", debs[-1], root], check=True)
+    version = subprocess.run(["dpkg-deb", "-f", debs[-1], "Version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    return data, version
+
+
 def file_digest(path: str) -> str:
     with open(path, "rb") as f:
         return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
