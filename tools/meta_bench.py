@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
 import torch
 
 from vllm_blockattn.core.paged import PagedLayout
+from vllm_blockattn.eval.benchkit import cpu_model
 from vllm_blockattn.worker.kernel_meta import PersistentKernelMetadata, build_kernel_metadata
 from vllm_blockattn.worker.positions import BlockPositions
 
@@ -125,18 +125,7 @@ def main(argv=None) -> None:
         prov = provenance(argv)
         prov["command"] = " ".join([sys.executable, "-m", "tools.meta_bench", *(sys.argv[1:] if argv is None else argv)])
         with open(a.json, "w") as f:
-            json.dump(dict(provenance=prov, cpu=_cpu_model(), threads=1, reps=a.reps, results=results), f, indent=2)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            json.dump(dict(provenance=prov, cpu=cpu_model(), threads=1, reps=a.reps, results=results), f, indent=2)
 
 
 if __name__ == "__main__":
